@@ -1,0 +1,5 @@
+import sys
+
+from persona_steering.cli import main
+
+sys.exit(main())

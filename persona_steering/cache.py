@@ -1,0 +1,110 @@
+"""Content-addressed memo store (diskcache, nothing evicted, JSON values) and atomic file writes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import diskcache
+
+# Nothing is ever dropped: eviction off and a size limit no disk reaches.
+_NO_LIMIT = 2**62
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace: the same object always gives the same text."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def digest(obj: Any, length: int = 64) -> str:
+    """sha256 hex digest of the canonical JSON of ``obj`` (first ``length`` characters)."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:length]
+
+
+def bytes_digest(data: bytes, length: int = 64) -> str:
+    return hashlib.sha256(data).hexdigest()[:length]
+
+
+class Cache:
+    """A memo store keyed by the digest of everything that determines a value.
+
+    Values are JSON text, never pickles. An entry that cannot be read back as JSON is a miss.
+    ``hits`` and ``misses`` count lookups per namespace, so tests and stages can prove what ran.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self._store = diskcache.Cache(
+            str(self.directory), eviction_policy="none", size_limit=_NO_LIMIT, cull_limit=0
+        )
+        self.hits: dict[str, int] = {}
+        self.misses: dict[str, int] = {}
+
+    def key(self, namespace: str, key_obj: Any) -> str:
+        return f"{namespace}:{digest(key_obj)}"
+
+    def get(self, namespace: str, key_obj: Any) -> Any | None:
+        """The stored value, or None on a miss (absent or unreadable)."""
+        raw = self._store.get(self.key(namespace, key_obj))
+        value = None
+        if isinstance(raw, str):
+            try:
+                value = json.loads(raw)
+            except ValueError:
+                value = None
+        counter = self.hits if value is not None else self.misses
+        counter[namespace] = counter.get(namespace, 0) + 1
+        return value
+
+    def set(self, namespace: str, key_obj: Any, value: Any) -> None:
+        """Store a JSON-safe, non-None value. Callers never store failures."""
+        if value is None:
+            raise ValueError("refusing to cache None: a failure is never memoised")
+        self._store.set(self.key(namespace, key_obj), canonical_json(value))
+
+    def count(self, namespace: str | None = None) -> int:
+        if namespace is None:
+            return len(self._store)
+        prefix = f"{namespace}:"
+        return sum(1 for k in self._store.iterkeys() if isinstance(k, str) and k.startswith(prefix))
+
+    def close(self) -> None:
+        self._store.close()
+
+    def __enter__(self) -> Cache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Cache({str(self.directory)!r})"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to a temp file beside ``path``, fsync, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n")

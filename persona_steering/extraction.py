@@ -1,0 +1,260 @@
+"""Trait vectors: answers under pos/neg instructions, one all-layer forward per batch, contrasts.
+
+``run_vectors(cfg)`` is the stage behind ``persona-steering vectors``. Summaries per answer and
+layer: ``response_avg`` (mean over the response tokens; the one steering uses), ``prompt_avg``
+(mean over prompt tokens, the first token left out: its activation norm is ~100x the others and
+would dominate any average) and ``prompt_last`` (the last prompt token).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from persona_steering import __version__
+from persona_steering.cache import Cache, digest
+from persona_steering.config import Config
+from persona_steering.generation import Answer, Request, generate, last_logits_only
+from persona_steering.layers import decoder_blocks, untuple
+from persona_steering.runtime import Runtime, identify, load_runtime
+from persona_steering.store import load_vectors, save_vectors
+from persona_steering.traits import Trait, load_traits
+from persona_steering.vectors import DIRECTIONS
+
+SUMMARIES = ("response_avg", "prompt_avg", "prompt_last")
+EXTRACTION_VERSION = 1
+
+
+@dataclass
+class TraitResult:
+    trait: str
+    path: str
+    pairs: int
+    questions: int
+    skipped: bool
+    mid_layer: int
+    mid_norm: float
+    example: dict[str, str]
+
+
+def run_vectors(cfg: Config, rt: Runtime | None = None, log: Any = print) -> list[TraitResult]:
+    """Extract and save vectors for every configured trait; skip traits whose file is up to date."""
+    traits = load_traits(cfg.vectors.trait_dir, cfg.vectors.traits)
+    ident = identify(cfg.model)
+    out_dir = Path(cfg.vectors.out_dir) / ident.slug
+    inputs = {t.name: _inputs_digest(cfg, t, ident.fingerprint, ident.precision) for t in traits}
+    todo = [t for t in traits if not _up_to_date(out_dir / f"{t.name}.safetensors", inputs[t.name])]
+    results = [_skipped(out_dir / f"{t.name}.safetensors") for t in traits if t not in todo]
+    if todo:
+        rt = rt or load_runtime(cfg.model, cfg.cache_dir, cfg.seed)
+        with Cache(cfg.cache_dir) as cache:
+            answers = _generate_all(rt, cfg, todo, cache)
+            for trait in todo:
+                started = time.perf_counter()
+                pos, neg = answers[trait.name]
+                kept = _filter_pairs(rt, cfg, trait, pos, neg, cache, log)
+                acts, norms = record_activations(rt, [a for a, _ in kept] + [b for _, b in kept], cfg.generation.max_batch, desc=f"{trait.name} activations")
+                n = len(kept)
+                tensors: dict[str, torch.Tensor] = {}
+                for summary in SUMMARIES:
+                    for method, fn in DIRECTIONS.items():
+                        tensors[f"{method}.{summary}"] = fn(acts[summary][:n], acts[summary][n:])  # [L+1, hidden]
+                    tensors[f"norm.{summary}"] = norms[summary]
+                meta = {
+                    "model_id": rt.model_id,
+                    "fingerprint": rt.fingerprint,
+                    "precision": ident.precision,
+                    "trait": trait.name,
+                    "trait_digest": trait.digest(),
+                    "questions": len(trait.extract_questions),
+                    "pairs_total": len(pos),
+                    "pairs_kept": n,
+                    "hidden_size": rt.hidden_size,
+                    "num_layers": rt.num_layers,
+                    "inputs_digest": inputs[trait.name],
+                    "config_digest": cfg.digest("model", "generation", "vectors", "seed"),
+                    "version": __version__,
+                    "example": {"question": kept[0][0].user, "pos": kept[0][0].answer, "neg": kept[0][1].answer},
+                    "seconds": round(time.perf_counter() - started, 2),
+                }
+                path = save_vectors(out_dir / f"{trait.name}.safetensors", tensors, meta)
+                results.append(_skipped(path, skipped=False))
+    order = {t.name: i for i, t in enumerate(traits)}
+    return sorted(results, key=lambda r: order[r.trait])
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One answered prompt: what was asked, under which system prompt, and the answer."""
+
+    user: str
+    system: str
+    answer: str
+    prompt_text: str
+    answer_ids: tuple[int, ...]
+
+
+def _generate_all(rt: Runtime, cfg: Config, traits: list[Trait], cache: Cache) -> dict[str, tuple[list[Pair], list[Pair]]]:
+    """Every pos and neg answer of every trait, in one batched, memoised generate call."""
+    plan: list[tuple[str, str, Request, int]] = []  # (trait, pole, request, replicate)
+    for trait in traits:
+        n_pairs = len(trait.instructions)
+        per_q = min(cfg.vectors.pairs_per_question or n_pairs, n_pairs)
+        for j, question in enumerate(trait.extract_questions):
+            for pos, neg in (trait.instructions[(j + r) % n_pairs] for r in range(per_q)):
+                for k in range(cfg.vectors.n_per_question):
+                    plan.append((trait.name, "pos", Request(question, pos), k))
+                    plan.append((trait.name, "neg", Request(question, neg), k))
+    answers: list[Answer | None] = [None] * len(plan)
+    for k in range(cfg.vectors.n_per_question):
+        idx = [i for i, p in enumerate(plan) if p[3] == k]
+        outs = generate(rt, [plan[i][2] for i in idx], cfg.generation, cache=cache, seed=cfg.seed * 1000 + k, desc="generating answers")
+        for i, a in zip(idx, outs, strict=True):
+            answers[i] = a
+    result: dict[str, tuple[list[Pair], list[Pair]]] = {t.name: ([], []) for t in traits}
+    for (trait_name, pole, req, _), ans in zip(plan, answers, strict=True):
+        assert ans is not None
+        pair = Pair(req.user, req.system or "", ans.text, ans.prompt, tuple(ans.ids))
+        result[trait_name][0 if pole == "pos" else 1].append(pair)
+    return result
+
+
+def _filter_pairs(rt: Runtime, cfg: Config, trait: Trait, pos: list[Pair], neg: list[Pair], cache: Cache, log: Any) -> list[tuple[Pair, Pair]]:
+    """Pairs to use; with vectors.filter_with_judge, only those the judge finds effective."""
+    pairs = [(p, n) for p, n in zip(pos, neg, strict=True) if p.answer_ids and n.answer_ids]
+    if not cfg.vectors.filter_with_judge:
+        return pairs
+    from persona_steering.judges import Query, build_judge
+
+    judge = build_judge(cfg.judge, rt)
+    queries = []
+    for p, n in pairs:
+        for a in (p, n):
+            queries.append(Query("trait", a.user, a.answer, rubric=trait.eval_prompt, trait=trait.name))
+            queries.append(Query("coherence", a.user, a.answer))
+    v = judge.judge(queries, cache)
+    thr = cfg.vectors.filter_threshold
+    kept = []
+    for i, pair in enumerate(pairs):
+        pt, pc, nt, nc = (x.score for x in v[4 * i : 4 * i + 4])
+        if None in (pt, pc, nt, nc):
+            continue
+        if pt >= thr and nt < thr and pc >= 50 and nc >= 50:  # type: ignore[operator]
+            kept.append(pair)
+    log(f"{trait.name}: judge kept {len(kept)} of {len(pairs)} pairs")
+    if not kept:
+        raise RuntimeError(f"{trait.name}: the judge found no effective pair; strengthen the instructions in {trait.path}")
+    return kept
+
+
+@torch.inference_mode()
+def record_activations(rt: Runtime, rows: list[Pair], max_batch: int, desc: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per-row summaries at every hidden_states row, from one forward per batch.
+
+    Returns:
+        ({summary: [rows, L+1, hidden]}, {summary: [L+1] mean token norm}).
+    """
+    blocks = decoder_blocks(rt.model)
+    n_rows = len(blocks) + 1
+    out = {s: torch.zeros(len(rows), n_rows, rt.hidden_size) for s in SUMMARIES}
+    norm_sum = {s: torch.zeros(n_rows, dtype=torch.float64) for s in SUMMARIES}
+    norm_count = dict.fromkeys(SUMMARIES, 0)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].answer_ids))
+    bar = tqdm(total=len(rows), desc=desc, disable=desc is None, leave=False)
+    for start in range(0, len(order), max_batch):
+        idx = order[start : start + max_batch]
+        prompts = [rt.tokenizer(rows[i].prompt_text, add_special_tokens=False)["input_ids"] for i in idx]
+        seqs = [p + list(rows[i].answer_ids) for p, i in zip(prompts, idx, strict=True)]
+        width = max(len(s) for s in seqs)
+        pad = rt.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=rt.device)
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=rt.device)
+        with capture_layers(rt.model) as states, rt.autocast():
+            rt.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                **last_logits_only(rt.model),
+            )
+        hidden = torch.stack(states, dim=1).float().cpu()  # [batch, L+1, seq, hidden]
+        for b, i in enumerate(idx):
+            start_tok = width - len(seqs[b])
+            p_len = len(prompts[b])
+            spans = {
+                "prompt_avg": slice(start_tok + 1, start_tok + p_len),
+                "prompt_last": slice(start_tok + p_len - 1, start_tok + p_len),
+                "response_avg": slice(start_tok + p_len, width),
+            }
+            for s, span in spans.items():
+                tokens = hidden[b, :, span, :]  # [L+1, tokens, hidden]
+                out[s][i] = tokens.mean(dim=1)
+                norm_sum[s] += tokens.norm(dim=-1).sum(dim=1).double()
+                norm_count[s] += tokens.shape[1]
+        bar.update(len(idx))
+    bar.close()
+    norms = {s: (norm_sum[s] / max(norm_count[s], 1)).float() for s in SUMMARIES}
+    return out, norms
+
+
+@contextmanager
+def capture_layers(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect hidden_states rows 0..L (block 0's input, then every block's output) in one forward."""
+    blocks = decoder_blocks(model)
+    states: list[torch.Tensor] = []
+    handles = [blocks[0].register_forward_pre_hook(lambda _m, args: states.append(args[0]) if args else None)]
+    try:
+        for block in blocks:
+            handles.append(block.register_forward_hook(lambda _m, _a, output: states.append(untuple(output))))
+        yield states
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _inputs_digest(cfg: Config, trait: Trait, fingerprint: str, precision: str) -> str:
+    """Everything a trait's vector file depends on; equal digests mean the file is up to date."""
+    return digest(
+        {
+            "version": EXTRACTION_VERSION,
+            "model": fingerprint,
+            "precision": precision,
+            "trait": trait.digest(),
+            "generation": asdict(cfg.generation) | {"max_batch": None},
+            "n_per_question": cfg.vectors.n_per_question,
+            "pairs_per_question": cfg.vectors.pairs_per_question,
+            "filter": [cfg.vectors.filter_with_judge, cfg.vectors.filter_threshold, asdict(cfg.judge) if cfg.vectors.filter_with_judge else None],
+            "seed": cfg.seed,
+        },
+        16,
+    )
+
+
+def _up_to_date(path: Path, inputs_digest: str) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        return load_vectors(path).meta.get("inputs_digest") == inputs_digest
+    except ValueError:
+        return False
+
+
+def _skipped(path: Path, skipped: bool = True) -> TraitResult:
+    vf = load_vectors(path)
+    mid = max(1, round(vf.meta["num_layers"] * 2 / 3))
+    return TraitResult(
+        trait=vf.meta["trait"],
+        path=str(path),
+        pairs=vf.meta["pairs_kept"],
+        questions=vf.meta["questions"],
+        skipped=skipped,
+        mid_layer=mid,
+        mid_norm=float(vf.tensors["mean_diff.response_avg"][mid].norm()),
+        example=vf.meta.get("example", {}),
+    )

