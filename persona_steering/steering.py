@@ -61,7 +61,9 @@ def steer(
         delta = deltas.to(device=hidden.device, dtype=hidden.dtype)[:, None, :]
         return retuple(output, hidden + mask * delta)
 
-    handle = blocks[row - 1].register_forward_hook(hook)
+    # prepend: run before any other hook on the block (transformers records output_hidden_states
+    # with its own forward hooks), so everything downstream, recorders included, sees the steered state.
+    handle = blocks[row - 1].register_forward_hook(hook, prepend=True)
     try:
         yield
     finally:

@@ -1,0 +1,66 @@
+"""The memo store and the vector files: miss then hit, failures never stored, refusals are clear."""
+
+import json
+
+import pytest
+import torch
+
+from persona_steering.cache import Cache, atomic_write_json, canonical_json, digest
+from persona_steering.store import VectorFileError, load_vectors, save_vectors
+
+
+def test_canonical_json_is_order_independent():
+    assert canonical_json({"b": 1, "a": [1, 2]}) == canonical_json({"a": [1, 2], "b": 1})
+    assert digest({"b": 1, "a": 2}) == digest({"a": 2, "b": 1})
+    with pytest.raises(ValueError):
+        canonical_json({"x": float("nan")})
+
+
+def test_cache_miss_then_hit_and_persists(tmp_path):
+    key = {"model": "abc", "prompt": "hi"}
+    with Cache(tmp_path) as cache:
+        assert cache.get("generation", key) is None
+        cache.set("generation", key, {"text": "hello"})
+        assert cache.get("generation", key) == {"text": "hello"}
+        assert cache.misses["generation"] == 1 and cache.hits["generation"] == 1
+        assert cache.get("generation", {**key, "model": "other"}) is None
+    with Cache(tmp_path) as again:  # a new process sees the same entries
+        assert again.get("generation", key) == {"text": "hello"}
+        assert again.count("generation") == 1
+
+
+def test_cache_refuses_failures_and_treats_garbage_as_miss(tmp_path):
+    with Cache(tmp_path) as cache:
+        with pytest.raises(ValueError, match="never memoised"):
+            cache.set("verdict", {"q": 1}, None)
+        cache._store.set(cache.key("verdict", {"q": 2}), "{not json")
+        assert cache.get("verdict", {"q": 2}) is None
+
+
+def test_cache_has_no_eviction(tmp_path):
+    with Cache(tmp_path) as cache:
+        assert cache._store.eviction_policy == "none"
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    path = atomic_write_json(tmp_path / "a" / "x.json", {"k": 1})
+    assert json.loads(path.read_text()) == {"k": 1}
+    assert [p.name for p in path.parent.iterdir()] == ["x.json"]
+
+
+def test_vector_file_round_trip_and_refusals(tmp_path):
+    tensors = {"mean_diff.response_avg": torch.randn(4, 8), "norm.response_avg": torch.rand(4)}
+    meta = {"hidden_size": 8, "fingerprint": "f" * 64, "model_id": "tiny", "trait": "R1"}
+    path = save_vectors(tmp_path / "R1.safetensors", tensors, meta)
+    vf = load_vectors(path, hidden_size=8, fingerprint="f" * 64)
+    assert vf.meta == meta
+    torch.testing.assert_close(vf.vector("mean_diff", "response_avg", 2), tensors["mean_diff.response_avg"][2])
+    with pytest.raises(VectorFileError, match="hidden size 8, but the model has 16"):
+        load_vectors(path, hidden_size=16)
+    with pytest.raises(VectorFileError, match="extracted from model tiny"):
+        load_vectors(path, fingerprint="0" * 64)
+    with pytest.raises(VectorFileError, match="no tensor 'svd.response_avg'"):
+        vf.vector("svd", "response_avg", 0)
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    with pytest.raises(VectorFileError, match="unreadable"):
+        load_vectors(tmp_path / "bad.safetensors")

@@ -1,0 +1,119 @@
+"""The vectors stage end to end on the tiny model: files, shapes, warm re-run, invalidation."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from persona_steering.config import load_config
+from persona_steering.extraction import run_vectors
+from persona_steering.store import load_vectors
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_trait(folder: Path, name: str, pos: str, neg: str, questions: list[str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {
+        "name": name,
+        "title": name,
+        "description": "test trait",
+        "pos_label": "p",
+        "neg_label": "n",
+        "instruction": [{"pos": pos, "neg": neg}, {"pos": pos + " !", "neg": neg + " ."}],
+        "questions": {"extract": questions, "eval": questions[:1]},
+        "eval_prompt": "score {question} {answer} 0 to 100",
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture()
+def tiny_cfg(tmp_path, tiny_model_dir):
+    traits = tmp_path / "traits"
+    write_trait(traits, "T1", "be formal and warm", "be casual and cold", ["how was your weekend ?", "what should i cook ?", "tell me a story"])
+    write_trait(traits, "T2", "talk about me", "talk about you", ["hello !", "how was work today ?"])
+    return load_config(
+        None,
+        [
+            f"model.name={tiny_model_dir}",
+            "model.accelerator=cpu",
+            f"cache_dir={tmp_path / 'cache'}",
+            f"vectors.trait_dir={traits}",
+            f"vectors.out_dir={tmp_path / 'runs'}",
+            "vectors.traits=[T1, T2]",
+            "generation.max_new_tokens=6",
+        ],
+    )
+
+
+def test_vectors_stage_writes_every_layer_and_method(tiny_cfg):
+    results = run_vectors(tiny_cfg, log=lambda *_: None)
+    assert [r.trait for r in results] == ["T1", "T2"]
+    assert not any(r.skipped for r in results)
+    vf = load_vectors(results[0].path, hidden_size=32)
+    names = {f"{m}.{s}" for m in ("mean_diff", "svd", "pca") for s in ("response_avg", "prompt_avg", "prompt_last")}
+    assert names <= set(vf.tensors)
+    for name in names:
+        assert vf.tensors[name].shape == (4, 32)  # 3 layers + embeddings
+        assert torch.isfinite(vf.tensors[name]).all()
+    assert vf.tensors["norm.response_avg"].shape == (4,)
+    assert vf.meta["pairs_kept"] == 6 and vf.meta["questions"] == 3  # 3 questions x 2 rotating pairs
+    assert vf.meta["hidden_size"] == 32 and vf.meta["num_layers"] == 3
+    assert len(vf.meta["config_digest"]) == 16 and vf.meta["fingerprint"]
+    # svd/pca are sign-aligned with mean_diff at every row that has a contrast
+    md, svd = vf.tensors["mean_diff.response_avg"], vf.tensors["svd.response_avg"]
+    assert ((md * svd).sum(-1)[1:] >= 0).all()
+
+
+def test_warm_rerun_loads_no_model_and_changes_nothing(tiny_cfg, monkeypatch):
+    first = run_vectors(tiny_cfg, log=lambda *_: None)
+    stamps = {r.path: Path(r.path).stat().st_mtime_ns for r in first}
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a warm re-run must not load the model")
+
+    monkeypatch.setattr("persona_steering.extraction.load_runtime", no_load)
+    again = run_vectors(tiny_cfg, log=lambda *_: None)
+    assert all(r.skipped for r in again)
+    assert {r.path: Path(r.path).stat().st_mtime_ns for r in again} == stamps
+
+
+def test_deleted_file_regenerates_from_cache_without_generation(tiny_cfg, monkeypatch):
+    first = run_vectors(tiny_cfg, log=lambda *_: None)
+    before = load_vectors(first[0].path).tensors["mean_diff.response_avg"]
+    Path(first[0].path).unlink()
+    import persona_steering.generation as generation
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError("cached answers must not be generated again")
+
+    monkeypatch.setattr(generation, "_generate_batch", no_decode)
+    again = run_vectors(tiny_cfg, log=lambda *_: None)
+    assert not again[0].skipped and again[1].skipped
+    torch.testing.assert_close(load_vectors(again[0].path).tensors["mean_diff.response_avg"], before)
+
+
+def test_another_model_gets_its_own_folder(tiny_cfg, tiny_model_dir, tmp_path):
+    from tests_helpers import perturbed_copy
+
+    first = run_vectors(tiny_cfg, log=lambda *_: None)
+    other = perturbed_copy(tiny_model_dir, tmp_path / "other-model")
+    tiny_cfg.model.name = str(other)
+    second = run_vectors(tiny_cfg, log=lambda *_: None)
+    assert Path(first[0].path).parent != Path(second[0].path).parent
+    assert not any(r.skipped for r in second)
+    a, b = load_vectors(first[0].path), load_vectors(second[0].path)
+    assert a.meta["fingerprint"] != b.meta["fingerprint"]
+
+
+def test_shipped_traits_are_valid():
+    from persona_steering.traits import load_traits
+
+    traits = load_traits(REPO / "configs" / "traits", ["R1", "R2", "R3", "R4", "R5"])
+    for t in traits:
+        assert len(t.instructions) >= 5
+        assert len(t.extract_questions) == 20 and len(t.eval_questions) == 20
+        assert not set(t.extract_questions) & set(t.eval_questions)

@@ -1,0 +1,178 @@
+"""Row convention, steering positions through generate, per-row vectors, batched == single row."""
+
+import pytest
+import torch
+
+from persona_steering.config import GenerationConfig
+from persona_steering.extraction import capture_layers
+from persona_steering.generation import Request, chat_text, generate
+from persona_steering.layers import LayerError, decoder_blocks, normalize_layer
+from persona_steering.steering import steer
+
+QUESTIONS = ["how was your weekend ?", "what should i cook for dinner ?", "tell me about a trip", "hello !"]
+
+
+def _encode(rt, texts):
+    enc = rt.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def test_capture_rows_match_hidden_states_convention(tiny_rt):
+    ids, mask = _encode(tiny_rt, [chat_text(tiny_rt.tokenizer, Request(q)) for q in QUESTIONS[:2]])
+    with torch.inference_mode():
+        with capture_layers(tiny_rt.model) as rows:
+            out = tiny_rt.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    hs = out.hidden_states
+    assert len(rows) == len(hs) == tiny_rt.num_layers + 1
+    for i in range(tiny_rt.num_layers):  # rows 0..L-1 identical
+        torch.testing.assert_close(rows[i], hs[i])
+    # The last hidden_states entry is taken after the final norm; our row L is the block output.
+    torch.testing.assert_close(tiny_rt.model.model.norm(rows[-1]), hs[-1])
+
+
+@pytest.mark.parametrize("row", [1, 2])
+def test_steering_at_row_i_shows_in_hidden_states_i(tiny_rt, row):
+    ids, mask = _encode(tiny_rt, [chat_text(tiny_rt.tokenizer, Request(q)) for q in QUESTIONS[:3]])
+    delta = torch.randn(3, tiny_rt.hidden_size)
+    with torch.inference_mode():
+        base = tiny_rt.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        with steer(tiny_rt.model, row, delta, "all", attention_mask=mask):
+            steered = tiny_rt.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    expected = base[row] + mask[:, :, None] * delta[:, None, :]
+    torch.testing.assert_close(steered[row], expected)
+    torch.testing.assert_close(steered[row - 1], base[row - 1])  # nothing before the layer changes
+
+
+def test_hook_removed_restores_logits_bit_for_bit(tiny_rt):
+    ids, mask = _encode(tiny_rt, [chat_text(tiny_rt.tokenizer, Request(QUESTIONS[0]))])
+    with torch.inference_mode():
+        before = tiny_rt.model(input_ids=ids, attention_mask=mask).logits
+        with pytest.raises(RuntimeError, match="boom"):
+            with steer(tiny_rt.model, 2, torch.ones(1, tiny_rt.hidden_size), "all"):
+                raise RuntimeError("boom")
+        after = tiny_rt.model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(before, after)
+    assert not any(b._forward_hooks for b in decoder_blocks(tiny_rt.model))
+
+
+def _record_steered_positions(rt, positions, reqs, max_new_tokens=5):
+    """Run generate with a per-row delta and count, for each block-1 forward, which positions moved."""
+    seen = []
+    block = decoder_blocks(rt.model)[1]  # row 2 = output of block 1
+    delta = torch.full((len(reqs), rt.hidden_size), 1000.0)  # huge: a steered position is obvious
+    handle = block.register_forward_hook(lambda m, a, o: seen.append(o.detach().clone()))
+    # The steering hook is registered after ours, so it sees and changes the same output; compare
+    # against an unsteered run of the same calls.
+    try:
+        generate(rt, reqs, GenerationConfig(max_new_tokens=max_new_tokens), deltas=delta, layer=2, positions=positions)
+        steered = list(seen)
+        seen.clear()
+        generate(rt, reqs, GenerationConfig(max_new_tokens=max_new_tokens))
+        plain = list(seen)
+    finally:
+        handle.remove()
+    return steered, plain
+
+
+def test_positions_response_prompt_all_through_generate(tiny_rt):
+    reqs = [Request(QUESTIONS[0]), Request(QUESTIONS[3])]  # different lengths: row 1 is left-padded
+    texts = [chat_text(tiny_rt.tokenizer, r) for r in reqs]
+    _, mask = _encode(tiny_rt, sorted(texts, key=len))
+    # Steering row 2 (block 1 output) changes block 2's input; record block 2's input instead.
+    for positions in ("response", "prompt", "all"):
+        inputs = []
+        h = decoder_blocks(tiny_rt.model)[2].register_forward_pre_hook(lambda m, a: inputs.append(a[0].clone()))
+        try:
+            delta = torch.full((2, tiny_rt.hidden_size), 100.0)
+            generate(tiny_rt, reqs, GenerationConfig(max_new_tokens=4), deltas=delta, layer=2, positions=positions)
+            steered = list(inputs)
+            inputs.clear()
+            generate(tiny_rt, reqs, GenerationConfig(max_new_tokens=4))
+            plain = list(inputs)
+        finally:
+            h.remove()
+        prefill_moved = (steered[0] - plain[0]).abs().amax(-1) > 50  # [batch, prompt_len]
+        decode_moved = [bool(((s - p).abs().amax(-1) > 50).all()) for s, p in zip(steered[1:], plain[1:])]
+        if positions == "response":
+            expected = torch.zeros_like(mask, dtype=torch.bool)
+            expected[:, -1] = True  # the last prompt token predicts the first response token
+            assert torch.equal(prefill_moved, expected)
+            assert all(decode_moved) and decode_moved
+        elif positions == "prompt":
+            assert torch.equal(prefill_moved, mask.bool())  # never the left padding
+            assert not any(decode_moved)
+        else:
+            assert torch.equal(prefill_moved, mask.bool())
+            assert all(decode_moved)
+
+
+def test_zero_delta_equals_unsteered_and_rows_are_independent(tiny_rt):
+    reqs = [Request(q) for q in QUESTIONS]
+    gen = GenerationConfig(max_new_tokens=8)
+    base = generate(tiny_rt, reqs, gen)
+    zero = generate(tiny_rt, reqs, gen, deltas=torch.zeros(4, tiny_rt.hidden_size), layer=2)
+    assert [a.ids for a in zero] == [a.ids for a in base]
+    torch.manual_seed(1)
+    deltas = torch.randn(4, tiny_rt.hidden_size) * 5
+    deltas[1] = 0
+    mixed = generate(tiny_rt, reqs, gen, deltas=deltas, layer=2)
+    assert mixed[1].ids == base[1].ids  # a zero row is unaffected by its neighbours' vectors
+    for i in (0, 2, 3):  # each steered row equals that prompt run alone with its own vector
+        alone = generate(tiny_rt, [reqs[i]], gen, deltas=deltas[i : i + 1], layer=2)
+        assert alone[0].ids == mixed[i].ids
+    assert any(mixed[i].ids != base[i].ids for i in (0, 2, 3))
+
+
+def test_batched_greedy_equals_single_row(tiny_rt):
+    reqs = [Request(q, "be formal .") for q in QUESTIONS]
+    gen = GenerationConfig(max_new_tokens=10, max_batch=4)
+    batched = generate(tiny_rt, reqs, gen)
+    singles = [generate(tiny_rt, [r], gen)[0] for r in reqs]
+    assert [a.ids for a in batched] == [a.ids for a in singles]
+    # And equal to transformers' own greedy generate.
+    ids, mask = _encode(tiny_rt, [chat_text(tiny_rt.tokenizer, reqs[0])])
+    ref = tiny_rt.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    ref_ids = ref[0, ids.shape[1] :].tolist()
+    assert ref_ids[: len(batched[0].ids)] == batched[0].ids
+
+
+def test_sampling_is_seeded_per_row_not_per_batch(tiny_rt):
+    reqs = [Request(q) for q in QUESTIONS]
+    gen = GenerationConfig(max_new_tokens=8, temperature=1.0)
+    a = generate(tiny_rt, reqs, gen, seed=3)
+    b = generate(tiny_rt, list(reversed(reqs)), gen, seed=3)
+    assert [x.ids for x in a] == [x.ids for x in reversed(b)]
+    c = generate(tiny_rt, reqs, gen, seed=4)
+    assert [x.ids for x in a] != [x.ids for x in c]
+
+
+def test_generation_cache_miss_then_hit(tiny_rt, tmp_path):
+    from persona_steering.cache import Cache
+
+    reqs = [Request(q) for q in QUESTIONS]
+    gen = GenerationConfig(max_new_tokens=6)
+    calls = []
+    h = tiny_rt.model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with Cache(tmp_path) as cache:
+            first = generate(tiny_rt, reqs, gen, cache=cache)
+            n_cold = len(calls)
+            again = generate(tiny_rt, reqs, gen, cache=cache)
+            assert len(calls) == n_cold > 0  # warm: no forward at all
+            assert [a.ids for a in again] == [a.ids for a in first]
+            tiny_rt.fingerprint = "another-model"
+            generate(tiny_rt, reqs[:1], gen, cache=cache)
+            assert len(calls) > n_cold  # another fingerprint misses
+    finally:
+        h.remove()
+
+
+def test_wrong_hidden_size_and_layer_refused(tiny_rt):
+    with pytest.raises(LayerError, match="expected \\[batch, 32\\]"):
+        with steer(tiny_rt.model, 1, torch.zeros(2, 7)):
+            pass
+    with pytest.raises(LayerError, match="out of range"):
+        normalize_layer(4, 3)
+    with pytest.raises(LayerError, match="out of range"):
+        normalize_layer(0, 3)
+    assert normalize_layer(-1, 3) == 3
