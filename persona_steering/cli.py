@@ -36,6 +36,41 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
             ("--judge", "judge.backend", str, "judge backend for pair filtering (with --filter)"),
         ],
     ),
+    "optimize": (
+        "find the trait weights whose steering best reproduces a persona (CMA-ES, resumable)",
+        [
+            ("--persona-id", "optimize.persona_id", str, "persona folder name under --persona-dir"),
+            ("--persona-dir", "optimize.persona_dir", str, "folder of personas"),
+            ("--layer", "steering.layer", int, "hidden_states row to steer (output of block layer-1)"),
+            ("--alpha", "steering.alpha", float, "strength, in units of the layer's mean residual norm"),
+            ("--positions", "steering.positions", str, "response, prompt or all"),
+            ("--vector-method", "steering.vector_method", str, "mean_diff, svd or pca"),
+            ("--trait-vector-dir", "steering.trait_vector_dir", str, "root of vector files"),
+            ("--traits", "traits", str, "comma-separated traits to combine (default R1..R5)"),
+            ("--max-iterations", "optimize.max_iterations", int, "CMA-ES iterations"),
+            ("--population-size", "optimize.population_size", int, "CMA-ES population"),
+            ("--sigma0", "optimize.sigma0", float, "initial CMA-ES step size"),
+            ("--num-prompts", "optimize.num_prompts", int, "first N training prompts"),
+            ("--initial-weights", "optimize.initial_weights", str, "comma-separated start weights, one per trait"),
+            ("--save-dir", "optimize.save_dir", str, "output folder"),
+            ("--judge", "judge.backend", str, "embedding (offline), openai or local"),
+            ("--judge-model", "judge.model", str, "judge model name (openai) or model (local)"),
+            ("--base-url", "judge.base_url", str, "OpenAI-compatible endpoint"),
+        ],
+    ),
+    "steer": (
+        "show unsteered and steered answers for given trait weights",
+        [
+            ("--weights", "_weights", str, "e.g. R2=1.0,R5=-0.5 (unnamed traits get 0)"),
+            ("--prompt", "_prompt", str, "what the user says (default: the first 3 training prompts)"),
+            ("--layer", "steering.layer", int, "hidden_states row to steer"),
+            ("--alpha", "steering.alpha", float, "strength, in units of the layer's mean residual norm"),
+            ("--positions", "steering.positions", str, "response, prompt or all"),
+            ("--vector-method", "steering.vector_method", str, "mean_diff, svd or pca"),
+            ("--trait-vector-dir", "steering.trait_vector_dir", str, "root of vector files"),
+            ("--traits", "traits", str, "comma-separated traits (default R1..R5)"),
+        ],
+    ),
 }
 
 
@@ -76,6 +111,10 @@ def _parser() -> argparse.ArgumentParser:
 
 _FLAGS: dict[str, list[tuple[str, str, str]]] = {
     "vectors": [("--filter", "vectors.filter_with_judge", "keep only pairs the judge finds effective")],
+    "optimize": [
+        ("--restart", "optimize.restart", "discard an existing run of this persona in --save-dir"),
+        ("--coherence", "judge.coherence", "also judge coherence of every steered answer"),
+    ],
 }
 
 
@@ -88,7 +127,7 @@ def _config(args: argparse.Namespace) -> Config:
         if "." in key or key in ("seed", "cache_dir", "traits"):
             if value is None or value is False:
                 continue
-            if key == "vectors.traits":
+            if key in ("vectors.traits", "traits", "optimize.initial_weights"):
                 overrides.append(f"{key}=[{value}]")
             else:
                 overrides.append(f"{key}={'true' if value is True else value}")
@@ -107,8 +146,35 @@ def _run_vectors(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_optimize(cfg: Config, args: argparse.Namespace) -> int:
+    from persona_steering.optimize import run_optimize
+
+    result = run_optimize(cfg)
+    weights = "  ".join(f"{k}={v:+.2f}" for k, v in result["best_weights"].items())
+    print(f"best weights  {weights}")
+    print(f"persona fit   best {result['best_score']:.3f}   mean-of-search {result['mean_score']:.3f}   unsteered {result['baseline_score']:.3f}")
+    return 0
+
+
+def _run_steer(cfg: Config, args: argparse.Namespace) -> int:
+    from persona_steering.optimize import steered_examples
+
+    weights: dict[str, float] = {}
+    for item in filter(None, (args._weights or "").split(",")):
+        name, _, value = item.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--weights item {item!r} must look like R2=1.0") from None
+    for ex in steered_examples(cfg, weights, [args._prompt] if args._prompt else None):
+        print(f"user:      {ex['prompt']}\nunsteered: {ex['baseline']}\nsteered:   {ex['steered']}\n")
+    return 0
+
+
 _STAGES: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "vectors": _run_vectors,
+    "optimize": _run_optimize,
+    "steer": _run_steer,
 }
 
 
@@ -118,7 +184,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from persona_steering.store import VectorFileError
     from persona_steering.traits import DefinitionError
 
-    errors: list[type[BaseException]] = [ConfigError, DefinitionError, ModelLoadError, VectorFileError, LayerError]
+    from persona_steering.optimize import ResumeError
+
+    errors: list[type[BaseException]] = [ConfigError, DefinitionError, ModelLoadError, VectorFileError, LayerError, ResumeError]
     try:
         from persona_steering.judges import JudgeError
 

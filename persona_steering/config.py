@@ -276,6 +276,11 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
             raise ConfigError(f"{name} must be true or false, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)  # 'nan', 'inf', '1e-3' arrive as strings from YAML
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name} must be a number, got {value!r}")
         return float(value)

@@ -135,7 +135,9 @@ def load_runtime(cfg: ModelConfig, cache_dir: str | Path = "cache", seed: int = 
         seed: seeds every RNG through Fabric.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own bars say what is happening; its per-tensor bar is noise
     ident = identify(cfg)
     fabric = build_fabric(cfg, seed)
     dtype = _DTYPES[ident.precision]

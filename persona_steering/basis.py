@@ -1,0 +1,83 @@
+"""Trait vectors at one layer as the basis steering combines: delta = alpha * scale * sum_i w_i u_i.
+
+Units: each trait direction u_i is normalised to length 1 at the layer, and ``scale`` is the
+mean residual-stream norm of response tokens at that layer (recorded at extraction). So
+``alpha * w_i = 1`` adds a vector as long as a typical hidden state: ``alpha`` is a fraction of
+the layer's own activation size, which transfers between models and layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from persona_steering.cache import bytes_digest, digest
+from persona_steering.layers import normalize_layer
+from persona_steering.store import VectorFileError, load_vectors
+from persona_steering.vectors import unit
+
+
+@dataclass
+class TraitBasis:
+    traits: list[str]
+    layer: int  # hidden_states row
+    directions: torch.Tensor  # [k, hidden], unit norm
+    scale: float  # mean residual norm at the layer
+    method: str
+    summary: str
+    fingerprint: str
+    num_layers: int
+
+    def deltas(self, weights: torch.Tensor, alpha: float) -> torch.Tensor:
+        """[batch, hidden] steering vectors for weights [batch, k] (or [k])."""
+        w = torch.as_tensor(weights, dtype=torch.float32)
+        if w.shape[-1] != len(self.traits):
+            raise ValueError(f"{w.shape[-1]} weights for {len(self.traits)} traits ({', '.join(self.traits)})")
+        return alpha * self.scale * (w.reshape(-1, len(self.traits)) @ self.directions)
+
+    def digest(self) -> str:
+        data = self.directions.contiguous().numpy().tobytes()
+        return digest([self.traits, self.layer, self.method, self.summary, self.scale, bytes_digest(data)], 16)
+
+
+def load_basis(
+    vector_dir: str | Path,
+    slug: str,
+    traits: list[str],
+    layer: int,
+    method: str = "mean_diff",
+    summary: str = "response_avg",
+    hidden_size: int | None = None,
+    fingerprint: str | None = None,
+) -> TraitBasis:
+    """Load ``<vector_dir>/<slug>/<trait>.safetensors`` for each trait and take one layer."""
+    folder = Path(vector_dir) / slug
+    files = []
+    for trait in traits:
+        path = folder / f"{trait}.safetensors"
+        if not path.is_file():
+            others = sorted(p.name for p in Path(vector_dir).iterdir()) if Path(vector_dir).is_dir() else []
+            hint = f" (vectors exist for: {', '.join(others)})" if others else ""
+            raise VectorFileError(
+                f"no vectors for trait {trait} of this model at {path}{hint}: run `persona-steering vectors` "
+                f"(make vectors) with the same --model first"
+            )
+        files.append(load_vectors(path, hidden_size=hidden_size, fingerprint=fingerprint))
+    num_layers = int(files[0].meta["num_layers"])
+    row = normalize_layer(layer, num_layers)
+    dirs = torch.stack([f.vector(method, summary, row) for f in files]).float()
+    if not torch.isfinite(dirs).all() or bool((dirs.norm(dim=-1) == 0).any()):
+        raise VectorFileError(f"vectors at layer {row} are zero or not finite in {folder}")
+    scale = float(torch.tensor([f.norm(summary, row) for f in files]).mean())
+    return TraitBasis(
+        traits=list(traits),
+        layer=row,
+        directions=unit(dirs),
+        scale=scale,
+        method=method,
+        summary=summary,
+        fingerprint=str(files[0].meta["fingerprint"]),
+        num_layers=num_layers,
+    )

@@ -1,0 +1,362 @@
+"""CMA-ES over trait weights: one batched generation and judging per population, checkpoint after
+every iteration, resume with nothing recomputed.
+
+Objective (minimised): minus the mean persona-fit verdict (1-5) of a candidate's steered answers
+against the unsteered ones, optionally minus a coherence penalty. A candidate's score records how
+many verdicts it rests on; a missing verdict is never replaced by a made-up number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from persona_steering import __version__
+from persona_steering.basis import TraitBasis, load_basis
+from persona_steering.cache import Cache, atomic_write_bytes, atomic_write_json, digest
+from persona_steering.config import Config, ConfigError
+from persona_steering.generation import Request, generate
+from persona_steering.judges import Judge, Query, build_judge
+from persona_steering.runtime import Runtime, identify, load_runtime
+from persona_steering.traits import Persona, load_persona, load_prompts
+
+CHECKPOINT_VERSION = 1
+
+
+class ResumeError(ValueError):
+    """An existing run does not match this configuration."""
+
+
+@dataclass
+class Scored:
+    """A candidate's fitness and what it rests on."""
+
+    fit: float  # mean persona fit over available verdicts (nan if none)
+    coherence: float | None
+    verdicts: int
+    expected: int
+    objective: float  # what CMA-ES minimises
+
+
+@dataclass
+class Objective:
+    """Evaluates populations of weight vectors: steer, generate in one batch, judge, cache."""
+
+    rt: Runtime
+    cfg: Config
+    basis: TraitBasis
+    persona: Persona
+    prompts: list[str]
+    judge: Judge
+    cache: Cache
+    baselines: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        answers = generate(self.rt, [Request(p) for p in self.prompts], self.cfg.generation, cache=self.cache, seed=self.cfg.seed, desc="baseline answers")
+        self.baselines = [a.text for a in answers]
+
+    def answers(self, weights: np.ndarray) -> list[list[str]]:
+        """Steered answers [candidate][prompt] for weights [candidates, k], in one generate call."""
+        w = torch.as_tensor(np.asarray(weights, dtype=np.float64), dtype=torch.float32)
+        deltas = self.basis.deltas(w, self.cfg.steering.alpha)  # [candidates, hidden]
+        n = len(self.prompts)
+        rows = [Request(p) for _ in range(len(w)) for p in self.prompts]
+        out = generate(
+            self.rt,
+            rows,
+            self.cfg.generation,
+            deltas=deltas.repeat_interleave(n, dim=0),  # [candidates * prompts, hidden]
+            layer=self.basis.layer,
+            positions=self.cfg.steering.positions,
+            cache=self.cache,
+            seed=self.cfg.seed,
+            desc="steered answers",
+        )
+        return [[a.text for a in out[c * n : (c + 1) * n]] for c in range(len(w))]
+
+    def score(self, weights: np.ndarray) -> tuple[list[Scored], list[list[str]]]:
+        texts = self.answers(weights)
+        queries = []
+        for cand in texts:
+            for prompt, base, ans in zip(self.prompts, self.baselines, cand, strict=True):
+                queries.append(Query("persona_fit", prompt, ans, baseline=base, rubric=self.persona.judge_prompt, samples=tuple(self.persona.samples)))
+                if self.cfg.judge.coherence:
+                    queries.append(Query("coherence", prompt, ans))
+        verdicts = self.judge.judge(queries, self.cache)
+        per = 2 if self.cfg.judge.coherence else 1
+        n = len(self.prompts)
+        scored = []
+        for c in range(len(texts)):
+            chunk = verdicts[c * n * per : (c + 1) * n * per]
+            fits = [v.score for v in chunk[0::per] if v.score is not None]
+            cohs = [v.score for v in chunk[1::per] if v.score is not None] if per == 2 else []
+            fit = float(np.mean(fits)) if fits else math.nan
+            coh = float(np.mean(cohs)) if cohs else None
+            objective = -fit
+            if coh is not None and self.cfg.optimize.coherence_penalty:
+                objective += self.cfg.optimize.coherence_penalty * (1 - coh / 100)
+            scored.append(Scored(fit, coh, len(fits), n, objective))
+        return scored, texts
+
+
+def run_optimize(cfg: Config, rt: Runtime | None = None, log: Any = print) -> dict[str, Any]:
+    """The ``optimize`` stage: resume or start, iterate, checkpoint, write results."""
+    import cma
+
+    opt = cfg.optimize
+    if not opt.persona_id:
+        raise ConfigError("optimize.persona_id is required (--persona-id ID, or make optimize PERSONA=ID)")
+    persona = load_persona(opt.persona_dir, opt.persona_id)
+    prompts = load_prompts(opt.prompts_file, "train")[: opt.num_prompts]
+    x0 = _initial_weights(cfg)
+    ident = identify(cfg.model)
+    basis = load_basis(cfg.steering.trait_vector_dir, ident.slug, cfg.traits, cfg.steering.layer, cfg.steering.vector_method, cfg.steering.summary, fingerprint=ident.fingerprint)
+    run_digest = _run_digest(cfg, persona, prompts, basis, ident.fingerprint)
+    save_dir = Path(opt.save_dir)
+    paths = _paths(save_dir, opt.persona_id)
+    finished = _finished_result(paths["result"], run_digest)
+    if finished is not None and not opt.restart:
+        log(f"{opt.persona_id}: finished run found in {paths['result']} (config {run_digest}); nothing to do")
+        return finished
+    state = _load_checkpoint(paths["checkpoint"], run_digest, opt.restart)
+
+    rt = rt or load_runtime(cfg.model, cfg.cache_dir, cfg.seed)
+    if rt.fingerprint != basis.fingerprint:
+        raise ConfigError("the loaded model does not match the vectors' model fingerprint")
+    with Cache(cfg.cache_dir) as cache:
+        judge = build_judge(cfg.judge, rt, cfg.cache_dir)
+        objective = Objective(rt, cfg, basis, persona, prompts, judge, cache)
+        if state is None:
+            np.random.seed(cfg.seed)  # cma samples from numpy's global generator
+            es = cma.CMAEvolutionStrategy(
+                x0.tolist(),
+                opt.sigma0,
+                {"popsize": opt.population_size or (4 + int(3 * math.log(len(x0)))), "seed": cfg.seed + 1,
+                 "bounds": [-opt.bound, opt.bound], "verbose": -9, "maxiter": opt.max_iterations},
+            )
+            state = {"es": es, "numpy_rng": np.random.get_state(), "iteration": 0, "history": _new_history(), "digest": run_digest, "evaluations": 0, "best": None}
+            log(f"{opt.persona_id}: starting CMA-ES over {', '.join(cfg.traits)} at layer {basis.layer}, alpha {cfg.steering.alpha}, population {es.popsize}")
+        else:
+            log(f"{opt.persona_id}: resuming after iteration {state['iteration']} from {paths['checkpoint']}")
+        es = state["es"]
+        np.random.set_state(state["numpy_rng"])
+        while state["iteration"] < opt.max_iterations:
+            started = time.perf_counter()
+            candidates = np.asarray(es.ask())  # [popsize, k]
+            scored, _ = objective.score(candidates)
+            if any(s.verdicts == 0 for s in scored):
+                raise RuntimeError("a candidate got no verdict at all after retries; see the log for the judge's errors")
+            es.tell(candidates.tolist(), [s.objective for s in scored])
+            _record(state, candidates, scored, cfg.traits)
+            state["numpy_rng"] = np.random.get_state()
+            _save_checkpoint(paths["checkpoint"], state)
+            h = state["history"]
+            log(
+                f"iter {state['iteration']:>3}/{opt.max_iterations}  best {state['best']['score']:.3f}  "
+                f"gen best {h['generation_best'][-1]:.3f}  gen mean {h['generation_mean'][-1]:.3f}  "
+                f"sigma {es.sigma:.3f}  verdicts {sum(s.verdicts for s in scored)}/{sum(s.expected for s in scored)}  "
+                f"{time.perf_counter() - started:.1f}s"
+            )
+        # The distribution mean and the unsteered baseline, scored the same way.
+        mean_w = np.asarray(es.mean, dtype=np.float64)
+        (mean_s, zero_s), texts = objective.score(np.stack([mean_w, np.zeros_like(mean_w)]))
+        best_w = np.asarray(state["best"]["weights"])
+        (best_s,), best_texts = objective.score(best_w[None, :])
+        result = _result(cfg, basis, state, mean_w, mean_s, zero_s, run_digest)
+        log("cache: " + json.dumps({"hits": cache.hits, "misses": cache.misses}, sort_keys=True))
+        result["examples"] = [
+            {"prompt": p, "baseline": b, "best": s} for p, b, s in zip(prompts[:3], objective.baselines, best_texts[0], strict=False)
+        ]
+    atomic_write_json(paths["best"], {k: result[k] for k in ("persona_id", "layer", "alpha", "best_weights", "best_score", "config_digest")})
+    atomic_write_json(paths["result"], result)
+    plot_convergence(result, paths["plot"])
+    log(f"{opt.persona_id}: best fit {result['best_score']:.3f} (unsteered {result['baseline_score']:.3f}); wrote {paths['result']}")
+    return result
+
+
+def _initial_weights(cfg: Config) -> np.ndarray:
+    k = len(cfg.traits)
+    init = cfg.optimize.initial_weights
+    if init is None:
+        return np.zeros(k)
+    if len(init) != k:
+        raise ConfigError(f"optimize.initial_weights has {len(init)} values for {k} traits ({', '.join(cfg.traits)})")
+    arr = np.asarray(init, dtype=np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise ConfigError(f"optimize.initial_weights must be finite numbers, got {init}")
+    if np.any(np.abs(arr) > cfg.optimize.bound):
+        raise ConfigError(f"optimize.initial_weights must lie within +-{cfg.optimize.bound} (optimize.bound)")
+    return arr
+
+
+def _run_digest(cfg: Config, persona: Persona, prompts: list[str], basis: TraitBasis, fingerprint: str) -> str:
+    """Everything that determines the optimisation's trajectory (not where it is saved)."""
+    opt = {k: v for k, v in asdict(cfg.optimize).items() if k not in ("save_dir", "restart", "persona_dir", "prompts_file")}
+    return digest(
+        {
+            "v": CHECKPOINT_VERSION,
+            "model": fingerprint,
+            "generation": asdict(cfg.generation) | {"max_batch": None},
+            "steering": asdict(cfg.steering) | {"trait_vector_dir": None},
+            "judge": {k: v for k, v in asdict(cfg.judge).items() if k not in ("timeout", "concurrency", "max_attempts", "max_retry_seconds")},
+            "optimize": opt,
+            "traits": cfg.traits,
+            "seed": cfg.seed,
+            "persona": persona.digest(),
+            "prompts": prompts,
+            "basis": basis.digest(),
+        },
+        16,
+    )
+
+
+def _paths(save_dir: Path, persona_id: str) -> dict[str, Path]:
+    return {
+        "result": save_dir / f"{persona_id}_optimization.json",
+        "best": save_dir / f"{persona_id}_best_weights.json",
+        "checkpoint": save_dir / f"{persona_id}_checkpoint.pkl",
+        "plot": save_dir / f"{persona_id}_convergence.png",
+    }
+
+
+def _finished_result(path: Path, run_digest: str) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except ValueError:
+        return None
+    return data if data.get("config_digest") == run_digest else None
+
+
+def _load_checkpoint(path: Path, run_digest: str, restart: bool) -> dict[str, Any] | None:
+    if not path.is_file() or restart:
+        return None
+    try:
+        with open(path, "rb") as fh:
+            state = pickle.load(fh)
+    except Exception:
+        raise ResumeError(f"checkpoint {path} is unreadable; rerun with --restart to start over") from None
+    expected = {"es", "numpy_rng", "iteration", "history", "digest", "evaluations", "best", "version"}
+    if not isinstance(state, dict) or set(state) != expected:
+        raise ResumeError(f"checkpoint {path} has unexpected contents; rerun with --restart to start over")
+    if state["digest"] != run_digest:
+        raise ResumeError(
+            f"an optimisation with another configuration ({state['digest']}, this one is {run_digest}) "
+            f"is in {path.parent}; use another --save-dir, or --restart to discard it"
+        )
+    return state
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    atomic_write_bytes(path, pickle.dumps({**state, "version": CHECKPOINT_VERSION}))
+
+
+def _new_history() -> dict[str, list[Any]]:
+    return {"iterations": [], "best_scores": [], "best_weights": [], "generation_best": [], "generation_mean": [], "sigma": [], "mean_weights": [], "verdicts": [], "expected_verdicts": [], "candidates": []}
+
+
+def _record(state: dict[str, Any], candidates: np.ndarray, scored: list[Scored], traits: list[str]) -> None:
+    state["iteration"] += 1
+    state["evaluations"] += len(scored)
+    fits = [s.fit for s in scored]
+    i = int(np.nanargmax(fits))
+    if state["best"] is None or fits[i] > state["best"]["score"]:
+        state["best"] = {"score": float(fits[i]), "weights": candidates[i].tolist(), "iteration": state["iteration"]}
+    h = state["history"]
+    es = state["es"]
+    h["iterations"].append(state["iteration"])
+    h["best_scores"].append(state["best"]["score"])
+    h["best_weights"].append(dict(zip(traits, map(float, state["best"]["weights"]), strict=True)))
+    h["generation_best"].append(float(np.nanmax(fits)))
+    h["generation_mean"].append(float(np.nanmean(fits)))
+    h["sigma"].append(float(es.sigma))
+    h["mean_weights"].append([float(x) for x in es.mean])
+    h["verdicts"].append([s.verdicts for s in scored])
+    h["expected_verdicts"].append(scored[0].expected)
+    h["candidates"].append([[float(x) for x in c] + [s.fit] for c, s in zip(candidates, scored, strict=True)])
+
+
+def _result(cfg: Config, basis: TraitBasis, state: dict[str, Any], mean_w: np.ndarray, mean_s: Scored, zero_s: Scored, run_digest: str) -> dict[str, Any]:
+    traits = cfg.traits
+    h = state["history"]
+    missing = sum(state["history"]["expected_verdicts"][i] * len(v) - sum(v) for i, v in enumerate(h["verdicts"]))
+    return {
+        "persona_id": cfg.optimize.persona_id,
+        "layer": basis.layer,
+        "alpha": cfg.steering.alpha,
+        "best_weights": dict(zip(traits, map(float, state["best"]["weights"]), strict=True)),
+        "best_score": state["best"]["score"],
+        "num_iterations": state["iteration"],
+        "num_evaluations": state["evaluations"],
+        "optimization_history": {k: h[k] for k in ("iterations", "best_scores", "best_weights")},
+        "mean_weights": dict(zip(traits, map(float, mean_w), strict=True)),
+        "mean_score": mean_s.fit,
+        "baseline_score": zero_s.fit,
+        "missing_verdicts": int(missing),
+        "history": {k: h[k] for k in ("generation_best", "generation_mean", "sigma", "mean_weights", "verdicts", "candidates")},
+        "traits": traits,
+        "judge": cfg.judge.backend,
+        "vector_method": basis.method,
+        "residual_scale": basis.scale,
+        "config_digest": run_digest,
+        "config": cfg.to_dict(),
+        "version": __version__,
+    }
+
+
+def plot_convergence(result: dict[str, Any], path: Path) -> Path:
+    """Best-so-far, generation best and mean fit per iteration, and the weights' trajectories."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import io
+
+    import matplotlib.pyplot as plt
+
+    h = result["optimization_history"]
+    extra = result["history"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.plot(h["iterations"], h["best_scores"], "o-", label="best so far")
+    ax1.plot(h["iterations"], extra["generation_best"], "s--", alpha=0.7, label="generation best")
+    ax1.plot(h["iterations"], extra["generation_mean"], "^:", alpha=0.7, label="generation mean")
+    ax1.axhline(result["baseline_score"], color="grey", lw=1, label="unsteered")
+    ax1.set(xlabel="iteration", ylabel="persona fit (1-5)", title=f"{result['persona_id']}: convergence")
+    ax1.legend(fontsize=8)
+    means = np.asarray(extra["mean_weights"])
+    for j, trait in enumerate(result["traits"]):
+        ax2.plot(h["iterations"], means[:, j], label=trait)
+    ax2.axhline(0, color="grey", lw=0.5)
+    ax2.set(xlabel="iteration", ylabel="weight (distribution mean)", title="trait weights")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def steered_examples(cfg: Config, weights: dict[str, float], prompts: list[str] | None = None, rt: Runtime | None = None) -> list[dict[str, str]]:
+    """Unsteered and steered answers for one weight setting (the ``steer`` command)."""
+    unknown = sorted(set(weights) - set(cfg.traits))
+    if unknown:
+        raise ConfigError(f"--weights names {', '.join(unknown)}, not among the traits {', '.join(cfg.traits)}")
+    prompts = prompts or load_prompts(cfg.optimize.prompts_file, "train")[:3]
+    ident = identify(cfg.model)
+    basis = load_basis(cfg.steering.trait_vector_dir, ident.slug, cfg.traits, cfg.steering.layer, cfg.steering.vector_method, cfg.steering.summary, fingerprint=ident.fingerprint)
+    rt = rt or load_runtime(cfg.model, cfg.cache_dir, cfg.seed)
+    w = torch.tensor([[weights.get(t, 0.0) for t in cfg.traits]])
+    with Cache(cfg.cache_dir) as cache:
+        base = generate(rt, [Request(p) for p in prompts], cfg.generation, cache=cache, seed=cfg.seed)
+        deltas = basis.deltas(w, cfg.steering.alpha).repeat(len(prompts), 1)
+        steered = generate(rt, [Request(p) for p in prompts], cfg.generation, deltas=deltas, layer=basis.layer, positions=cfg.steering.positions, cache=cache, seed=cfg.seed)
+    return [{"prompt": p, "baseline": b.text, "steered": s.text} for p, b, s in zip(prompts, base, steered, strict=True)]

@@ -1,0 +1,182 @@
+"""CMA-ES stage end to end on the tiny model: outputs, warm re-run, refusals, SIGKILL and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from persona_steering.cache import Cache
+from persona_steering.cli import main
+from persona_steering.config import load_config
+from persona_steering.extraction import run_vectors
+from persona_steering.optimize import run_optimize
+
+from test_extraction import write_trait
+
+SEED_000_FIELDS = {"persona_id", "layer", "alpha", "best_weights", "best_score", "num_iterations", "num_evaluations", "optimization_history"}
+
+
+@pytest.fixture()
+def project(tmp_path, tiny_model_dir):
+    """A tiny project: two traits with vectors, a persona, prompts; returns CLI options."""
+    traits = tmp_path / "traits"
+    write_trait(traits, "T1", "be formal and warm", "be casual and cold", ["how was your weekend ?", "what should i cook ?"])
+    write_trait(traits, "T2", "talk about me", "talk about you", ["hello !", "how was work today ?"])
+    persona = tmp_path / "personas" / "p1"
+    persona.mkdir(parents=True)
+    (persona / "persona_profile.txt").write_text("A warm friend who tells stories about the weekend.")
+    (persona / "persona_samples.json").write_text(json.dumps(["i love my weekend with family", "i remember a trip once", "the food was good"]))
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(yaml.safe_dump({"train": ["how was your day ?", "what should i cook ?", "tell me about a trip"], "heldout": ["hello !"]}))
+    overrides = [
+        f"model.name={tiny_model_dir}",
+        "model.accelerator=cpu",
+        f"cache_dir={tmp_path / 'cache'}",
+        f"vectors.trait_dir={traits}",
+        f"vectors.out_dir={tmp_path / 'vectors'}",
+        "vectors.traits=[T1, T2]",
+        "traits=[T1, T2]",
+        f"steering.trait_vector_dir={tmp_path / 'vectors'}",
+        "steering.layer=2",
+        "steering.alpha=2.0",
+        "generation.max_new_tokens=6",
+        f"optimize.persona_dir={tmp_path / 'personas'}",
+        f"optimize.prompts_file={prompts}",
+        "optimize.persona_id=p1",
+        "optimize.num_prompts=2",
+        "optimize.max_iterations=4",
+        "optimize.population_size=4",
+        f"optimize.save_dir={tmp_path / 'runs'}",
+    ]
+    run_vectors(load_config(None, overrides), log=lambda *_: None)
+    return tmp_path, overrides
+
+
+def test_optimize_writes_seed_000_outputs_and_rerun_does_no_work(project, monkeypatch):
+    tmp_path, overrides = project
+    cfg = load_config(None, overrides)
+    result = run_optimize(cfg, log=lambda *_: None)
+    saved = json.loads((tmp_path / "runs" / "p1_optimization.json").read_text())
+    assert SEED_000_FIELDS <= set(saved)
+    assert saved["num_iterations"] == 4 and saved["num_evaluations"] == 16
+    assert set(saved["best_weights"]) == {"T1", "T2"}
+    assert saved["optimization_history"]["iterations"] == [1, 2, 3, 4]
+    assert saved["best_score"] == max(saved["optimization_history"]["best_scores"])
+    assert saved["baseline_score"] == 3.0  # the embedding judge scores an unchanged answer exactly 3
+    best = json.loads((tmp_path / "runs" / "p1_best_weights.json").read_text())
+    assert best["best_weights"] == saved["best_weights"] and best["config_digest"] == saved["config_digest"]
+    assert (tmp_path / "runs" / "p1_convergence.png").read_bytes()[:4] == b"\x89PNG"
+    assert result["best_score"] == saved["best_score"]
+
+    def no_load(*a, **k):
+        raise AssertionError("a finished run must not load the model")
+
+    monkeypatch.setattr("persona_steering.optimize.load_runtime", no_load)
+    again = run_optimize(load_config(None, overrides), log=lambda *_: None)
+    assert again == saved
+
+
+def test_different_config_over_existing_run_is_refused(project, capsys):
+    tmp_path, overrides = project
+    cfg = load_config(None, overrides + ["optimize.max_iterations=1"])
+    run_optimize(cfg, log=lambda *_: None)
+    ckpt = tmp_path / "runs" / "p1_checkpoint.pkl"
+    before = ckpt.read_bytes()
+    capsys.readouterr()
+    args = ["optimize", *sum((["--set", o] for o in overrides), []), "--set", "optimize.max_iterations=2", "--alpha", "3.0"]
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "another configuration" in err[0] and "--restart" in err[0]
+    assert ckpt.read_bytes() == before
+    assert main([*args, "--restart"]) == 0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--persona-id", "nobody"], "unknown persona 'nobody'"),
+        (["--initial-weights", "nan,0"], "must be finite"),
+        (["--initial-weights", "1,2,3"], "3 values for 2 traits"),
+        (["--layer", "9"], "layer 9 is out of range"),
+    ],
+)
+def test_bad_input_one_line_nothing_written(project, capsys, extra, message):
+    tmp_path, overrides = project
+    with Cache(tmp_path / "cache") as cache:
+        entries = cache.count()
+    code = main(["optimize", *sum((["--set", o] for o in overrides), []), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "runs").exists()
+    with Cache(tmp_path / "cache") as cache:
+        assert cache.count() == entries
+
+
+def test_persona_without_samples_and_vectors_of_another_model(project, capsys, tiny_model_dir):
+    tmp_path, overrides = project
+    samples = tmp_path / "personas" / "p1" / "persona_samples.json"
+    kept = samples.read_text()
+    samples.unlink()
+    code = main(["optimize", *sum((["--set", o] for o in overrides), [])])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "persona_samples.json: missing" in err[0]
+    samples.write_text(kept)
+    from tests_helpers import perturbed_copy
+
+    other = perturbed_copy(tiny_model_dir, tmp_path / "other")
+    code = main(["optimize", *sum((["--set", o] for o in overrides), []), "--model", str(other), "--persona-id", "p1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "no vectors for trait T1 of this model" in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def _cli(overrides, save_dir, cache_dir):
+    args = [sys.executable, "-m", "persona_steering", "optimize"]
+    for o in overrides:
+        args += ["--set", o]
+    return args + ["--save-dir", str(save_dir), "--cache-dir", str(cache_dir)]
+
+
+def test_sigkill_then_resume_equals_uninterrupted(project):
+    tmp_path, overrides = project
+    overrides = [o for o in overrides if not o.startswith("optimize.max_iterations")] + ["optimize.max_iterations=6"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Uninterrupted reference, with its own cache (seeded from the vectors stage's cache).
+    ref = subprocess.run(_cli(overrides, tmp_path / "ref", tmp_path / "cache-ref"), capture_output=True, text=True, env=env, timeout=600)
+    assert ref.returncode == 0, ref.stderr
+    # Killed run: SIGKILL soon after its first checkpoint lands, then resume with the same command.
+    ckpt = tmp_path / "killed" / "p1_checkpoint.pkl"
+    proc = subprocess.Popen(_cli(overrides, tmp_path / "killed", tmp_path / "cache-k"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # now mid-way through the next iteration
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "p1_optimization.json").exists(), "killed too late to test resume"
+    with Cache(tmp_path / "cache-k") as cache:
+        before = {ns: cache.count(ns) for ns in ("generation", "verdict")}
+    resumed = subprocess.run(_cli(overrides, tmp_path / "killed", tmp_path / "cache-k"), capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after iteration" in resumed.stdout
+    a = json.loads((tmp_path / "ref" / "p1_optimization.json").read_text())
+    b = json.loads((tmp_path / "killed" / "p1_optimization.json").read_text())
+    for key in ("best_weights", "best_score", "num_evaluations", "optimization_history", "mean_weights", "history", "config_digest"):
+        assert a[key] == b[key], key
+    # Nothing computed twice: the killed+resumed cache holds exactly the uninterrupted run's entries,
+    # and the resumed process missed only what the killed one had not stored.
+    with Cache(tmp_path / "cache-ref") as ref_cache, Cache(tmp_path / "cache-k") as k_cache:
+        for ns in ("generation", "verdict"):
+            assert k_cache.count(ns) == ref_cache.count(ns), ns
+    lines = [line for line in resumed.stdout.splitlines() if line.startswith("cache: ")]
+    assert len(lines) == 1, resumed.stdout
+    stats = json.loads(lines[0].split("cache: ", 1)[1])
+    with Cache(tmp_path / "cache-k") as cache:
+        for ns in ("generation", "verdict"):
+            assert stats["misses"].get(ns, 0) == cache.count(ns) - before[ns]
