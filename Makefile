@@ -7,10 +7,11 @@ TORCH   ?= torch==2.13.0
 ARGS    ?=
 PERSONA ?= nostalgic_grandpa
 TRAITS  ?=
+TRAIT   ?= R2
 STAMP   := $(VENV)/.installed
 CLI     := $(BIN)/persona-steering
 
-.PHONY: help setup vectors optimize test lint clean-runs
+.PHONY: help setup vectors optimize steer test lint clean-runs
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -27,6 +28,29 @@ setup: $(STAMP)  ## create .venv and install (torch CPU build here; TORCH=torch 
 
 vectors: $(STAMP)  ## extract trait vectors (TRAITS="R1,R2" to choose)
 	$(CLI) vectors $(if $(TRAITS),--traits $(TRAITS)) $(ARGS)
+
+optimize: vectors  ## CMA-ES trait weights for PERSONA=<id> (resumes; vectors first if missing)
+	$(CLI) optimize --persona-id $(PERSONA) $(ARGS)
+
+steer: vectors  ## show unsteered vs steered answers: make steer ARGS="--weights R2=1,R5=1"
+	$(CLI) steer $(ARGS)
+
+.PHONY: bench export-gguf
+bench: $(STAMP)  ## time loop vs batched vs per-row generation, extraction, judge fan-out (ARGS="--quick")
+	$(CLI) bench $(ARGS)
+
+export-gguf: $(STAMP)  ## llama.cpp control vector of PERSONA=<id> into runs/export/ (after make optimize)
+	$(CLI) export-gguf --persona-id $(PERSONA) $(ARGS)
+
+.PHONY: evaluate sweep similarity
+evaluate: $(STAMP)  ## compare PERSONA=<id> with baselines on held-out prompts (after make optimize)
+	$(CLI) evaluate --persona-id $(PERSONA) $(ARGS)
+
+sweep: $(STAMP)  ## TRAIT=R2 over layers x coefficients (ARGS="--layers 10,14 --coefs=-1,1")
+	$(CLI) sweep --trait $(TRAIT) $(ARGS)
+
+similarity: $(STAMP)  ## cosine between trait vectors, extraction methods and layers (no model load)
+	$(CLI) similarity $(ARGS)
 
 test: $(STAMP)  ## run the test suite
 	$(BIN)/python -m pytest -q $(ARGS)

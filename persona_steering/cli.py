@@ -71,6 +71,87 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
             ("--traits", "traits", str, "comma-separated traits (default R1..R5)"),
         ],
     ),
+    "bench": (
+        "time one CMA-ES generation's answers three ways, the extraction forward and judge fan-out",
+        [
+            ("--population", "_population", int, "candidate weight vectors (default 8; --quick 4)"),
+            ("--num-prompts", "_num_prompts", int, "first N training prompts (default 10; --quick 4)"),
+            ("--repeats", "_repeats", int, "timed runs per method (default 1)"),
+            ("--out-dir", "_out_dir", str, "output folder (default runs/bench)"),
+            ("--verdicts", "_verdicts", int, "judge calls in the fan-out measurement (default 100)"),
+            ("--judge-delay", "_judge_delay", float, "seconds the local judge server waits per reply (default 0.2)"),
+            ("--threads", "_threads", int, "torch CPU threads during the run (default: one per core)"),
+            ("--layer", "steering.layer", int, "hidden_states row to steer"),
+            ("--alpha", "steering.alpha", float, "strength, in units of the layer's mean residual norm"),
+            ("--trait-vector-dir", "steering.trait_vector_dir", str, "root of vector files"),
+            ("--traits", "traits", str, "comma-separated traits (default R1..R5)"),
+        ],
+    ),
+    "export-gguf": (
+        "write a persona's optimised steering vector (or single traits) as a llama.cpp control vector",
+        [
+            ("--persona-id", "optimize.persona_id", str, "persona whose optimisation result to export"),
+            ("--save-dir", "optimize.save_dir", str, "folder of optimisation results"),
+            ("--traits", "_traits", str, "export these traits one file each instead, e.g. R1,R2"),
+            ("--weight", "_weight", float, "trait weight of each --traits export (default 1)"),
+            ("--layer", "steering.layer", int, "hidden_states row for --traits without --persona-id"),
+            ("--alpha", "steering.alpha", float, "strength for --traits without --persona-id"),
+            ("--trait-vector-dir", "steering.trait_vector_dir", str, "root of vector files"),
+            ("--out", "_out", str, "output file (default runs/export/<persona>.gguf)"),
+            ("--out-dir", "_out_dir", str, "output folder (default runs/export)"),
+        ],
+    ),
+    "import-gguf": ("read a llama.cpp control-vector GGUF (ours or repeng's) and show its vectors", []),
+    "evaluate": (
+        "compare steering with baselines on the held-out prompts (intervals, paired tests, judge agreement)",
+        [
+            ("--persona-id", "optimize.persona_id", str, "persona folder name under --persona-dir"),
+            ("--persona-dir", "optimize.persona_dir", str, "folder of personas"),
+            ("--save-dir", "optimize.save_dir", str, "folder of <persona>_optimization.json and outputs"),
+            ("--prompts-file", "optimize.prompts_file", str, "prompts file with 'train' and 'heldout' lists"),
+            ("--methods", "evaluate.methods", str, "e.g. base,prompt,proposed (default all)"),
+            ("--num-prompts", "evaluate.num_prompts", int, "first N held-out prompts (default all)"),
+            ("--judge", "judge.backend", str, "embedding (offline), openai or local"),
+            ("--judges", "evaluate.judges", str, "several judges at once, e.g. embedding,openai"),
+            ("--judge-model", "judge.model", str, "judge model name (openai) or model (local)"),
+            ("--base-url", "judge.base_url", str, "OpenAI-compatible endpoint"),
+            ("--bootstrap", "evaluate.bootstrap", int, "bootstrap resamples for the intervals"),
+            ("--vector-strength", "evaluate.vector_strength", float, "meandiff/pca length (alpha units)"),
+            ("--layer", "steering.layer", int, "layer if no optimisation result (else its layer)"),
+            ("--alpha", "steering.alpha", float, "strength if no optimisation result (else its alpha)"),
+            ("--traits", "traits", str, "traits without an optimisation result (else the result's)"),
+            ("--trait-dir", "vectors.trait_dir", str, "folder of trait files (for their eval prompts)"),
+            ("--trait-vector-dir", "steering.trait_vector_dir", str, "root of vector files"),
+        ],
+    ),
+    "sweep": (
+        "trait expression and coherence of one trait vector over a grid of layers x coefficients",
+        [
+            ("--trait", "sweep.trait", str, "the trait to sweep, e.g. R2"),
+            ("--layers", "sweep.layers", str, "comma-separated hidden_states rows (default 10,14,18,22)"),
+            ("--coefs", "sweep.coefs", str, "strengths in alpha units: --coefs=-1,-0.5,0.5,1"),
+            ("--num-questions", "sweep.num_questions", int, "first N of the trait's eval questions"),
+            ("--read-layer", "sweep.read_layer", int, "layer of the judge-free projection proxy"),
+            ("--out-dir", "sweep.out_dir", str, "output root (<out-dir>/<model-slug>/<trait>/)"),
+            ("--positions", "steering.positions", str, "response, prompt or all"),
+            ("--vector-method", "steering.vector_method", str, "mean_diff, svd or pca"),
+            ("--trait-dir", "vectors.trait_dir", str, "folder of trait files"),
+            ("--trait-vector-dir", "steering.trait_vector_dir", str, "root of vector files"),
+            ("--judge", "judge.backend", str, "embedding (offline), openai or local"),
+            ("--judge-model", "judge.model", str, "judge model name (openai) or model (local)"),
+            ("--base-url", "judge.base_url", str, "OpenAI-compatible endpoint"),
+        ],
+    ),
+    "similarity": (
+        "cosine similarity of trait vectors: between traits, between extraction methods, across layers",
+        [
+            ("--traits", "traits", str, "comma-separated traits (default R1..R5)"),
+            ("--layer", "steering.layer", int, "hidden_states row of the heatmap and tables"),
+            ("--vector-method", "steering.vector_method", str, "mean_diff, svd or pca"),
+            ("--trait-vector-dir", "steering.trait_vector_dir", str, "root of vector files"),
+            ("--out-dir", "similarity.out_dir", str, "output root (<out-dir>/<model-slug>/)"),
+        ],
+    ),
 }
 
 
@@ -106,6 +187,8 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument(flag, dest=key, type=typ, default=None, metavar=metavar, help=f"{help_} [{key}]")
         for flag, dest, help_ in _FLAGS.get(name, []):
             p.add_argument(flag, dest=dest, action="store_true", help=help_)
+        for dest, help_ in _POSITIONAL.get(name, []):
+            p.add_argument(dest, metavar=dest.lstrip("_").upper(), help=help_)
     return parser
 
 
@@ -115,7 +198,11 @@ _FLAGS: dict[str, list[tuple[str, str, str]]] = {
         ("--restart", "optimize.restart", "discard an existing run of this persona in --save-dir"),
         ("--coherence", "judge.coherence", "also judge coherence of every steered answer"),
     ],
+    "bench": [("--quick", "_quick", "P=4 candidates, N=4 prompts, M=16 tokens (about 2 minutes on a CPU)")],
 }
+
+# Positional arguments: (dest, help).
+_POSITIONAL: dict[str, list[tuple[str, str]]] = {"import-gguf": [("_file", "the .gguf control-vector file")]}
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -127,7 +214,8 @@ def _config(args: argparse.Namespace) -> Config:
         if "." in key or key in ("seed", "cache_dir", "traits"):
             if value is None or value is False:
                 continue
-            if key in ("vectors.traits", "traits", "optimize.initial_weights"):
+            if key in ("vectors.traits", "traits", "optimize.initial_weights", "evaluate.methods",
+                       "evaluate.judges", "sweep.layers", "sweep.coefs"):
                 overrides.append(f"{key}=[{value}]")
             else:
                 overrides.append(f"{key}={'true' if value is True else value}")
@@ -171,10 +259,74 @@ def _run_steer(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bench(cfg: Config, args: argparse.Namespace) -> int:
+    from persona_steering.bench import BenchSettings, run_bench
+
+    given = vars(args)
+    settings = BenchSettings.from_options(
+        quick=args._quick, population=args._population, num_prompts=args._num_prompts, repeats=args._repeats,
+        out_dir=args._out_dir, verdicts=args._verdicts, judge_delay=args._judge_delay, threads=args._threads,
+        max_new_tokens=given["generation.max_new_tokens"], max_batch=given["generation.max_batch"],
+    )
+    run_bench(cfg, settings)
+    return 0
+
+
+def _run_export_gguf(cfg: Config, args: argparse.Namespace) -> int:
+    from persona_steering.export import DEFAULT_OUT_DIR, export_persona
+
+    traits = [t.strip() for t in args._traits.split(",") if t.strip()] if args._traits else None
+    weight = 1.0 if args._weight is None else args._weight
+    for path in export_persona(cfg, cfg.optimize.persona_id, traits, weight, args._out, args._out_dir or DEFAULT_OUT_DIR):
+        print(f"wrote {path}")
+    return 0
+
+
+def _run_import_gguf(cfg: Config, args: argparse.Namespace) -> int:
+    from persona_steering.export import read_control_vector_file
+
+    vectors, meta = read_control_vector_file(args._file)
+    print(f"{args._file}: control vector for {meta['model_hint']!r}, {len(vectors)} direction(s)")
+    for row, vec in vectors.items():
+        head = " ".join(f"{x:+.4f}" for x in vec[:4].tolist())
+        print(f"  layer {row} (llama.cpp direction.{row - 1}): [{vec.numel()}] norm {float(vec.norm()):.4f}  {head} ...")
+    return 0
+
+
+def _run_evaluate(cfg: Config, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from persona_steering.evaluate.run import run_evaluate
+
+    result = run_evaluate(cfg)
+    print(Path(result["files"]["md"]).read_text())
+    return 0
+
+
+def _run_sweep(cfg: Config, args: argparse.Namespace) -> int:
+    from persona_steering.evaluate.sweep import render_sweep, run_sweep
+
+    print(render_sweep(run_sweep(cfg)))
+    return 0
+
+
+def _run_similarity(cfg: Config, args: argparse.Namespace) -> int:
+    from persona_steering.evaluate.similarity import run_similarity
+
+    print(run_similarity(cfg)["markdown"])
+    return 0
+
+
 _STAGES: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "vectors": _run_vectors,
     "optimize": _run_optimize,
     "steer": _run_steer,
+    "bench": _run_bench,
+    "export-gguf": _run_export_gguf,
+    "import-gguf": _run_import_gguf,
+    "evaluate": _run_evaluate,
+    "sweep": _run_sweep,
+    "similarity": _run_similarity,
 }
 
 

@@ -127,7 +127,7 @@ class JudgeConfig:
 class SteeringConfig:
     layer: int = 20
     """hidden_states row to steer: the output of decoder block layer-1 (0-based blocks)."""
-    alpha: float = 0.5
+    alpha: float = 0.1
     """Strength, in units of the layer's mean residual norm, of a unit-weight trait direction."""
     positions: str = "response"
     """response (last prompt token + generated tokens), prompt, or all."""
@@ -184,6 +184,78 @@ class OptimizeConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    methods: list[str] | None = None
+    """Methods to compare (None = every registered one; those needing an optimisation result are
+    skipped with a note when it is missing, but an explicit list makes that an error)."""
+    num_prompts: int | None = None
+    """First N held-out prompts (None = all)."""
+    judges: list[str] | None = None
+    """Judge backends to score with, e.g. [embedding, openai]; None = judge.backend alone."""
+    bootstrap: int = 2000
+    """Bootstrap resamples for the confidence intervals."""
+    confidence: float = 0.95
+    """Coverage of the bootstrap intervals."""
+    permutations: int = 20000
+    """Random sign flips of the paired test when exact enumeration (n <= 30) is too large."""
+    vector_strength: float | None = None
+    """Length of the single persona vectors (meandiff, pca) in alpha * residual-norm units;
+    None = the proposed vector's length (1.0 without an optimisation result)."""
+
+    def __post_init__(self) -> None:
+        if self.methods is not None and not self.methods:
+            raise ConfigError("evaluate.methods must name at least one method (or be null for all)")
+        if self.num_prompts is not None and self.num_prompts < 1:
+            raise ConfigError(f"evaluate.num_prompts must be >= 1, got {self.num_prompts}")
+        if self.judges is not None and not self.judges:
+            raise ConfigError("evaluate.judges must name at least one judge backend (or be null)")
+        for name in self.judges or []:
+            if name not in ("embedding", "openai", "local"):
+                raise ConfigError(f"evaluate.judges: {name!r} is not one of embedding, openai, local")
+        if self.bootstrap < 100:
+            raise ConfigError(f"evaluate.bootstrap must be >= 100 resamples, got {self.bootstrap}")
+        if not 0.5 <= self.confidence < 1:
+            raise ConfigError(f"evaluate.confidence must be in [0.5, 1), got {self.confidence}")
+        if self.permutations < 100:
+            raise ConfigError(f"evaluate.permutations must be >= 100, got {self.permutations}")
+        if self.vector_strength is not None and not self.vector_strength >= 0:
+            raise ConfigError(f"evaluate.vector_strength must be >= 0, got {self.vector_strength}")
+
+
+@dataclass
+class SweepConfig:
+    trait: str | None = None
+    """The trait whose vector is swept (a name under vectors.trait_dir)."""
+    layers: list[int] = field(default_factory=lambda: [10, 14, 18, 22])
+    """hidden_states rows to steer (defaults suit a 30-layer model; negatives count from the end)."""
+    coefs: list[float] = field(default_factory=lambda: [-1.0, -0.5, 0.5, 1.0])
+    """Steering strengths in alpha units: coef * the layer's mean residual norm * unit vector."""
+    num_questions: int = 5
+    """First N of the trait's eval questions."""
+    read_layer: int | None = None
+    """Layer whose activation, projected on the trait's unit vector, is the judge-free proxy for
+    trait expression; None = steering.layer."""
+    out_dir: str = "runs/sweep"
+    """Output root: <out_dir>/<model-slug>/<trait>/."""
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ConfigError("sweep.layers must name at least one layer")
+        if not self.coefs:
+            raise ConfigError("sweep.coefs must name at least one coefficient")
+        if any(c != c or abs(c) == float("inf") for c in self.coefs):
+            raise ConfigError(f"sweep.coefs must be finite numbers, got {self.coefs}")
+        if self.num_questions < 1:
+            raise ConfigError(f"sweep.num_questions must be >= 1, got {self.num_questions}")
+
+
+@dataclass
+class SimilarityConfig:
+    out_dir: str = "runs/similarity"
+    """Output root: <out_dir>/<model-slug>/."""
+
+
+@dataclass
 class Config:
     seed: int = 0
     """Seed for sampling, CMA-ES and every random choice."""
@@ -195,6 +267,9 @@ class Config:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     steering: SteeringConfig = field(default_factory=SteeringConfig)
     optimize: OptimizeConfig = field(default_factory=OptimizeConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
     traits: list[str] = field(default_factory=lambda: list(DEFAULT_TRAITS))
     """Traits combined by steering and optimisation."""
 

@@ -9,10 +9,12 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.fabric import Fabric
+
+if TYPE_CHECKING:
+    from lightning.fabric import Fabric
 
 from persona_steering.cache import digest
 from persona_steering.config import ModelConfig
@@ -119,7 +121,10 @@ def identify(cfg: ModelConfig) -> ModelIdentity:
 
 
 def build_fabric(cfg: ModelConfig, seed: int) -> Fabric:
-    """Fabric for one process, seeded."""
+    """Fabric for one process, seeded. Imported here: lightning takes seconds to import, and a warm
+    re-run that only checks fingerprints should not pay for it."""
+    from lightning.fabric import Fabric
+
     precision = resolve_precision(cfg)
     fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices, precision=precision)  # type: ignore[arg-type]
     fabric.seed_everything(seed, verbose=False)

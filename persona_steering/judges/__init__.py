@@ -9,21 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from persona_steering.judges.base import Judge, Query, Verdict
+from persona_steering.judges.base import Judge, JudgeError, Query, Verdict
 
 if TYPE_CHECKING:
     from persona_steering.config import JudgeConfig
     from persona_steering.runtime import Runtime
 
 __all__ = ["Judge", "JudgeError", "Query", "Verdict", "build_judge"]
-
-
-class JudgeError(RuntimeError):
-    """A judge cannot work at all (no key, key rejected, quota spent, model missing).
-
-    Raised instead of returning ``Verdict(None, ...)`` when every further call would fail the same
-    way. The message says what to fix and never contains a secret.
-    """
 
 
 def build_judge(cfg: JudgeConfig, runtime: Runtime | None = None, cache_dir: str | Path = "cache") -> Judge:

@@ -49,6 +49,14 @@ the question; 50 = understandable but rambling or partly broken; 100 = fluent, w
 topic. Reply with a single integer between 0 and 100 and nothing else."""
 
 
+class JudgeError(RuntimeError):
+    """A judge cannot work at all (no key, key rejected, quota spent, model missing).
+
+    Raised instead of returning ``Verdict(None, ...)`` when every further call would fail the same
+    way. The message says what to fix and never contains a secret.
+    """
+
+
 @dataclass(frozen=True)
 class Query:
     """One thing to judge. Fields that a kind does not use stay empty.

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from persona_steering.judges import JudgeError
+from persona_steering.judges.base import JudgeError
 from persona_steering.judges.base import Judge, Query, Verdict
 
 MODEL_NAME = "all-MiniLM-L6-v2"

@@ -1,0 +1,324 @@
+"""The ``evaluate`` stage: every method on the held-out prompts, one generate call, judged, tested.
+
+Order of work, so that bad input fails before anything is loaded or written: read and check the
+persona, prompts, methods, optimisation result and vectors (``prepare``); then load the model,
+plan every method (random search runs its own search here), generate all held-out rows in one
+batched and memoised call, judge them with every configured judge, and write
+``<save_dir>/<persona>_evaluation.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from persona_steering import __version__
+from persona_steering.basis import TraitBasis, load_basis
+from persona_steering.cache import Cache, atomic_write_json, atomic_write_text
+from persona_steering.config import Config, ConfigError
+from persona_steering.evaluate.core import Context, Method, MethodSkipped, Plan, json_safe, registry
+from persona_steering.evaluate.render import plot_evaluation, render_markdown
+from persona_steering.evaluate.scoring import JudgeScores, agreement, score_answers, summarise
+from persona_steering.generation import generate
+from persona_steering.judges import build_judge
+from persona_steering.runtime import Runtime, identify, load_runtime
+from persona_steering.store import VectorFileError
+from persona_steering.traits import Persona, Trait, load_persona, load_prompts, load_traits
+
+RESULT_FIELDS = ("best_weights", "num_evaluations", "layer", "alpha", "traits")
+
+
+@dataclass
+class Setup:
+    """Everything checked before the model loads."""
+
+    cfg: Config  # effective: steering and search settings from the optimisation result
+    persona: Persona
+    prompts: list[str]  # held-out
+    train_prompts: list[str]
+    methods: list[Method]
+    traits: list[Trait]
+    basis: TraitBasis
+    judges: list[str]
+    result: dict[str, Any] | None
+    result_path: Path
+    skipped: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def run_evaluate(
+    cfg: Config, rt: Runtime | None = None, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Compare every selected method on the held-out prompts and write the evaluation files.
+
+    Args:
+        cfg: the configuration (``optimize.persona_id`` is required).
+        rt: an already loaded model (loaded from ``cfg.model`` when None).
+        log: where progress lines go.
+
+    Returns:
+        The evaluation summary as written to ``<persona>_evaluation.json``, plus ``files``.
+    """
+    setup = prepare(cfg)
+    for note in setup.notes:
+        log(f"note: {note}")
+    rt = rt or load_runtime(setup.cfg.model, setup.cfg.cache_dir, setup.cfg.seed)
+    if rt.fingerprint != setup.basis.fingerprint:
+        raise VectorFileError("the loaded model is not the one the trait vectors were extracted from")
+    with Cache(setup.cfg.cache_dir) as cache:
+        judges = [
+            build_judge(replace(setup.cfg.judge, backend=name), rt, setup.cfg.cache_dir)
+            for name in setup.judges
+        ]
+        ctx = Context(
+            setup.cfg,
+            rt,
+            cache,
+            setup.basis,
+            setup.persona,
+            judges[0],
+            setup.train_prompts,
+            setup.result,
+            log,
+        )
+        plans = _plans(ctx, setup)
+        answers = _answer(ctx, plans, setup.prompts)
+        scores = [
+            score_answers(j, cache, setup.persona, setup.traits, setup.prompts, answers) for j in judges
+        ]
+    summary = json_safe(_summary(setup, rt, plans, answers, scores))
+    return _write(setup, summary, log)
+
+
+def prepare(cfg: Config) -> Setup:
+    """Read and check every input; raises a user error (ConfigError, DefinitionError, ...) on bad input."""
+    persona_id = cfg.optimize.persona_id
+    if not persona_id:
+        raise ConfigError("optimize.persona_id is required (--persona-id ID, or make evaluate PERSONA=ID)")
+    persona = load_persona(cfg.optimize.persona_dir, persona_id)
+    prompts = load_prompts(cfg.optimize.prompts_file, "heldout")[: cfg.evaluate.num_prompts or None]
+    result_path = Path(cfg.optimize.save_dir) / f"{persona_id}_optimization.json"
+    result = read_result(result_path)
+    notes: list[str] = []
+    eff = effective_config(cfg, result, notes)
+    methods, skipped = select_methods(cfg.evaluate.methods, result is not None, result_path)
+    traits = load_traits(eff.vectors.trait_dir, eff.traits)
+    ident = identify(eff.model)
+    s = eff.steering
+    basis = load_basis(
+        s.trait_vector_dir,
+        ident.slug,
+        eff.traits,
+        s.layer,
+        s.vector_method,
+        s.summary,
+        fingerprint=ident.fingerprint,
+    )
+    if (
+        result is not None
+        and "residual_scale" in result
+        and abs(float(result["residual_scale"]) - basis.scale) > 1e-4 * basis.scale
+    ):
+        notes.append(
+            f"the trait vectors changed since the optimisation (residual scale {basis.scale:.4g}, "
+            f"was {result['residual_scale']:.4g})"
+        )
+    judges = list(dict.fromkeys(cfg.evaluate.judges or [cfg.judge.backend]))
+    if (
+        result is not None
+        and "random_search" in {m.name for m in methods}
+        and result.get("judge") not in (None, judges[0])
+    ):
+        notes.append(
+            f"random_search optimises with the {judges[0]} judge; the optimiser used {result['judge']}"
+        )
+    train = load_prompts(eff.optimize.prompts_file, "train")[: eff.optimize.num_prompts]
+    for name, reason in skipped.items():
+        notes.append(f"{name} skipped: {reason}")
+    return Setup(
+        eff, persona, prompts, train, methods, traits, basis, judges, result, result_path, skipped, notes
+    )
+
+
+def read_result(path: Path) -> dict[str, Any] | None:
+    """The optimisation result, None when absent; ConfigError when it is not one."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}); rerun make optimize or delete it") from None
+    missing = [k for k in RESULT_FIELDS if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise ConfigError(f"{path} is not an optimisation result: missing field {missing[0]!r}")
+    absent = [t for t in data["traits"] if t not in data["best_weights"]]
+    if absent:
+        raise ConfigError(f"{path}: best_weights has no weight for trait {absent[0]}")
+    numbers = [data["layer"], data["alpha"], data["num_evaluations"], *data["best_weights"].values()]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+        raise ConfigError(f"{path}: layer, alpha, num_evaluations and best_weights must be numbers")
+    return data  # type: ignore[no-any-return]
+
+
+def effective_config(cfg: Config, result: dict[str, Any] | None, notes: list[str]) -> Config:
+    """``cfg`` with steering, traits and search settings taken from the optimisation result.
+
+    The proposed weights only mean something at the layer, strength, positions and vectors they
+    were found with, so every method is evaluated there; a differing config value is noted.
+    """
+    if result is None:
+        return cfg
+    saved = result.get("config") or {}
+    steer_saved = saved.get("steering", {})
+    opt_saved = saved.get("optimize", {})
+    steering = replace(
+        cfg.steering,
+        layer=int(result["layer"]),
+        alpha=float(result["alpha"]),
+        vector_method=str(
+            result.get("vector_method", steer_saved.get("vector_method", cfg.steering.vector_method))
+        ),
+        positions=str(steer_saved.get("positions", cfg.steering.positions)),
+        summary=str(steer_saved.get("summary", cfg.steering.summary)),
+    )
+    for name in ("layer", "alpha", "vector_method", "positions", "summary"):
+        if getattr(steering, name) != getattr(cfg.steering, name):
+            notes.append(
+                f"steering.{name} = {getattr(steering, name)} from the optimisation result "
+                f"(config says {getattr(cfg.steering, name)})"
+            )
+    if list(result["traits"]) != list(cfg.traits):
+        notes.append(
+            f"traits {', '.join(result['traits'])} from the optimisation result "
+            f"(config says {', '.join(cfg.traits)})"
+        )
+    optimize = replace(
+        cfg.optimize,
+        num_prompts=int(opt_saved.get("num_prompts", cfg.optimize.num_prompts)),
+        bound=float(opt_saved.get("bound", cfg.optimize.bound)),
+        coherence_penalty=float(opt_saved.get("coherence_penalty", cfg.optimize.coherence_penalty)),
+    )
+    judge = replace(cfg.judge, coherence=bool(saved.get("judge", {}).get("coherence", cfg.judge.coherence)))
+    return replace(cfg, steering=steering, optimize=optimize, judge=judge, traits=list(result["traits"]))
+
+
+def select_methods(
+    requested: list[str] | None, have_result: bool, result_path: Path
+) -> tuple[list[Method], dict[str, str]]:
+    """The methods to run (always with ``base``, the persona-fit reference) and those skipped."""
+    known = registry()
+    for name in requested or []:
+        if name not in known:
+            raise ConfigError(f"unknown evaluation method {name!r} (known: {', '.join(known)})")
+    skipped: dict[str, str] = {}
+    chosen = []
+    for name, method in known.items():
+        if requested is not None and name not in requested and name != "base":
+            continue
+        if method.needs_optimization and not have_result:
+            if requested is not None:
+                raise ConfigError(
+                    f"method {name} needs an optimisation result, but {result_path} does not exist: "
+                    "run make optimize first"
+                )
+            skipped[name] = f"no optimisation result at {result_path} (run make optimize first)"
+            continue
+        chosen.append(method)
+    return chosen, skipped
+
+
+def _plans(ctx: Context, setup: Setup) -> dict[str, Plan]:
+    plans: dict[str, Plan] = {}
+    for method in setup.methods:
+        try:
+            plans[method.name] = method.plan(ctx, setup.prompts)
+        except MethodSkipped as exc:
+            setup.skipped[method.name] = str(exc)
+            setup.notes.append(f"{method.name} skipped: {exc}")
+            ctx.log(f"note: {method.name} skipped: {exc}")
+    return plans
+
+
+def _answer(ctx: Context, plans: dict[str, Plan], prompts: list[str]) -> dict[str, list[str]]:
+    """Every method's held-out answers from one batched generate call."""
+    requests = [r for p in plans.values() for r in p.requests]
+    deltas = torch.cat([p.deltas for p in plans.values()])  # [methods * prompts, hidden]
+    out = generate(
+        ctx.rt,
+        requests,
+        ctx.cfg.generation,
+        deltas=deltas,
+        layer=ctx.basis.layer,
+        positions=ctx.cfg.steering.positions,
+        cache=ctx.cache,
+        seed=ctx.cfg.seed,
+        desc="held-out answers",
+    )
+    n = len(prompts)
+    return {name: [a.text for a in out[i * n : (i + 1) * n]] for i, name in enumerate(plans)}
+
+
+def _summary(
+    setup: Setup,
+    rt: Runtime,
+    plans: dict[str, Plan],
+    answers: dict[str, list[str]],
+    scores: list[JudgeScores],
+) -> dict[str, Any]:
+    cfg = setup.cfg
+    stats = {s.judge: summarise(s, cfg.evaluate, cfg.seed) for s in scores}
+    return {
+        "persona_id": setup.persona.id,
+        "model_id": rt.model_id,
+        "fingerprint": rt.fingerprint,
+        "layer": setup.basis.layer,
+        "alpha": cfg.steering.alpha,
+        "positions": cfg.steering.positions,
+        "vector_method": cfg.steering.vector_method,
+        "traits": setup.basis.traits,
+        "num_prompts": len(setup.prompts),
+        "prompts": setup.prompts,
+        "judges": setup.judges,
+        "methods": {
+            m.name: {"description": m.description, "info": plans[m.name].info, "answers": answers[m.name]}
+            for m in setup.methods
+            if m.name in plans
+        },
+        "skipped": setup.skipped,
+        "scores": stats,
+        "unsupported": {s.judge: s.unsupported for s in scores},
+        "missing_verdicts": {
+            j: sum(e["missing"] for per in st.values() for e in per.values()) for j, st in stats.items()
+        },
+        "agreement": agreement(scores),
+        "statistics": {
+            "interval": f"percentile bootstrap ({cfg.evaluate.bootstrap} resamples, "
+            f"{cfg.evaluate.confidence:.0%})",
+            "test": "two-sided paired sign-flip permutation test over prompts (exact for n <= 30)",
+            "agreement": "Spearman rank correlation of per-prompt persona fit",
+        },
+        "optimization_file": str(setup.result_path) if setup.result is not None else None,
+        "notes": setup.notes,
+        "config": cfg.to_dict(),
+        "config_digest": cfg.digest(),
+        "version": __version__,
+    }
+
+
+def _write(setup: Setup, summary: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    base = Path(setup.cfg.optimize.save_dir) / f"{setup.persona.id}_evaluation"
+    files = {
+        "json": base.with_suffix(".json"),
+        "md": base.with_suffix(".md"),
+        "png": base.with_suffix(".png"),
+    }
+    atomic_write_json(files["json"], summary)
+    atomic_write_text(files["md"], render_markdown(summary))
+    plot_evaluation(summary, files["png"])
+    log(f"wrote {files['json']}, {files['md'].name}, {files['png'].name}")
+    return {**summary, "files": {k: str(v) for k, v in files.items()}}

@@ -1,0 +1,140 @@
+"""The benchmark on the tiny model: same greedy tokens from all three methods, output files and fields."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+from test_export import write_fake_vectors
+
+from persona_steering.bench import METHODS, BenchSettings, run_bench
+from persona_steering.cli import main
+from persona_steering.config import ConfigError, load_config
+from persona_steering.runtime import identify
+
+PROMPTS = ["how was your day ?", "what should i cook for dinner ?", "tell me about a trip", "hello !"]
+# One thread: the tiny model gains nothing from two, and a busy shared CPU slows OpenMP kernels badly.
+SMALL = "--population 3 --num-prompts 3 --max-new-tokens 6 --max-batch 4 --verdicts 6 --judge-delay 0.01"
+SMALL += " --threads 1"
+
+
+@pytest.fixture()
+def overrides(tmp_path: Path, tiny_model_dir: Path) -> list[str]:
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(yaml.safe_dump({"train": PROMPTS, "heldout": ["hello !"]}))
+    return [
+        f"model.name={tiny_model_dir}",
+        "model.accelerator=cpu",
+        "model.precision=32-true",
+        f"cache_dir={tmp_path / 'cache'}",
+        f"steering.trait_vector_dir={tmp_path / 'vectors'}",
+        "steering.layer=2",
+        "steering.alpha=1.0",
+        "traits=[T1, T2]",
+        f"optimize.prompts_file={prompts}",
+    ]
+
+
+def _check_consistent(result: dict, rows: int) -> None:
+    methods = result["methods"]
+    assert set(methods) == set(METHODS)
+    reference = statistics.median(methods["seed-loop"]["seconds"])
+    for name, m in methods.items():
+        assert m["rows"] == rows and len(m["seconds"]) == result["settings"]["repeats"]
+        assert m["median_s"] == statistics.median(m["seconds"])
+        assert m["spread_s"] == max(m["seconds"]) - min(m["seconds"])
+        assert m["speedup_vs_seed_loop"] == pytest.approx(reference / m["median_s"])
+        assert m["tokens_per_s"] == pytest.approx(m["generated_tokens"] / m["median_s"])
+        assert m["peak_memory_mb"] > 0
+    assert methods["seed-loop"]["speedup_vs_seed_loop"] == 1.0
+    assert methods["seed-loop"]["generated_tokens"] > 0
+    # Same greedy tokens per row, hence the same token counts, from every method (float32).
+    assert {m["generated_tokens"] for m in methods.values()} == {methods["seed-loop"]["generated_tokens"]}
+    assert result["identical"] == {m: {"rows": rows, "of": rows} for m in METHODS[1:]}
+    judge = result["judge"]
+    assert judge["ours_ok"] == judge["one_at_a_time_ok"] == judge["verdicts"]
+    assert judge["speedup"] == pytest.approx(judge["one_at_a_time_s"] / judge["ours_s"])
+
+
+def test_bench_cli_writes_outputs_and_methods_agree(tmp_path: Path, overrides: list[str], capsys) -> None:
+    out = tmp_path / "bench"
+    code = main(["bench", *sum((["--set", o] for o in overrides), []), *SMALL.split(), "--out-dir", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    result = json.loads((out / "bench.json").read_text())
+    assert {
+        "version",
+        "created",
+        "environment",
+        "settings",
+        "vectors",
+        "prompt_tokens",
+        "methods",
+        "identical",
+        "float32_recheck",
+        "extraction",
+        "judge",
+    } <= set(result)
+    s = result["settings"]
+    assert (s["population"], s["num_prompts"], s["max_new_tokens"], s["max_batch"], s["layer"]) == (
+        3,
+        3,
+        6,
+        4,
+        2,
+    )
+    _check_consistent(result, rows=9)
+    assert result["float32_recheck"] is None  # the run was float32
+    assert result["environment"]["threads"] == 1
+    calls = {m: (result["methods"][m]["calls"], result["methods"][m]["batches"]) for m in METHODS}
+    assert calls == {"seed-loop": (9, 9), "per-candidate": (3, 3), "per-row": (1, 3)}
+    assert result["vectors"].startswith("NO trait vectors") and "random unit directions" in result["vectors"]
+    assert result["extraction"]["rows"] == 9 and result["extraction"]["tokens_per_s"] > 0
+    table = (out / "bench.md").read_text()
+    assert "| per-row (ours) | 1 | 3 | 9 |" in table and "9/9" in table and table in printed
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(out.glob(".*tmp"))
+
+
+def test_bench_with_trait_vectors_and_repeats(tmp_path: Path, overrides: list[str], tiny_rt) -> None:
+    cfg = load_config(None, overrides)
+    slug = identify(cfg.model).slug
+    write_fake_vectors(
+        tmp_path / "vectors" / slug, tiny_rt.fingerprint, tiny_rt.model_id, ["T1", "T2"], seed=1
+    )
+    settings = BenchSettings(
+        population=2,
+        num_prompts=2,
+        max_new_tokens=5,
+        repeats=2,
+        max_batch=8,
+        out_dir=str(tmp_path / "b"),
+        verdicts=4,
+        judge_delay=0.0,
+    )
+    result = run_bench(cfg, settings, rt=tiny_rt, log=lambda *_: None)
+    assert result["vectors"] == "trait vectors T1, T2 at layer 2"
+    _check_consistent(result, rows=4)
+
+
+def test_bench_settings_quick_and_errors(overrides: list[str], capsys) -> None:
+    quick = BenchSettings.from_options(quick=True, max_new_tokens=None, population=6)
+    assert (quick.population, quick.num_prompts, quick.max_new_tokens) == (6, 4, 16)
+    with pytest.raises(ConfigError, match="--repeats must be >= 1"):
+        BenchSettings(repeats=0)
+    code = main(["bench", *sum((["--set", o] for o in overrides), []), "--num-prompts", "99"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--num-prompts 99" in err[0], err
+
+
+def test_busy_cpu_is_flagged() -> None:
+    from persona_steering.bench import _busy_note
+
+    env = {"device_type": "cpu", "cpus": 2, "threads": 2}
+    assert _busy_note(env | {"load_average": {"start": 0.3, "end": 2.4}}) is None  # only our own threads
+    note = _busy_note(env | {"load_average": {"start": 3.9, "end": 5.8}})
+    assert note is not None and "--threads 1" in note
+    assert _busy_note(env | {"device_type": "cuda", "load_average": {"start": 9.0, "end": 9.0}}) is None

@@ -1,0 +1,180 @@
+"""llama.cpp control vectors: GGUF round trip, the layer index rule, steering parity on the tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from persona_steering.basis import load_basis
+from persona_steering.cli import main
+from persona_steering.config import load_config
+from persona_steering.export import block_index, read_control_vector, write_control_vector
+from persona_steering.layers import LayerError
+from persona_steering.runtime import identify
+from persona_steering.steering import steer
+from persona_steering.store import VectorFileError, save_vectors
+
+TRAITS = ["T1", "T2"]
+
+
+def write_fake_vectors(
+    folder: Path, fingerprint: str, model_id: str, traits: list[str], seed: int = 3
+) -> None:
+    """Random vector files for the tiny model (3 layers, hidden 32), as ``run_vectors`` would lay them out."""
+    g = torch.Generator().manual_seed(seed)
+    meta = {"fingerprint": fingerprint, "model_id": model_id, "num_layers": 3, "hidden_size": 32}
+    for trait in traits:
+        tensors = {
+            "mean_diff.response_avg": torch.randn(4, 32, generator=g),  # [L+1, hidden]
+            "norm.response_avg": 5 + torch.rand(4, generator=g),  # [L+1]
+        }
+        save_vectors(folder / f"{trait}.safetensors", tensors, meta)
+
+
+@pytest.fixture()
+def exported(tmp_path: Path, tiny_model_dir: Path) -> tuple[list[str], Path]:
+    """Vector files for the tiny model and a persona optimisation result; returns config overrides."""
+    overrides = [
+        f"model.name={tiny_model_dir}",
+        "model.accelerator=cpu",
+        f"cache_dir={tmp_path / 'cache'}",
+        f"steering.trait_vector_dir={tmp_path / 'vectors'}",
+        f"optimize.save_dir={tmp_path / 'runs'}",
+        "traits=[T1, T2]",
+    ]
+    cfg = load_config(None, overrides)
+    ident = identify(cfg.model)
+    write_fake_vectors(tmp_path / "vectors" / ident.slug, ident.fingerprint, ident.model_id, TRAITS)
+    basis = load_basis(tmp_path / "vectors", ident.slug, TRAITS, 2, fingerprint=ident.fingerprint)
+    result = {
+        "persona_id": "p1",
+        "layer": 2,
+        "alpha": 0.75,
+        "best_weights": {"T1": 1.25, "T2": -0.5},
+        "traits": TRAITS,
+        "residual_scale": basis.scale,
+        "vector_method": "mean_diff",
+        "config": cfg.to_dict(),
+    }
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "p1_optimization.json").write_text(json.dumps(result))
+    return overrides, tmp_path
+
+
+def test_round_trip_keys_dtype_values_exact(tmp_path: Path) -> None:
+    vectors = {5: torch.randn(16), 9: torch.randn(16)}
+    path = write_control_vector(tmp_path / "cv.gguf", vectors, "llama")
+    reader = gguf.GGUFReader(path)
+    assert reader.get_field("general.architecture").contents() == "controlvector"
+    assert reader.get_field("controlvector.model_hint").contents() == "llama"
+    count = reader.get_field("controlvector.layer_count")
+    assert count.contents() == 2 and count.types == [gguf.GGUFValueType.UINT32]
+    tensors = {t.name: t for t in reader.tensors}
+    assert set(tensors) == {"direction.4", "direction.8"}
+    for row, vec in vectors.items():
+        t = tensors[f"direction.{row - 1}"]
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32 and t.data.dtype == np.float32
+        assert np.array_equal(np.asarray(t.data).reshape(-1), vec.numpy())
+    back = read_control_vector(path)
+    assert list(back) == [5, 9]
+    for row, vec in vectors.items():
+        assert back[row].dtype == torch.float32 and torch.equal(back[row], vec)
+    assert not list(tmp_path.glob(".*tmp")), "no temp file left beside the output"
+
+
+def test_layer_index_rule() -> None:
+    assert block_index(2) == 1 and block_index(20) == 19
+    with pytest.raises(LayerError, match="llama.cpp refuses direction.0"):
+        block_index(1)
+    with pytest.raises(LayerError):
+        block_index(0)
+
+
+def test_reads_repeng_style_file(tmp_path: Path) -> None:
+    """repeng writes the same keys, several layers at once, through GGUFWriter."""
+    path = tmp_path / "repeng.gguf"
+    writer = gguf.GGUFWriter(path, arch="controlvector")
+    writer.add_string("controlvector.model_hint", "mistral")
+    writer.add_uint32("controlvector.layer_count", 3)
+    for n in (3, 4, 5):
+        writer.add_tensor(f"direction.{n}", np.full(8, n, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    back = read_control_vector(path)
+    assert sorted(back) == [4, 5, 6] and torch.equal(back[4], torch.full((8,), 3.0))
+
+
+def test_not_a_control_vector_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(VectorFileError, match="not a readable GGUF"):
+        read_control_vector(bad)
+    assert main(["import-gguf", str(tmp_path / "missing.gguf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not found" in err[0]
+
+
+def test_export_persona_and_steering_parity(exported: tuple[list[str], Path], tiny_rt, capsys) -> None:
+    overrides, tmp_path = exported
+    out = tmp_path / "export"
+    args = [
+        "export-gguf",
+        *sum((["--set", o] for o in overrides), []),
+        "--persona-id",
+        "p1",
+        "--out-dir",
+        str(out),
+    ]
+    assert main(args) == 0
+    path = out / "p1.gguf"
+    assert f"wrote {path}" in capsys.readouterr().out
+    cfg = load_config(None, overrides)
+    basis = load_basis(
+        cfg.steering.trait_vector_dir, tiny_rt.slug, TRAITS, 2, fingerprint=tiny_rt.fingerprint
+    )
+    original = basis.deltas(torch.tensor([1.25, -0.5]), 0.75)[0]  # [hidden]
+    ((row, vector),) = read_control_vector(path).items()
+    assert row == 2 and gguf.GGUFReader(path).get_field("controlvector.model_hint").contents() == "llama"
+    assert torch.equal(vector, original)
+
+    ids = tiny_rt.tokenizer(["hello how was your day ?"], return_tensors="pt")["input_ids"]
+
+    def logits(layer: int, delta: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), steer(tiny_rt.model, layer, delta[None], positions="all"):
+            return tiny_rt.model(input_ids=ids).logits
+
+    steered = logits(row, vector)
+    torch.testing.assert_close(steered, logits(basis.layer, original), rtol=0, atol=0)
+    with torch.no_grad():
+        assert not torch.allclose(steered, tiny_rt.model(input_ids=ids).logits)  # the vector does something
+
+    # Single traits: one file each, weight times the one-hot delta of the same basis.
+    assert main([*args, "--traits", "T2", "--weight", "2"]) == 0
+    single = read_control_vector(out / "p1_T2.gguf")[2]
+    torch.testing.assert_close(single, basis.deltas(torch.tensor([0.0, 2.0]), 0.75)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--layer", "1", "--traits", "T1"], "cannot be exported: llama.cpp refuses direction.0"),
+        (["--persona-id", "nobody"], "no optimisation result"),
+        (["--persona-id", "p1", "--traits", "T9"], "--traits names T9"),
+        ([], "needs --persona-id"),
+    ],
+)
+def test_export_user_errors_one_line(exported, capsys, extra, message) -> None:
+    overrides, tmp_path = exported
+    code = main(
+        ["export-gguf", *sum((["--set", o] for o in overrides), []), "--out-dir", str(tmp_path / "x"), *extra]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "x").exists()
