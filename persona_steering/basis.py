@@ -34,12 +34,16 @@ class TraitBasis:
         """[batch, hidden] steering vectors for weights [batch, k] (or [k])."""
         w = torch.as_tensor(weights, dtype=torch.float32)
         if w.shape[-1] != len(self.traits):
-            raise ValueError(f"{w.shape[-1]} weights for {len(self.traits)} traits ({', '.join(self.traits)})")
+            raise ValueError(
+                f"{w.shape[-1]} weights for {len(self.traits)} traits ({', '.join(self.traits)})"
+            )
         return alpha * self.scale * (w.reshape(-1, len(self.traits)) @ self.directions)
 
     def digest(self) -> str:
         data = self.directions.contiguous().numpy().tobytes()
-        return digest([self.traits, self.layer, self.method, self.summary, self.scale, bytes_digest(data)], 16)
+        return digest(
+            [self.traits, self.layer, self.method, self.summary, self.scale, bytes_digest(data)], 16
+        )
 
 
 def load_basis(

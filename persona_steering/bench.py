@@ -528,10 +528,12 @@ def markdown_table(result: dict[str, Any]) -> str:
         lines.append(
             f"\nfloat32 re-run of the {r['rows']} differing row(s): {r['identical_in_float32']} identical"
         )
+    memory = "max allocated during the method" if env["device_type"] == "cuda" else "process max RSS so far"
     lines += [
         "",
-        f"prompt tokens {result['prompt_tokens']}; all-layer extraction forward: {ex['rows']} rows, "
-        f"{ex['tokens']} tokens in {ex['seconds']:.2f} s = {ex['tokens_per_s']:.0f} tokens/s",
+        f"peak MB: {memory}. Prompt tokens {result['prompt_tokens']}; all-layer extraction forward: "
+        f"{ex['rows']} rows, {ex['tokens']} tokens in {ex['seconds']:.2f} s = "
+        f"{ex['tokens_per_s']:.0f} tokens/s",
         "",
         _md_row(
             [

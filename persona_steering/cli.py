@@ -79,7 +79,7 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
             ("--repeats", "_repeats", int, "timed runs per method (default 1)"),
             ("--out-dir", "_out_dir", str, "output folder (default runs/bench)"),
             ("--verdicts", "_verdicts", int, "judge calls in the fan-out measurement (default 100)"),
-            ("--judge-delay", "_judge_delay", float, "seconds the local judge server waits per reply (default 0.2)"),
+            ("--judge-delay", "_judge_delay", float, "seconds the local judge server waits per reply (0.2)"),
             ("--threads", "_threads", int, "torch CPU threads during the run (default: one per core)"),
             ("--layer", "steering.layer", int, "hidden_states row to steer"),
             ("--alpha", "steering.alpha", float, "strength, in units of the layer's mean residual norm"),
@@ -277,7 +277,8 @@ def _run_export_gguf(cfg: Config, args: argparse.Namespace) -> int:
 
     traits = [t.strip() for t in args._traits.split(",") if t.strip()] if args._traits else None
     weight = 1.0 if args._weight is None else args._weight
-    for path in export_persona(cfg, cfg.optimize.persona_id, traits, weight, args._out, args._out_dir or DEFAULT_OUT_DIR):
+    out_dir = args._out_dir or DEFAULT_OUT_DIR
+    for path in export_persona(cfg, cfg.optimize.persona_id, traits, weight, args._out, out_dir):
         print(f"wrote {path}")
     return 0
 
@@ -289,7 +290,7 @@ def _run_import_gguf(cfg: Config, args: argparse.Namespace) -> int:
     print(f"{args._file}: control vector for {meta['model_hint']!r}, {len(vectors)} direction(s)")
     for row, vec in vectors.items():
         head = " ".join(f"{x:+.4f}" for x in vec[:4].tolist())
-        print(f"  layer {row} (llama.cpp direction.{row - 1}): [{vec.numel()}] norm {float(vec.norm()):.4f}  {head} ...")
+        print(f"  layer {row} (llama.cpp direction.{row - 1}): [{vec.numel()}] |v| {vec.norm():.4f}  {head}")
     return 0
 
 

@@ -41,7 +41,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
-            raise ConfigError(f"model.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise ConfigError(
+                f"model.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
         if self.devices < 1:
             raise ConfigError(f"model.devices must be >= 1, got {self.devices}")
 
@@ -142,7 +144,9 @@ class SteeringConfig:
         if self.positions not in ("response", "prompt", "all"):
             raise ConfigError(f"steering.positions must be response, prompt or all, got {self.positions!r}")
         if self.vector_method not in ("mean_diff", "svd", "pca"):
-            raise ConfigError(f"steering.vector_method must be mean_diff, svd or pca, got {self.vector_method!r}")
+            raise ConfigError(
+                f"steering.vector_method must be mean_diff, svd or pca, got {self.vector_method!r}"
+            )
 
 
 @dataclass
@@ -228,8 +232,9 @@ class SweepConfig:
     """The trait whose vector is swept (a name under vectors.trait_dir)."""
     layers: list[int] = field(default_factory=lambda: [10, 14, 18, 22])
     """hidden_states rows to steer (defaults suit a 30-layer model; negatives count from the end)."""
-    coefs: list[float] = field(default_factory=lambda: [-1.0, -0.5, 0.5, 1.0])
-    """Steering strengths in alpha units: coef * the layer's mean residual norm * unit vector."""
+    coefs: list[float] = field(default_factory=lambda: [-1.0, -0.5, -0.25, 0.25, 0.5, 1.0])
+    """Steering strengths in alpha units: coef * the layer's mean residual norm * unit vector. On
+    SmolLM2-135M (layer 20) +-0.25 already shifts the register fluently and +-1 breaks the text."""
     num_questions: int = 5
     """First N of the trait's eval questions."""
     read_layer: int | None = None
@@ -360,6 +365,8 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
             raise ConfigError(f"{name} must be a number, got {value!r}")
         return float(value)
     if tp is int:
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)  # list items split from 'a,b' arrive as strings
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{name} must be an integer, got {value!r}")
         return value

@@ -103,7 +103,9 @@ def generate(
         chunk = rows[start : start + gen.max_batch]
         idx = [i for _, i in chunk]
         chunk_deltas = None if deltas is None else deltas[idx]
-        outs = _generate_batch(rt, [texts[i] for i in idx], gen, chunk_deltas, layer, positions, [keys[i] for i in idx], seed)
+        outs = _generate_batch(
+            rt, [texts[i] for i in idx], gen, chunk_deltas, layer, positions, [keys[i] for i in idx], seed
+        )
         for (kd, i), ids in zip(chunk, outs, strict=True):
             text = rt.tokenizer.decode(ids, skip_special_tokens=True).strip()
             results[kd] = Answer(text=text, ids=ids, prompt=texts[i])
@@ -200,7 +202,9 @@ def last_logits_only(model: torch.nn.Module) -> dict[str, Any]:
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
-def _pick(logits: torch.Tensor, gen: GenerationConfig, generators: list[torch.Generator] | None) -> torch.Tensor:
+def _pick(
+    logits: torch.Tensor, gen: GenerationConfig, generators: list[torch.Generator] | None
+) -> torch.Tensor:
     if generators is None:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / gen.temperature, dim=-1).cpu()

@@ -60,7 +60,14 @@ class Objective:
     baselines: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        answers = generate(self.rt, [Request(p) for p in self.prompts], self.cfg.generation, cache=self.cache, seed=self.cfg.seed, desc="baseline answers")
+        answers = generate(
+            self.rt,
+            [Request(p) for p in self.prompts],
+            self.cfg.generation,
+            cache=self.cache,
+            seed=self.cfg.seed,
+            desc="baseline answers",
+        )
         self.baselines = [a.text for a in answers]
 
     def answers(self, weights: np.ndarray) -> list[list[str]]:
@@ -87,7 +94,16 @@ class Objective:
         queries = []
         for cand in texts:
             for prompt, base, ans in zip(self.prompts, self.baselines, cand, strict=True):
-                queries.append(Query("persona_fit", prompt, ans, baseline=base, rubric=self.persona.judge_prompt, samples=tuple(self.persona.samples)))
+                queries.append(
+                    Query(
+                        "persona_fit",
+                        prompt,
+                        ans,
+                        baseline=base,
+                        rubric=self.persona.judge_prompt,
+                        samples=tuple(self.persona.samples),
+                    )
+                )
                 if self.cfg.judge.coherence:
                     queries.append(Query("coherence", prompt, ans))
         verdicts = self.judge.judge(queries, self.cache)
@@ -118,7 +134,15 @@ def run_optimize(cfg: Config, rt: Runtime | None = None, log: Any = print) -> di
     prompts = load_prompts(opt.prompts_file, "train")[: opt.num_prompts]
     x0 = _initial_weights(cfg)
     ident = identify(cfg.model)
-    basis = load_basis(cfg.steering.trait_vector_dir, ident.slug, cfg.traits, cfg.steering.layer, cfg.steering.vector_method, cfg.steering.summary, fingerprint=ident.fingerprint)
+    basis = load_basis(
+        cfg.steering.trait_vector_dir,
+        ident.slug,
+        cfg.traits,
+        cfg.steering.layer,
+        cfg.steering.vector_method,
+        cfg.steering.summary,
+        fingerprint=ident.fingerprint,
+    )
     run_digest = _run_digest(cfg, persona, prompts, basis, ident.fingerprint)
     save_dir = Path(opt.save_dir)
     paths = _paths(save_dir, opt.persona_id)
@@ -139,11 +163,27 @@ def run_optimize(cfg: Config, rt: Runtime | None = None, log: Any = print) -> di
             es = cma.CMAEvolutionStrategy(
                 x0.tolist(),
                 opt.sigma0,
-                {"popsize": opt.population_size or (4 + int(3 * math.log(len(x0)))), "seed": cfg.seed + 1,
-                 "bounds": [-opt.bound, opt.bound], "verbose": -9, "maxiter": opt.max_iterations},
+                {
+                    "popsize": opt.population_size or (4 + int(3 * math.log(len(x0)))),
+                    "seed": cfg.seed + 1,
+                    "bounds": [-opt.bound, opt.bound],
+                    "verbose": -9,
+                    "maxiter": opt.max_iterations,
+                },
             )
-            state = {"es": es, "numpy_rng": np.random.get_state(), "iteration": 0, "history": _new_history(), "digest": run_digest, "evaluations": 0, "best": None}
-            log(f"{opt.persona_id}: starting CMA-ES over {', '.join(cfg.traits)} at layer {basis.layer}, alpha {cfg.steering.alpha}, population {es.popsize}")
+            state = {
+                "es": es,
+                "numpy_rng": np.random.get_state(),
+                "iteration": 0,
+                "history": _new_history(),
+                "digest": run_digest,
+                "evaluations": 0,
+                "best": None,
+            }
+            log(
+                f"{opt.persona_id}: starting CMA-ES over {', '.join(cfg.traits)} at layer {basis.layer}, "
+                f"alpha {cfg.steering.alpha}, population {es.popsize}"
+            )
         else:
             log(f"{opt.persona_id}: resuming after iteration {state['iteration']} from {paths['checkpoint']}")
         es = state["es"]
@@ -153,7 +193,9 @@ def run_optimize(cfg: Config, rt: Runtime | None = None, log: Any = print) -> di
             candidates = np.asarray(es.ask())  # [popsize, k]
             scored, _ = objective.score(candidates)
             if any(s.verdicts == 0 for s in scored):
-                raise RuntimeError("a candidate got no verdict at all after retries; see the log for the judge's errors")
+                raise RuntimeError(
+                    "a candidate got no verdict at all after retries; see the log for the judge's errors"
+                )
             es.tell(candidates.tolist(), [s.objective for s in scored])
             _record(state, candidates, scored, cfg.traits)
             state["numpy_rng"] = np.random.get_state()
@@ -162,7 +204,8 @@ def run_optimize(cfg: Config, rt: Runtime | None = None, log: Any = print) -> di
             log(
                 f"iter {state['iteration']:>3}/{opt.max_iterations}  best {state['best']['score']:.3f}  "
                 f"gen best {h['generation_best'][-1]:.3f}  gen mean {h['generation_mean'][-1]:.3f}  "
-                f"sigma {es.sigma:.3f}  verdicts {sum(s.verdicts for s in scored)}/{sum(s.expected for s in scored)}  "
+                f"sigma {es.sigma:.3f}  "
+                f"verdicts {sum(s.verdicts for s in scored)}/{sum(s.expected for s in scored)}  "
                 f"{time.perf_counter() - started:.1f}s"
             )
         # The distribution mean and the unsteered baseline, scored the same way.
@@ -173,12 +216,22 @@ def run_optimize(cfg: Config, rt: Runtime | None = None, log: Any = print) -> di
         result = _result(cfg, basis, state, mean_w, mean_s, zero_s, run_digest)
         log("cache: " + json.dumps({"hits": cache.hits, "misses": cache.misses}, sort_keys=True))
         result["examples"] = [
-            {"prompt": p, "baseline": b, "best": s} for p, b, s in zip(prompts[:3], objective.baselines, best_texts[0], strict=False)
+            {"prompt": p, "baseline": b, "best": s}
+            for p, b, s in zip(prompts[:3], objective.baselines, best_texts[0], strict=False)
         ]
-    atomic_write_json(paths["best"], {k: result[k] for k in ("persona_id", "layer", "alpha", "best_weights", "best_score", "config_digest")})
+    atomic_write_json(
+        paths["best"],
+        {
+            k: result[k]
+            for k in ("persona_id", "layer", "alpha", "best_weights", "best_score", "config_digest")
+        },
+    )
     atomic_write_json(paths["result"], result)
     plot_convergence(result, paths["plot"])
-    log(f"{opt.persona_id}: best fit {result['best_score']:.3f} (unsteered {result['baseline_score']:.3f}); wrote {paths['result']}")
+    log(
+        f"{opt.persona_id}: best fit {result['best_score']:.3f} "
+        f"(unsteered {result['baseline_score']:.3f}); wrote {paths['result']}"
+    )
     return result
 
 
@@ -188,7 +241,9 @@ def _initial_weights(cfg: Config) -> np.ndarray:
     if init is None:
         return np.zeros(k)
     if len(init) != k:
-        raise ConfigError(f"optimize.initial_weights has {len(init)} values for {k} traits ({', '.join(cfg.traits)})")
+        raise ConfigError(
+            f"optimize.initial_weights has {len(init)} values for {k} traits ({', '.join(cfg.traits)})"
+        )
     arr = np.asarray(init, dtype=np.float64)
     if not np.all(np.isfinite(arr)):
         raise ConfigError(f"optimize.initial_weights must be finite numbers, got {init}")
@@ -197,16 +252,26 @@ def _initial_weights(cfg: Config) -> np.ndarray:
     return arr
 
 
-def _run_digest(cfg: Config, persona: Persona, prompts: list[str], basis: TraitBasis, fingerprint: str) -> str:
+def _run_digest(
+    cfg: Config, persona: Persona, prompts: list[str], basis: TraitBasis, fingerprint: str
+) -> str:
     """Everything that determines the optimisation's trajectory (not where it is saved)."""
-    opt = {k: v for k, v in asdict(cfg.optimize).items() if k not in ("save_dir", "restart", "persona_dir", "prompts_file")}
+    opt = {
+        k: v
+        for k, v in asdict(cfg.optimize).items()
+        if k not in ("save_dir", "restart", "persona_dir", "prompts_file")
+    }
     return digest(
         {
             "v": CHECKPOINT_VERSION,
             "model": fingerprint,
             "generation": asdict(cfg.generation) | {"max_batch": None},
             "steering": asdict(cfg.steering) | {"trait_vector_dir": None},
-            "judge": {k: v for k, v in asdict(cfg.judge).items() if k not in ("timeout", "concurrency", "max_attempts", "max_retry_seconds")},
+            "judge": {
+                k: v
+                for k, v in asdict(cfg.judge).items()
+                if k not in ("timeout", "concurrency", "max_attempts", "max_retry_seconds")
+            },
             "optimize": opt,
             "traits": cfg.traits,
             "seed": cfg.seed,
@@ -261,7 +326,18 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def _new_history() -> dict[str, list[Any]]:
-    return {"iterations": [], "best_scores": [], "best_weights": [], "generation_best": [], "generation_mean": [], "sigma": [], "mean_weights": [], "verdicts": [], "expected_verdicts": [], "candidates": []}
+    return {
+        "iterations": [],
+        "best_scores": [],
+        "best_weights": [],
+        "generation_best": [],
+        "generation_mean": [],
+        "sigma": [],
+        "mean_weights": [],
+        "verdicts": [],
+        "expected_verdicts": [],
+        "candidates": [],
+    }
 
 
 def _record(state: dict[str, Any], candidates: np.ndarray, scored: list[Scored], traits: list[str]) -> None:
@@ -270,7 +346,11 @@ def _record(state: dict[str, Any], candidates: np.ndarray, scored: list[Scored],
     fits = [s.fit for s in scored]
     i = int(np.nanargmax(fits))
     if state["best"] is None or fits[i] > state["best"]["score"]:
-        state["best"] = {"score": float(fits[i]), "weights": candidates[i].tolist(), "iteration": state["iteration"]}
+        state["best"] = {
+            "score": float(fits[i]),
+            "weights": candidates[i].tolist(),
+            "iteration": state["iteration"],
+        }
     h = state["history"]
     es = state["es"]
     h["iterations"].append(state["iteration"])
@@ -285,10 +365,20 @@ def _record(state: dict[str, Any], candidates: np.ndarray, scored: list[Scored],
     h["candidates"].append([[float(x) for x in c] + [s.fit] for c, s in zip(candidates, scored, strict=True)])
 
 
-def _result(cfg: Config, basis: TraitBasis, state: dict[str, Any], mean_w: np.ndarray, mean_s: Scored, zero_s: Scored, run_digest: str) -> dict[str, Any]:
+def _result(
+    cfg: Config,
+    basis: TraitBasis,
+    state: dict[str, Any],
+    mean_w: np.ndarray,
+    mean_s: Scored,
+    zero_s: Scored,
+    run_digest: str,
+) -> dict[str, Any]:
     traits = cfg.traits
     h = state["history"]
-    missing = sum(state["history"]["expected_verdicts"][i] * len(v) - sum(v) for i, v in enumerate(h["verdicts"]))
+    missing = sum(
+        state["history"]["expected_verdicts"][i] * len(v) - sum(v) for i, v in enumerate(h["verdicts"])
+    )
     return {
         "persona_id": cfg.optimize.persona_id,
         "layer": basis.layer,
@@ -302,11 +392,16 @@ def _result(cfg: Config, basis: TraitBasis, state: dict[str, Any], mean_w: np.nd
         "mean_score": mean_s.fit,
         "baseline_score": zero_s.fit,
         "missing_verdicts": int(missing),
-        "history": {k: h[k] for k in ("generation_best", "generation_mean", "sigma", "mean_weights", "verdicts", "candidates")},
+        "history": {
+            k: h[k]
+            for k in ("generation_best", "generation_mean", "sigma", "mean_weights", "verdicts", "candidates")
+        },
         "traits": traits,
         "judge": cfg.judge.backend,
         "vector_method": basis.method,
         "residual_scale": basis.scale,
+        "fingerprint": basis.fingerprint,
+        "basis_digest": basis.digest(),
         "config_digest": run_digest,
         "config": cfg.to_dict(),
         "version": __version__,
@@ -345,18 +440,42 @@ def plot_convergence(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def steered_examples(cfg: Config, weights: dict[str, float], prompts: list[str] | None = None, rt: Runtime | None = None) -> list[dict[str, str]]:
+def steered_examples(
+    cfg: Config, weights: dict[str, float], prompts: list[str] | None = None, rt: Runtime | None = None
+) -> list[dict[str, str]]:
     """Unsteered and steered answers for one weight setting (the ``steer`` command)."""
     unknown = sorted(set(weights) - set(cfg.traits))
     if unknown:
-        raise ConfigError(f"--weights names {', '.join(unknown)}, not among the traits {', '.join(cfg.traits)}")
+        raise ConfigError(
+            f"--weights names {', '.join(unknown)}, not among the traits {', '.join(cfg.traits)}"
+        )
     prompts = prompts or load_prompts(cfg.optimize.prompts_file, "train")[:3]
     ident = identify(cfg.model)
-    basis = load_basis(cfg.steering.trait_vector_dir, ident.slug, cfg.traits, cfg.steering.layer, cfg.steering.vector_method, cfg.steering.summary, fingerprint=ident.fingerprint)
+    basis = load_basis(
+        cfg.steering.trait_vector_dir,
+        ident.slug,
+        cfg.traits,
+        cfg.steering.layer,
+        cfg.steering.vector_method,
+        cfg.steering.summary,
+        fingerprint=ident.fingerprint,
+    )
     rt = rt or load_runtime(cfg.model, cfg.cache_dir, cfg.seed)
     w = torch.tensor([[weights.get(t, 0.0) for t in cfg.traits]])
     with Cache(cfg.cache_dir) as cache:
         base = generate(rt, [Request(p) for p in prompts], cfg.generation, cache=cache, seed=cfg.seed)
         deltas = basis.deltas(w, cfg.steering.alpha).repeat(len(prompts), 1)
-        steered = generate(rt, [Request(p) for p in prompts], cfg.generation, deltas=deltas, layer=basis.layer, positions=cfg.steering.positions, cache=cache, seed=cfg.seed)
-    return [{"prompt": p, "baseline": b.text, "steered": s.text} for p, b, s in zip(prompts, base, steered, strict=True)]
+        steered = generate(
+            rt,
+            [Request(p) for p in prompts],
+            cfg.generation,
+            deltas=deltas,
+            layer=basis.layer,
+            positions=cfg.steering.positions,
+            cache=cache,
+            seed=cfg.seed,
+        )
+    return [
+        {"prompt": p, "baseline": b.text, "steered": s.text}
+        for p, b, s in zip(prompts, base, steered, strict=True)
+    ]

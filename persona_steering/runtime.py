@@ -162,8 +162,16 @@ def load_runtime(cfg: ModelConfig, cache_dir: str | Path = "cache", seed: int = 
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     model.requires_grad_(False)
-    model = fabric.to_device(model)
-    return Runtime(fabric=fabric, model=model, tokenizer=tokenizer, model_id=ident.model_id, fingerprint=ident.fingerprint)
+    # Placed by Fabric but not setup(): the model is frozen and inference-only, and setup() refuses
+    # a frozen model under ddp; generate() also needs the plain module, not Fabric's wrapper.
+    placed = fabric.to_device(model)
+    return Runtime(
+        fabric=fabric,
+        model=placed,
+        tokenizer=tokenizer,
+        model_id=ident.model_id,
+        fingerprint=ident.fingerprint,
+    )
 
 
 def _resolve(cfg: ModelConfig) -> tuple[str, dict[str, Any], str, str, str | None]:
@@ -200,7 +208,9 @@ def _dequantised(gguf: Path, cache_dir: Path) -> Path:
         return target
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
     except Exception as exc:  # gguf raises a variety of errors on a corrupt file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot read GGUF file {gguf}: {first}") from None

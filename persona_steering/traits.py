@@ -77,7 +77,11 @@ def load_trait(path: str | Path) -> Trait:
     pairs = need("instruction", list)
     instructions = []
     for i, pair in enumerate(pairs):
-        if not isinstance(pair, dict) or not isinstance(pair.get("pos"), str) or not isinstance(pair.get("neg"), str):
+        if (
+            not isinstance(pair, dict)
+            or not isinstance(pair.get("pos"), str)
+            or not isinstance(pair.get("neg"), str)
+        ):
             raise DefinitionError(f"{where}: field 'instruction[{i}]' must have string 'pos' and 'neg'")
         instructions.append((pair["pos"].strip(), pair["neg"].strip()))
     if not instructions:
@@ -86,14 +90,19 @@ def load_trait(path: str | Path) -> Trait:
     sets = {}
     for part in ("extract", "eval"):
         items = questions.get(part)
-        if not isinstance(items, list) or not items or not all(isinstance(q, str) and q.strip() for q in items):
+        if (
+            not isinstance(items, list)
+            or not items
+            or not all(isinstance(q, str) and q.strip() for q in items)
+        ):
             raise DefinitionError(f"{where}: field 'questions.{part}' must be a non-empty list of strings")
         sets[part] = [q.strip() for q in items]
     eval_prompt = str(need("eval_prompt", str))
     fields = {f for _, f, _, _ in string.Formatter().parse(eval_prompt) if f is not None}
     if fields != {"question", "answer"}:
         raise DefinitionError(
-            f"{where}: field 'eval_prompt' must use exactly the fields {{question}} and {{answer}}, found {sorted(fields)}"
+            f"{where}: field 'eval_prompt' must use exactly the fields {{question}} and {{answer}}, "
+            f"found {sorted(fields)}"
         )
     return Trait(
         name=name,
@@ -128,7 +137,9 @@ def load_persona(persona_dir: str | Path, persona_id: str) -> Persona:
     if not folder.is_dir():
         root = Path(persona_dir)
         known = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-        raise DefinitionError(f"unknown persona {persona_id!r}: no folder {folder} (known: {', '.join(known) or 'none'})")
+        raise DefinitionError(
+            f"unknown persona {persona_id!r}: no folder {folder} (known: {', '.join(known) or 'none'})"
+        )
     profile_path = folder / "persona_profile.txt"
     if not profile_path.is_file() or not profile_path.read_text().strip():
         raise DefinitionError(f"{profile_path}: missing or empty (a persona needs a free-text profile)")
@@ -140,7 +151,11 @@ def load_persona(persona_dir: str | Path, persona_id: str) -> Persona:
         samples = json.loads(samples_path.read_text())
     except json.JSONDecodeError as exc:
         raise DefinitionError(f"{samples_path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(samples, list) or not samples or not all(isinstance(s, str) and s.strip() for s in samples):
+    if (
+        not isinstance(samples, list)
+        or not samples
+        or not all(isinstance(s, str) and s.strip() for s in samples)
+    ):
         raise DefinitionError(f"{samples_path}: must be a non-empty JSON list of strings")
     features: dict[str, Any] = {}
     features_path = folder / "persona_features.json"

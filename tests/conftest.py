@@ -31,11 +31,25 @@ def build_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
-    vocab = {w: i for i, w in enumerate(specials + [str(d) for d in range(10)] + sorted(set(WORDS)) + ["user", "system", "assistant", "?", ".", ",", "!"])}
+    vocab = {
+        w: i
+        for i, w in enumerate(
+            specials
+            + [str(d) for d in range(10)]
+            + sorted(set(WORDS))
+            + ["user", "system", "assistant", "?", ".", ",", "!"]
+        )
+    }
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>", bos_token="<|im_start|>"
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="<|im_end|>",
+        bos_token="<|im_start|>",
     )
     fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     fast.chat_template = CHAT_TEMPLATE
@@ -83,7 +97,9 @@ def tiny_rt(tiny_model_dir: Path):
     from persona_steering.config import ModelConfig
     from persona_steering.runtime import load_runtime
 
-    return load_runtime(ModelConfig(name=str(tiny_model_dir), accelerator="cpu"), cache_dir=tiny_model_dir / "cache")
+    return load_runtime(
+        ModelConfig(name=str(tiny_model_dir), accelerator="cpu"), cache_dir=tiny_model_dir / "cache"
+    )
 
 
 @pytest.fixture()

@@ -54,7 +54,9 @@ def test_vector_file_round_trip_and_refusals(tmp_path):
     path = save_vectors(tmp_path / "R1.safetensors", tensors, meta)
     vf = load_vectors(path, hidden_size=8, fingerprint="f" * 64)
     assert vf.meta == meta
-    torch.testing.assert_close(vf.vector("mean_diff", "response_avg", 2), tensors["mean_diff.response_avg"][2])
+    torch.testing.assert_close(
+        vf.vector("mean_diff", "response_avg", 2), tensors["mean_diff.response_avg"][2]
+    )
     with pytest.raises(VectorFileError, match="hidden size 8, but the model has 16"):
         load_vectors(path, hidden_size=16)
     with pytest.raises(VectorFileError, match="extracted from model tiny"):

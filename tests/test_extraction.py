@@ -33,7 +33,13 @@ def write_trait(folder: Path, name: str, pos: str, neg: str, questions: list[str
 @pytest.fixture()
 def tiny_cfg(tmp_path, tiny_model_dir):
     traits = tmp_path / "traits"
-    write_trait(traits, "T1", "be formal and warm", "be casual and cold", ["how was your weekend ?", "what should i cook ?", "tell me a story"])
+    write_trait(
+        traits,
+        "T1",
+        "be formal and warm",
+        "be casual and cold",
+        ["how was your weekend ?", "what should i cook ?", "tell me a story"],
+    )
     write_trait(traits, "T2", "talk about me", "talk about you", ["hello !", "how was work today ?"])
     return load_config(
         None,
@@ -54,7 +60,9 @@ def test_vectors_stage_writes_every_layer_and_method(tiny_cfg):
     assert [r.trait for r in results] == ["T1", "T2"]
     assert not any(r.skipped for r in results)
     vf = load_vectors(results[0].path, hidden_size=32)
-    names = {f"{m}.{s}" for m in ("mean_diff", "svd", "pca") for s in ("response_avg", "prompt_avg", "prompt_last")}
+    names = {
+        f"{m}.{s}" for m in ("mean_diff", "svd", "pca") for s in ("response_avg", "prompt_avg", "prompt_last")
+    }
     assert names <= set(vf.tensors)
     for name in names:
         assert vf.tensors[name].shape == (4, 32)  # 3 layers + embeddings

@@ -51,13 +51,22 @@ def test_vectors_and_steering_on_embedded_model(embedded_rt, embedded_cache, tmp
     (result,) = run_vectors(cfg, rt=embedded_rt, log=lambda *_: None)
     assert result.pairs == 4
     assert result.example["pos"] != result.example["neg"]  # the instructions change the answers
-    basis = load_basis(tmp_path / "vectors", embedded_rt.slug, ["R2"], 20, hidden_size=576, fingerprint=embedded_rt.fingerprint)
+    basis = load_basis(
+        tmp_path / "vectors",
+        embedded_rt.slug,
+        ["R2"],
+        20,
+        hidden_size=576,
+        fingerprint=embedded_rt.fingerprint,
+    )
     assert basis.directions.shape == (1, 576) and basis.scale > 0
     prompts = [Request("How was your weekend?"), Request("What should I cook tonight?")]
     gen = GenerationConfig(max_new_tokens=16)
     with Cache(embedded_cache) as cache:
         base = generate(embedded_rt, prompts, gen, cache=cache)
         zero = generate(embedded_rt, prompts, gen, deltas=basis.deltas(torch.zeros(2, 1), 1.0), layer=20)
-        steered = generate(embedded_rt, prompts, gen, deltas=basis.deltas(torch.tensor([[1.0], [-1.0]]), 1.0), layer=20)
+        steered = generate(
+            embedded_rt, prompts, gen, deltas=basis.deltas(torch.tensor([[1.0], [-1.0]]), 1.0), layer=20
+        )
     assert [a.ids for a in zero] == [a.ids for a in base]
     assert all(s.ids != b.ids for s, b in zip(steered, base))

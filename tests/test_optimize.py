@@ -6,10 +6,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
+from test_extraction import write_trait
 
 from persona_steering.cache import Cache
 from persona_steering.cli import main
@@ -17,23 +17,45 @@ from persona_steering.config import load_config
 from persona_steering.extraction import run_vectors
 from persona_steering.optimize import run_optimize
 
-from test_extraction import write_trait
-
-SEED_000_FIELDS = {"persona_id", "layer", "alpha", "best_weights", "best_score", "num_iterations", "num_evaluations", "optimization_history"}
+SEED_000_FIELDS = {
+    "persona_id",
+    "layer",
+    "alpha",
+    "best_weights",
+    "best_score",
+    "num_iterations",
+    "num_evaluations",
+    "optimization_history",
+}
 
 
 @pytest.fixture()
 def project(tmp_path, tiny_model_dir):
     """A tiny project: two traits with vectors, a persona, prompts; returns CLI options."""
     traits = tmp_path / "traits"
-    write_trait(traits, "T1", "be formal and warm", "be casual and cold", ["how was your weekend ?", "what should i cook ?"])
+    write_trait(
+        traits,
+        "T1",
+        "be formal and warm",
+        "be casual and cold",
+        ["how was your weekend ?", "what should i cook ?"],
+    )
     write_trait(traits, "T2", "talk about me", "talk about you", ["hello !", "how was work today ?"])
     persona = tmp_path / "personas" / "p1"
     persona.mkdir(parents=True)
     (persona / "persona_profile.txt").write_text("A warm friend who tells stories about the weekend.")
-    (persona / "persona_samples.json").write_text(json.dumps(["i love my weekend with family", "i remember a trip once", "the food was good"]))
+    (persona / "persona_samples.json").write_text(
+        json.dumps(["i love my weekend with family", "i remember a trip once", "the food was good"])
+    )
     prompts = tmp_path / "prompts.yaml"
-    prompts.write_text(yaml.safe_dump({"train": ["how was your day ?", "what should i cook ?", "tell me about a trip"], "heldout": ["hello !"]}))
+    prompts.write_text(
+        yaml.safe_dump(
+            {
+                "train": ["how was your day ?", "what should i cook ?", "tell me about a trip"],
+                "heldout": ["hello !"],
+            }
+        )
+    )
     overrides = [
         f"model.name={tiny_model_dir}",
         "model.accelerator=cpu",
@@ -89,7 +111,14 @@ def test_different_config_over_existing_run_is_refused(project, capsys):
     ckpt = tmp_path / "runs" / "p1_checkpoint.pkl"
     before = ckpt.read_bytes()
     capsys.readouterr()
-    args = ["optimize", *sum((["--set", o] for o in overrides), []), "--set", "optimize.max_iterations=2", "--alpha", "3.0"]
+    args = [
+        "optimize",
+        *sum((["--set", o] for o in overrides), []),
+        "--set",
+        "optimize.max_iterations=2",
+        "--alpha",
+        "3.0",
+    ]
     code = main(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "another configuration" in err[0] and "--restart" in err[0]
@@ -130,7 +159,9 @@ def test_persona_without_samples_and_vectors_of_another_model(project, capsys, t
     from tests_helpers import perturbed_copy
 
     other = perturbed_copy(tiny_model_dir, tmp_path / "other")
-    code = main(["optimize", *sum((["--set", o] for o in overrides), []), "--model", str(other), "--persona-id", "p1"])
+    code = main(
+        ["optimize", *sum((["--set", o] for o in overrides), []), "--model", str(other), "--persona-id", "p1"]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "no vectors for trait T1 of this model" in err[0]
     assert not (tmp_path / "runs").exists()
@@ -145,14 +176,27 @@ def _cli(overrides, save_dir, cache_dir):
 
 def test_sigkill_then_resume_equals_uninterrupted(project):
     tmp_path, overrides = project
-    overrides = [o for o in overrides if not o.startswith("optimize.max_iterations")] + ["optimize.max_iterations=6"]
+    overrides = [o for o in overrides if not o.startswith("optimize.max_iterations")] + [
+        "optimize.max_iterations=6"
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # Uninterrupted reference, with its own cache (seeded from the vectors stage's cache).
-    ref = subprocess.run(_cli(overrides, tmp_path / "ref", tmp_path / "cache-ref"), capture_output=True, text=True, env=env, timeout=600)
+    ref = subprocess.run(
+        _cli(overrides, tmp_path / "ref", tmp_path / "cache-ref"),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert ref.returncode == 0, ref.stderr
     # Killed run: SIGKILL soon after its first checkpoint lands, then resume with the same command.
     ckpt = tmp_path / "killed" / "p1_checkpoint.pkl"
-    proc = subprocess.Popen(_cli(overrides, tmp_path / "killed", tmp_path / "cache-k"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        _cli(overrides, tmp_path / "killed", tmp_path / "cache-k"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     deadline = time.time() + 300
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -162,12 +206,26 @@ def test_sigkill_then_resume_equals_uninterrupted(project):
     assert not (tmp_path / "killed" / "p1_optimization.json").exists(), "killed too late to test resume"
     with Cache(tmp_path / "cache-k") as cache:
         before = {ns: cache.count(ns) for ns in ("generation", "verdict")}
-    resumed = subprocess.run(_cli(overrides, tmp_path / "killed", tmp_path / "cache-k"), capture_output=True, text=True, env=env, timeout=600)
+    resumed = subprocess.run(
+        _cli(overrides, tmp_path / "killed", tmp_path / "cache-k"),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming after iteration" in resumed.stdout
     a = json.loads((tmp_path / "ref" / "p1_optimization.json").read_text())
     b = json.loads((tmp_path / "killed" / "p1_optimization.json").read_text())
-    for key in ("best_weights", "best_score", "num_evaluations", "optimization_history", "mean_weights", "history", "config_digest"):
+    for key in (
+        "best_weights",
+        "best_score",
+        "num_evaluations",
+        "optimization_history",
+        "mean_weights",
+        "history",
+        "config_digest",
+    ):
         assert a[key] == b[key], key
     # Nothing computed twice: the killed+resumed cache holds exactly the uninterrupted run's entries,
     # and the resumed process missed only what the killed one had not stored.

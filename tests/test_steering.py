@@ -37,7 +37,9 @@ def test_steering_at_row_i_shows_in_hidden_states_i(tiny_rt, row):
     with torch.inference_mode():
         base = tiny_rt.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
         with steer(tiny_rt.model, row, delta, "all", attention_mask=mask):
-            steered = tiny_rt.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+            steered = tiny_rt.model(
+                input_ids=ids, attention_mask=mask, output_hidden_states=True
+            ).hidden_states
     expected = base[row] + mask[:, :, None] * delta[:, None, :]
     torch.testing.assert_close(steered[row], expected)
     torch.testing.assert_close(steered[row - 1], base[row - 1])  # nothing before the layer changes
@@ -64,7 +66,14 @@ def _record_steered_positions(rt, positions, reqs, max_new_tokens=5):
     # The steering hook is registered after ours, so it sees and changes the same output; compare
     # against an unsteered run of the same calls.
     try:
-        generate(rt, reqs, GenerationConfig(max_new_tokens=max_new_tokens), deltas=delta, layer=2, positions=positions)
+        generate(
+            rt,
+            reqs,
+            GenerationConfig(max_new_tokens=max_new_tokens),
+            deltas=delta,
+            layer=2,
+            positions=positions,
+        )
         steered = list(seen)
         seen.clear()
         generate(rt, reqs, GenerationConfig(max_new_tokens=max_new_tokens))
@@ -81,10 +90,14 @@ def test_positions_response_prompt_all_through_generate(tiny_rt):
     # Steering row 2 (block 1 output) changes block 2's input; record block 2's input instead.
     for positions in ("response", "prompt", "all"):
         inputs = []
-        h = decoder_blocks(tiny_rt.model)[2].register_forward_pre_hook(lambda m, a: inputs.append(a[0].clone()))
+        h = decoder_blocks(tiny_rt.model)[2].register_forward_pre_hook(
+            lambda m, a: inputs.append(a[0].clone())
+        )
         try:
             delta = torch.full((2, tiny_rt.hidden_size), 100.0)
-            generate(tiny_rt, reqs, GenerationConfig(max_new_tokens=4), deltas=delta, layer=2, positions=positions)
+            generate(
+                tiny_rt, reqs, GenerationConfig(max_new_tokens=4), deltas=delta, layer=2, positions=positions
+            )
             steered = list(inputs)
             inputs.clear()
             generate(tiny_rt, reqs, GenerationConfig(max_new_tokens=4))

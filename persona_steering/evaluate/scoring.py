@@ -24,10 +24,6 @@ COHERENCE: Kind = "coherence"
 REFERENCES = ("base", "prompt")
 """Every method is tested, paired over prompts, against each of these that was evaluated."""
 
-UNSUPPORTED_KINDS: dict[str, set[str]] = {"embedding": {"trait"}}
-"""Judgement kinds a backend cannot score at all (the embedding judge has no trait poles). The
-Judge interface does not advertise this, so it is listed here; see judges/embedding.py."""
-
 
 @dataclass
 class JudgeScores:
@@ -61,8 +57,7 @@ def score_answers(
         prompts: the held-out prompts, in answer order.
         answers: method -> one answer per prompt; must hold 'base' (the persona-fit reference).
     """
-    unsupported = UNSUPPORTED_KINDS.get(judge.backend, set())
-    trait_list = [] if "trait" in unsupported else traits
+    trait_list = traits if "trait" in judge.kinds else []
     queries: list[Query] = []
     slots: list[tuple[str, str, int]] = []  # (method, metric, prompt index) of each query
     base = answers["base"]
@@ -91,7 +86,7 @@ def score_answers(
     }
     for (method, metric, i), verdict in zip(slots, verdicts, strict=True):
         values[method][metric][i] = verdict.score
-    skipped = [f"trait:{t.name}" for t in traits] if "trait" in unsupported else []
+    skipped = [f"trait:{t.name}" for t in traits] if "trait" not in judge.kinds else []
     return JudgeScores(judge.backend, values, skipped)
 
 

@@ -28,7 +28,6 @@ from persona_steering import __version__
 from persona_steering.cache import Cache, atomic_write_json, digest
 from persona_steering.config import Config, ConfigError
 from persona_steering.evaluate.core import json_safe
-from persona_steering.evaluate.scoring import UNSUPPORTED_KINDS
 from persona_steering.extraction import Pair, record_activations
 from persona_steering.generation import Answer, Request, generate, vector_digest
 from persona_steering.judges import Judge, Query, build_judge
@@ -191,7 +190,7 @@ def _judge(
     judge: Judge, cache: Cache, trait: Trait, rows: list[tuple[str, Answer]]
 ) -> dict[str, dict[str, float | None]]:
     """{answer key: {'trait': score, 'coherence': score}} for (question, answer) rows, one judge call."""
-    can_trait = "trait" not in UNSUPPORTED_KINDS.get(judge.backend, set())
+    can_trait = "trait" in judge.kinds
     unique = dict(zip(_keys([a for _, a in rows]), rows, strict=True))
     queries: list[Query] = []
     for question, answer in unique.values():
@@ -232,7 +231,7 @@ def _summary(
                     "answers": [a.text for a in answers],
                 }
             )
-    can_trait = "trait" not in UNSUPPORTED_KINDS.get(judge.backend, set())
+    can_trait = "trait" in judge.kinds
     return {
         "trait": setup.trait.name,
         "model_id": rt.model_id,

