@@ -40,7 +40,7 @@ from persona_steering.basis import TraitBasis, load_basis
 from persona_steering.cache import atomic_write_bytes, atomic_write_json, atomic_write_text, canonical_json
 from persona_steering.config import Config, ConfigError, GenerationConfig, JudgeConfig
 from persona_steering.extraction import Pair, capture_layers, record_activations
-from persona_steering.generation import Request, _eos_ids, chat_text, generate
+from persona_steering.generation import Request, chat_text, eos_ids, generate, generate_population
 from persona_steering.layers import normalize_layer
 from persona_steering.runtime import Runtime, load_runtime
 from persona_steering.steering import steer
@@ -140,7 +140,10 @@ def _measure(
 ) -> dict[str, Any]:
     """Every measurement of one run, as the JSON-safe result (without the load check)."""
     rt = rt or load_runtime(cfg.model, cfg.cache_dir, cfg.seed)
-    gen = GenerationConfig(settings.max_new_tokens, 0.0, 1.0, settings.max_batch or cfg.generation.max_batch)
+    max_batch = settings.max_batch or cfg.generation.max_batch
+    gen = GenerationConfig(
+        max_new_tokens=settings.max_new_tokens, temperature=0.0, max_batch=max_batch
+    )  # greedy
     texts = [chat_text(rt.tokenizer, Request(p)) for p in prompts]
     basis, source = candidate_basis(cfg, rt, texts)
     weights = candidate_weights(cfg, settings.population, len(basis.traits))  # [P, k]
@@ -283,9 +286,14 @@ class _Generation:
         return out, len(self.deltas), len(self.deltas) * -(-n // self.gen.max_batch)
 
     def per_row(self, rows: Sequence[tuple[int, int]] | None = None) -> tuple[list[list[int]], int, int]:
-        """The ``Objective.answers`` call: every row in one ``generate``, each with its own vector."""
-        rows = self.rows if rows is None else rows
-        return self._generate(rows, self.gen), 1, -(-len(rows) // self.gen.max_batch)
+        """What optimisation does (``generation.generate_population``): every row in one call."""
+        if rows is not None:  # a subset (the float32 re-check): same code path, chosen rows
+            return self._generate(rows, self.gen), 1, -(-len(rows) // self.gen.max_batch)
+        answers = generate_population(
+            self.rt, self.prompts, self.gen, self.deltas, self.layer, self.positions, seed=self.seed
+        )
+        ids = [a.ids for cand in answers for a in cand]
+        return ids, 1, -(-len(ids) // self.gen.max_batch)
 
     def _generate(self, rows: Sequence[tuple[int, int]], gen: GenerationConfig) -> list[list[int]]:
         """One uncached ``generation.generate`` call over (candidate, prompt) rows, a vector per row."""
@@ -310,7 +318,7 @@ class _Generation:
         ids = rt.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
         ids = ids.to(rt.device)  # [1, prompt_len]
         mask = torch.ones_like(ids)
-        eos = sorted(_eos_ids(rt))
+        eos = sorted(eos_ids(rt))
         with steer(rt.model, self.layer, delta[None], self.positions, attention_mask=mask), rt.autocast():
             out = rt.model.generate(
                 input_ids=ids,
@@ -596,7 +604,9 @@ def _plot(result: dict[str, Any]) -> bytes:
         ),
     )
     for ax, labels, seconds, ratios, title in panels:
-        bars = ax.bar(labels, seconds, color=["#999999", "#6699cc", "#cc6633"][: len(labels)])
+        # Grey for the one-at-a-time reference, orange for ours, blue for what lies between.
+        colors = ["#999999", *["#6699cc"] * (len(labels) - 2), "#cc6633"]
+        bars = ax.bar(labels, seconds, color=colors)
         for bar, ratio in zip(bars, ratios, strict=True):
             ax.annotate(
                 f"{ratio:.1f}x",

@@ -31,7 +31,12 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
             ("--traits", "vectors.traits", str, "comma-separated trait names (default R1..R5)"),
             ("--trait-dir", "vectors.trait_dir", str, "folder of trait files"),
             ("--n-per-question", "vectors.n_per_question", int, "answers per question and instruction"),
-            ("--pairs-per-question", "vectors.pairs_per_question", int, "instruction pairs per question (0 = all)"),
+            (
+                "--pairs-per-question",
+                "vectors.pairs_per_question",
+                int,
+                "instruction pairs per question (0 = all)",
+            ),
             ("--out-dir", "vectors.out_dir", str, "output root for vector files"),
             ("--judge", "judge.backend", str, "judge backend for pair filtering (with --filter)"),
         ],
@@ -51,7 +56,12 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
             ("--population-size", "optimize.population_size", int, "CMA-ES population"),
             ("--sigma0", "optimize.sigma0", float, "initial CMA-ES step size"),
             ("--num-prompts", "optimize.num_prompts", int, "first N training prompts"),
-            ("--initial-weights", "optimize.initial_weights", str, "comma-separated start weights, one per trait"),
+            (
+                "--initial-weights",
+                "optimize.initial_weights",
+                str,
+                "comma-separated start weights, one per trait",
+            ),
             ("--save-dir", "optimize.save_dir", str, "output folder"),
             ("--judge", "judge.backend", str, "embedding (offline), openai or local"),
             ("--judge-model", "judge.model", str, "judge model name (openai) or model (local)"),
@@ -161,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         cfg = _config(args)
         return int(_STAGES[args.command](cfg, args) or 0)
@@ -179,8 +191,14 @@ def _parser() -> argparse.ArgumentParser:
     for name, (help_text, options) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", default=None, help=f"YAML config (default {DEFAULT_CONFIG} if present)")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override any config value by dotted key, e.g. --set generation.temperature=0.7")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override any config value by dotted key, e.g. --set generation.temperature=0.7",
+        )
         p.add_argument("-v", "--verbose", action="store_true", help="log retries and progress details")
         for flag, key, typ, help_ in COMMON + options:
             metavar = flag.lstrip("-").upper().replace("-", "_")
@@ -214,8 +232,15 @@ def _config(args: argparse.Namespace) -> Config:
         if "." in key or key in ("seed", "cache_dir", "traits"):
             if value is None or value is False:
                 continue
-            if key in ("vectors.traits", "traits", "optimize.initial_weights", "evaluate.methods",
-                       "evaluate.judges", "sweep.layers", "sweep.coefs"):
+            if key in (
+                "vectors.traits",
+                "traits",
+                "optimize.initial_weights",
+                "evaluate.methods",
+                "evaluate.judges",
+                "sweep.layers",
+                "sweep.coefs",
+            ):
                 overrides.append(f"{key}=[{value}]")
             else:
                 overrides.append(f"{key}={'true' if value is True else value}")
@@ -230,7 +255,10 @@ def _run_vectors(cfg: Config, args: argparse.Namespace) -> int:
         print(f"vectors in {results[0].path.rsplit('/', 1)[0]}/")
     for r in results:
         state = "up to date" if r.skipped else "written"
-        print(f"  {r.trait}: {r.pairs} pairs from {r.questions} questions, |mean_diff| at layer {r.mid_layer} = {r.mid_norm:.2f} ({state})")
+        print(
+            f"  {r.trait}: {r.pairs} pairs from {r.questions} questions, "
+            f"|mean_diff| at layer {r.mid_layer} = {r.mid_norm:.2f} ({state})"
+        )
     return 0
 
 
@@ -240,7 +268,10 @@ def _run_optimize(cfg: Config, args: argparse.Namespace) -> int:
     result = run_optimize(cfg)
     weights = "  ".join(f"{k}={v:+.2f}" for k, v in result["best_weights"].items())
     print(f"best weights  {weights}")
-    print(f"persona fit   best {result['best_score']:.3f}   mean-of-search {result['mean_score']:.3f}   unsteered {result['baseline_score']:.3f}")
+    print(
+        f"persona fit   best {result['best_score']:.3f}   mean-of-search {result['mean_score']:.3f}   "
+        f"unsteered {result['baseline_score']:.3f}"
+    )
     return 0
 
 
@@ -264,9 +295,16 @@ def _run_bench(cfg: Config, args: argparse.Namespace) -> int:
 
     given = vars(args)
     settings = BenchSettings.from_options(
-        quick=args._quick, population=args._population, num_prompts=args._num_prompts, repeats=args._repeats,
-        out_dir=args._out_dir, verdicts=args._verdicts, judge_delay=args._judge_delay, threads=args._threads,
-        max_new_tokens=given["generation.max_new_tokens"], max_batch=given["generation.max_batch"],
+        quick=args._quick,
+        population=args._population,
+        num_prompts=args._num_prompts,
+        repeats=args._repeats,
+        out_dir=args._out_dir,
+        verdicts=args._verdicts,
+        judge_delay=args._judge_delay,
+        threads=args._threads,
+        max_new_tokens=given["generation.max_new_tokens"],
+        max_batch=given["generation.max_batch"],
     )
     run_bench(cfg, settings)
     return 0
@@ -333,13 +371,19 @@ _STAGES: dict[str, Callable[[Config, argparse.Namespace], int]] = {
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from persona_steering.layers import LayerError
+    from persona_steering.optimize import ResumeError
     from persona_steering.runtime import ModelLoadError
     from persona_steering.store import VectorFileError
     from persona_steering.traits import DefinitionError
 
-    from persona_steering.optimize import ResumeError
-
-    errors: list[type[BaseException]] = [ConfigError, DefinitionError, ModelLoadError, VectorFileError, LayerError, ResumeError]
+    errors: list[type[BaseException]] = [
+        ConfigError,
+        DefinitionError,
+        ModelLoadError,
+        VectorFileError,
+        LayerError,
+        ResumeError,
+    ]
     try:
         from persona_steering.judges import JudgeError
 

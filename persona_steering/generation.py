@@ -116,6 +116,37 @@ def generate(
     return [results[digest(k)] for k in keys]
 
 
+def generate_population(
+    rt: Runtime,
+    prompts: Sequence[str],
+    gen: GenerationConfig,
+    deltas: torch.Tensor,
+    layer: int,
+    positions: str = "response",
+    *,
+    cache: Cache | None = None,
+    seed: int = 0,
+    desc: str | None = None,
+) -> list[list[Answer]]:
+    """Answers [candidate][prompt] for ``deltas`` [candidates, hidden]: every (candidate, prompt)
+    row in one ``generate`` call (chunked by ``max_batch``), each row with its candidate's vector.
+    This is how optimisation, evaluation and the benchmark answer a whole population."""
+    n = len(prompts)
+    rows = [Request(p) for _ in range(len(deltas)) for p in prompts]  # candidate-major
+    out = generate(
+        rt,
+        rows,
+        gen,
+        deltas=deltas.repeat_interleave(n, dim=0),  # [candidates * prompts, hidden]
+        layer=layer,
+        positions=positions,
+        cache=cache,
+        seed=seed,
+        desc=desc,
+    )
+    return [out[c * n : (c + 1) * n] for c in range(len(deltas))]
+
+
 def _row_key(
     rt: Runtime,
     text: str,
@@ -159,7 +190,7 @@ def _generate_batch(
     ids = enc["input_ids"].to(rt.device)  # [batch, prompt_len]
     mask = enc["attention_mask"].to(rt.device)  # [batch, prompt_len]
     batch = ids.shape[0]
-    eos = _eos_ids(rt)
+    eos = eos_ids(rt)
     pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(eos))
     generators = None
     if gen.temperature > 0:
@@ -217,7 +248,8 @@ def _pick(
     return torch.cat(picks).to(logits.device)
 
 
-def _eos_ids(rt: Runtime) -> set[int]:
+def eos_ids(rt: Runtime) -> set[int]:
+    """Every token id that ends a turn: the model's and generation config's eos ids and the tokenizer's."""
     ids: set[int] = set()
     for source in (getattr(rt.model, "generation_config", None), rt.model.config):
         value = getattr(source, "eos_token_id", None) if source is not None else None

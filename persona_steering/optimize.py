@@ -12,7 +12,8 @@ import json
 import math
 import pickle
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from persona_steering import __version__
 from persona_steering.basis import TraitBasis, load_basis
 from persona_steering.cache import Cache, atomic_write_bytes, atomic_write_json, digest
 from persona_steering.config import Config, ConfigError
-from persona_steering.generation import Request, generate
+from persona_steering.generation import Request, generate, generate_population
 from persona_steering.judges import Judge, Query, build_judge
 from persona_steering.runtime import Runtime, identify, load_runtime
 from persona_steering.traits import Persona, load_persona, load_prompts
@@ -57,9 +58,10 @@ class Objective:
     prompts: list[str]
     judge: Judge
     cache: Cache
-    baselines: list[str] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
+    @cached_property
+    def baselines(self) -> list[str]:
+        """Unsteered answers to the prompts (generated once, memoised)."""
         answers = generate(
             self.rt,
             [Request(p) for p in self.prompts],
@@ -68,26 +70,23 @@ class Objective:
             seed=self.cfg.seed,
             desc="baseline answers",
         )
-        self.baselines = [a.text for a in answers]
+        return [a.text for a in answers]
 
     def answers(self, weights: np.ndarray) -> list[list[str]]:
         """Steered answers [candidate][prompt] for weights [candidates, k], in one generate call."""
         w = torch.as_tensor(np.asarray(weights, dtype=np.float64), dtype=torch.float32)
-        deltas = self.basis.deltas(w, self.cfg.steering.alpha)  # [candidates, hidden]
-        n = len(self.prompts)
-        rows = [Request(p) for _ in range(len(w)) for p in self.prompts]
-        out = generate(
+        out = generate_population(
             self.rt,
-            rows,
+            self.prompts,
             self.cfg.generation,
-            deltas=deltas.repeat_interleave(n, dim=0),  # [candidates * prompts, hidden]
-            layer=self.basis.layer,
-            positions=self.cfg.steering.positions,
+            self.basis.deltas(w, self.cfg.steering.alpha),  # [candidates, hidden]
+            self.basis.layer,
+            self.cfg.steering.positions,
             cache=self.cache,
             seed=self.cfg.seed,
             desc="steered answers",
         )
-        return [[a.text for a in out[c * n : (c + 1) * n]] for c in range(len(w))]
+        return [[a.text for a in cand] for cand in out]
 
     def score(self, weights: np.ndarray) -> tuple[list[Scored], list[list[str]]]:
         texts = self.answers(weights)
