@@ -52,6 +52,10 @@ sweep: $(STAMP)  ## TRAIT=R2 over layers x coefficients (ARGS="--layers 10,14 --
 similarity: $(STAMP)  ## cosine between trait vectors, extraction methods and layers (no model load)
 	$(CLI) similarity $(ARGS)
 
+.PHONY: report
+report: $(STAMP)  ## self-contained HTML page for PERSONA=<id> in runs/report/ (after make optimize)
+	$(CLI) report --persona-id $(PERSONA) $(ARGS)
+
 test: $(STAMP)  ## run the test suite
 	$(BIN)/python -m pytest -q $(ARGS)
 

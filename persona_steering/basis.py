@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from persona_steering.cache import bytes_digest, digest
+from persona_steering.config import ConfigError
 from persona_steering.layers import normalize_layer
 from persona_steering.store import VectorFileError, load_vectors
 from persona_steering.vectors import unit
@@ -85,3 +86,19 @@ def load_basis(
         fingerprint=str(files[0].meta["fingerprint"]),
         num_layers=num_layers,
     )
+
+
+def parse_weights(text: str | None, traits: list[str] | None = None) -> dict[str, float]:
+    """'R2=1,R5=-0.5' -> {'R2': 1.0, 'R5': -0.5}; ConfigError naming a bad item or unknown trait."""
+    weights: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        name, _, value = item.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--weights item {item!r} must look like R2=1.0") from None
+    unknown = sorted(set(weights) - set(traits)) if traits is not None else []
+    if unknown:
+        known = ", ".join(traits or [])
+        raise ConfigError(f"--weights names {', '.join(unknown)}, not among the traits {known}")
+    return weights

@@ -162,6 +162,65 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
             ("--out-dir", "similarity.out_dir", str, "output root (<out-dir>/<model-slug>/)"),
         ],
     ),
+    "project": (
+        "project answers in a CSV/JSONL file onto trait vectors (optionally the shift under a second model)",
+        [
+            ("--traits", "traits", str, "comma-separated traits (default R1..R5)"),
+            ("--layers", "_layers", str, "comma-separated hidden_states rows (default steering.layer)"),
+            ("--vector-method", "steering.vector_method", str, "mean_diff, svd or pca"),
+            ("--trait-vector-dir", "steering.trait_vector_dir", str, "root of vector files"),
+            ("--compare-model", "_compare_model", str, "a second model (e.g. a fine-tune) read the same way"),
+            ("--out", "_out", str, "output CSV (default <input>_projections.csv beside the input)"),
+        ],
+    ),
+    "monitor": (
+        "colour each token of a generated answer by its projection onto one trait",
+        [
+            ("--trait", "_trait", str, "the trait to monitor, e.g. R5"),
+            ("--prompt", "_prompt", str, "what the user says"),
+            ("--system", "_system", str, "an optional system prompt"),
+            ("--layer", "_layer", int, "hidden_states row to read (default steering.layer)"),
+            ("--weights", "_weights", str, "steer while monitoring, e.g. R2=1.0 (default unsteered)"),
+            ("--steer-layer", "steering.layer", int, "hidden_states row to steer"),
+            ("--alpha", "steering.alpha", float, "strength, in units of the layer's mean residual norm"),
+            ("--traits", "traits", str, "traits the weights name (default R1..R5)"),
+            ("--vector-method", "steering.vector_method", str, "mean_diff, svd or pca"),
+            ("--trait-dir", "vectors.trait_dir", str, "folder of trait files (for the poles' labels)"),
+            ("--trait-vector-dir", "steering.trait_vector_dir", str, "root of vector files"),
+            ("--out-dir", "_out_dir", str, "folder of the plot and its JSON (default runs/monitor)"),
+        ],
+    ),
+    "new-trait": (
+        "draft a trait definition with the configured LLM and write <trait-dir>/<NAME>.yaml",
+        [
+            ("--trait", "_trait", str, "the new trait's name (the file name)"),
+            ("--description", "_description", str, "what the trait is, its two poles"),
+            ("--trait-dir", "vectors.trait_dir", str, "folder of trait files"),
+            ("--judge", "judge.backend", str, "must be openai: the LLM that writes the draft"),
+            ("--judge-model", "judge.model", str, "model name at the endpoint"),
+            ("--base-url", "judge.base_url", str, "OpenAI-compatible endpoint"),
+        ],
+    ),
+    "build-persona": (
+        "build personas/<ID>/ from one speaker's turns in a raw_conversations.json (offline)",
+        [
+            ("--conversations", "_conversations", str, "JSON list of conversations of {speaker, text} turns"),
+            ("--speaker", "_speaker", str, "whose turns make the persona"),
+            ("--persona-id", "optimize.persona_id", str, "the new persona's folder name"),
+            ("--persona-dir", "optimize.persona_dir", str, "folder of personas"),
+            ("--num-samples", "_num_samples", int, "representative utterances kept (default 15)"),
+        ],
+    ),
+    "report": (
+        "one self-contained HTML page per persona: configuration, convergence, evaluation, answers",
+        [
+            ("--persona-id", "optimize.persona_id", str, "persona whose results to show"),
+            ("--save-dir", "optimize.save_dir", str, "folder of optimisation and evaluation results"),
+            ("--persona-dir", "optimize.persona_dir", str, "folder of personas (for the profile)"),
+            ("--out-dir", "_out_dir", str, "output folder (default runs/report)"),
+            ("--max-examples", "_max_examples", int, "prompts shown with answers side by side (default 4)"),
+        ],
+    ),
 }
 
 
@@ -217,10 +276,15 @@ _FLAGS: dict[str, list[tuple[str, str, str]]] = {
         ("--coherence", "judge.coherence", "also judge coherence of every steered answer"),
     ],
     "bench": [("--quick", "_quick", "P=4 candidates, N=4 prompts, M=16 tokens (about 2 minutes on a CPU)")],
+    "new-trait": [("--overwrite", "_overwrite", "replace an existing trait file")],
+    "build-persona": [("--overwrite", "_overwrite", "replace an existing persona folder")],
 }
 
 # Positional arguments: (dest, help).
-_POSITIONAL: dict[str, list[tuple[str, str]]] = {"import-gguf": [("_file", "the .gguf control-vector file")]}
+_POSITIONAL: dict[str, list[tuple[str, str]]] = {
+    "import-gguf": [("_file", "the .gguf control-vector file")],
+    "project": [("_answers", "CSV or JSONL file with prompt (or question), answer and optional system")],
+}
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -276,15 +340,10 @@ def _run_optimize(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _run_steer(cfg: Config, args: argparse.Namespace) -> int:
+    from persona_steering.basis import parse_weights
     from persona_steering.optimize import steered_examples
 
-    weights: dict[str, float] = {}
-    for item in filter(None, (args._weights or "").split(",")):
-        name, _, value = item.partition("=")
-        try:
-            weights[name.strip()] = float(value)
-        except ValueError:
-            raise ConfigError(f"--weights item {item!r} must look like R2=1.0") from None
+    weights = parse_weights(args._weights, cfg.traits)
     for ex in steered_examples(cfg, weights, [args._prompt] if args._prompt else None):
         print(f"user:      {ex['prompt']}\nunsteered: {ex['baseline']}\nsteered:   {ex['steered']}\n")
     return 0
@@ -356,6 +415,76 @@ def _run_similarity(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_project(cfg: Config, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from persona_steering.projection import ProjectSettings, parse_layers, run_project
+
+    out = Path(args._out) if args._out else None
+    settings = ProjectSettings(Path(args._answers), parse_layers(args._layers), out, args._compare_model)
+    print(run_project(cfg, settings)["markdown"])
+    return 0
+
+
+def _run_monitor(cfg: Config, args: argparse.Namespace) -> int:
+    from persona_steering import monitor
+    from persona_steering.basis import parse_weights
+
+    settings = monitor.MonitorSettings(
+        args._trait or "",
+        args._prompt or "",
+        args._layer,
+        parse_weights(args._weights),
+        args._system,
+        args._out_dir or monitor.DEFAULT_OUT_DIR,
+    )
+    result = monitor.run_monitor(cfg, settings)
+    color = sys.stdout.isatty()
+    if color:
+        print(monitor.legend(result))
+    print(monitor.render_tokens(result.tokens, result.values, color))
+    return 0
+
+
+def _run_new_trait(cfg: Config, args: argparse.Namespace) -> int:
+    from persona_steering.authoring import TraitRequest, run_new_trait
+
+    request = TraitRequest(args._trait or "", args._description or "", cfg.vectors.trait_dir, args._overwrite)
+    trait = run_new_trait(cfg, request)
+    print(
+        f"{trait.name}: {len(trait.instructions)} instruction pairs, {len(trait.extract_questions)} "
+        f"extract and {len(trait.eval_questions)} eval questions; read {trait.path} before `make vectors`"
+    )
+    return 0
+
+
+def _run_build_persona(cfg: Config, args: argparse.Namespace) -> int:
+    from persona_steering.persona_builder import PersonaRequest, run_build_persona
+
+    request = PersonaRequest(
+        args._conversations or "",
+        args._speaker or "",
+        cfg.optimize.persona_id or "",
+        cfg.optimize.persona_dir,
+        15 if args._num_samples is None else args._num_samples,
+        args._overwrite,
+    )
+    persona = run_build_persona(request)
+    print(f"{persona.id}: {len(persona.samples)} samples\n\n{persona.profile}")
+    return 0
+
+
+def _run_report(cfg: Config, args: argparse.Namespace) -> int:
+    from persona_steering.html_report import DEFAULT_OUT_DIR, MAX_EXAMPLES, run_report
+
+    run_report(
+        cfg,
+        args._out_dir or DEFAULT_OUT_DIR,
+        MAX_EXAMPLES if args._max_examples is None else args._max_examples,
+    )
+    return 0
+
+
 _STAGES: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "vectors": _run_vectors,
     "optimize": _run_optimize,
@@ -366,6 +495,11 @@ _STAGES: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "evaluate": _run_evaluate,
     "sweep": _run_sweep,
     "similarity": _run_similarity,
+    "project": _run_project,
+    "monitor": _run_monitor,
+    "new-trait": _run_new_trait,
+    "build-persona": _run_build_persona,
+    "report": _run_report,
 }
 
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from persona_steering import __version__
 from persona_steering.cache import Cache, digest
-from persona_steering.config import Config
+from persona_steering.config import Config, ConfigError
 from persona_steering.generation import Answer, Request, generate, last_logits_only
 from persona_steering.layers import decoder_blocks, untuple
 from persona_steering.runtime import Runtime, identify, load_runtime
@@ -47,6 +47,10 @@ class TraitResult:
 def run_vectors(cfg: Config, rt: Runtime | None = None, log: Any = print) -> list[TraitResult]:
     """Extract and save vectors for every configured trait; skip traits whose file is up to date."""
     traits = load_traits(cfg.vectors.trait_dir, cfg.vectors.traits)
+    if cfg.vectors.filter_with_judge and cfg.judge.backend == "embedding":
+        raise ConfigError(
+            "--filter needs a judge that scores traits: --judge openai (with a key) or --judge local"
+        )
     ident = identify(cfg.model)
     out_dir = Path(cfg.vectors.out_dir) / ident.slug
     inputs = {t.name: _inputs_digest(cfg, t, ident.fingerprint, ident.precision) for t in traits}
@@ -152,6 +156,7 @@ def _filter_pairs(
     """Pairs to use; with vectors.filter_with_judge, only those the judge finds effective."""
     pairs = [(p, n) for p, n in zip(pos, neg, strict=True) if p.answer_ids and n.answer_ids]
     if not cfg.vectors.filter_with_judge:
+        log(f"{trait.name}: keeping all {len(pairs)} pairs (no judge filter; --filter --judge openai|local)")
         return pairs
     from persona_steering.judges import Query, build_judge
 

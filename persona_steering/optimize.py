@@ -409,16 +409,13 @@ def _result(
 
 def plot_convergence(result: dict[str, Any], path: Path) -> Path:
     """Best-so-far, generation best and mean fit per iteration, and the weights' trajectories."""
-    import matplotlib
+    from matplotlib.ticker import MaxNLocator
 
-    matplotlib.use("Agg")
-    import io
-
-    import matplotlib.pyplot as plt
+    from persona_steering.report import save_figure, subplots
 
     h = result["optimization_history"]
     extra = result["history"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = subplots(1, 2, figsize=(11, 4))
     ax1.plot(h["iterations"], h["best_scores"], "o-", label="best so far")
     ax1.plot(h["iterations"], extra["generation_best"], "s--", alpha=0.7, label="generation best")
     ax1.plot(h["iterations"], extra["generation_mean"], "^:", alpha=0.7, label="generation mean")
@@ -431,12 +428,9 @@ def plot_convergence(result: dict[str, Any], path: Path) -> Path:
     ax2.axhline(0, color="grey", lw=0.5)
     ax2.set(xlabel="iteration", ylabel="weight (distribution mean)", title="trait weights")
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return save_figure(fig, path)
 
 
 def steered_examples(

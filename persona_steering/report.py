@@ -147,6 +147,11 @@ def plot_lines(
     return save_figure(fig, path)
 
 
+def subplots(*args: Any, **kwargs: Any) -> Any:
+    """``pyplot.subplots`` on the headless backend."""
+    return _pyplot().subplots(*args, **kwargs)
+
+
 def save_figure(fig: Any, path: str | Path) -> Path:
     """Render a matplotlib figure to PNG bytes, write them atomically, close the figure."""
     plt = _pyplot()

@@ -86,3 +86,9 @@ def test_entry_point_exit_code_and_help(workdir):
     assert proc.stderr.strip().splitlines() == ["error: unknown trait 'R9': no " + str(REPO / "configs/traits/R9.yaml") + " (known: R1, R2, R3, R4, R5)"]
     helped = subprocess.run([sys.executable, "-m", "persona_steering", "vectors", "--help"], capture_output=True, text=True, timeout=120)
     assert helped.returncode == 0 and "--n-per-question" in helped.stdout
+
+
+def test_filter_needs_a_judge_that_scores_traits(workdir, capsys):
+    code, err = run_cli(["vectors", "--filter", "--judge", "embedding", *base_args(workdir)], capsys)
+    assert code == 2 and len(err) == 1 and "--filter needs a judge that scores traits" in err[0]
+    assert_untouched(workdir)
