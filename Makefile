@@ -56,6 +56,10 @@ similarity: $(STAMP)  ## cosine between trait vectors, extraction methods and la
 report: $(STAMP)  ## self-contained HTML page for PERSONA=<id> in runs/report/ (after make optimize)
 	$(CLI) report --persona-id $(PERSONA) $(ARGS)
 
+.PHONY: evaluate-models
+evaluate-models: $(STAMP)  ## trait scores of several models by prompting: ARGS="--models embedded,openai:gpt-4o-mini"
+	$(CLI) evaluate-models $(ARGS)
+
 test: $(STAMP)  ## run the test suite
 	$(BIN)/python -m pytest -q $(ARGS)
 

@@ -47,6 +47,12 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
             ("--persona-id", "optimize.persona_id", str, "persona folder name under --persona-dir"),
             ("--persona-dir", "optimize.persona_dir", str, "folder of personas"),
             ("--layer", "steering.layer", int, "hidden_states row to steer (output of block layer-1)"),
+            (
+                "--layers",
+                "optimize.layers",
+                str,
+                "comma-separated layers: one run per layer, best layer reported",
+            ),
             ("--alpha", "steering.alpha", float, "strength, in units of the layer's mean residual norm"),
             ("--positions", "steering.positions", str, "response, prompt or all"),
             ("--vector-method", "steering.vector_method", str, "mean_diff, svd or pca"),
@@ -221,6 +227,21 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
             ("--max-examples", "_max_examples", int, "prompts shown with answers side by side (default 4)"),
         ],
     ),
+    "evaluate-models": (
+        "score several models on the traits' eval questions, unprompted and under pos/neg instructions",
+        [
+            ("--models", "_models", str, "comma-separated: embedded, folder, .gguf, hub id, openai:<model>"),
+            ("--traits", "traits", str, "comma-separated traits (default R1..R5)"),
+            ("--num-questions", "_num_questions", int, "first N eval questions per trait (default 5)"),
+            ("--base-url", "_base_url", str, "endpoint of the openai:<model> entries (default judge's)"),
+            ("--out-dir", "_out_dir", str, "output folder (default runs/models)"),
+            ("--trait-dir", "vectors.trait_dir", str, "folder of trait files"),
+            ("--judge", "judge.backend", str, "embedding (offline, no trait scores), openai or local"),
+            ("--judge-model", "judge.model", str, "judge model name (openai) or model (local)"),
+            ("--judge-base-url", "judge.base_url", str, "OpenAI-compatible endpoint of the judge"),
+            ("--bootstrap", "evaluate.bootstrap", int, "bootstrap resamples for the intervals"),
+        ],
+    ),
 }
 
 
@@ -296,18 +317,7 @@ def _config(args: argparse.Namespace) -> Config:
         if "." in key or key in ("seed", "cache_dir", "traits"):
             if value is None or value is False:
                 continue
-            if key in (
-                "vectors.traits",
-                "traits",
-                "optimize.initial_weights",
-                "evaluate.methods",
-                "evaluate.judges",
-                "sweep.layers",
-                "sweep.coefs",
-            ):
-                overrides.append(f"{key}=[{value}]")
-            else:
-                overrides.append(f"{key}={'true' if value is True else value}")
+            overrides.append(f"{key}={'true' if value is True else value}")
     return load_config(path, overrides)
 
 
@@ -327,7 +337,17 @@ def _run_vectors(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _run_optimize(cfg: Config, args: argparse.Namespace) -> int:
-    from persona_steering.optimize import run_optimize
+    from persona_steering.optimize import run_layers, run_optimize
+
+    if cfg.optimize.layers:
+        summary = run_layers(cfg, cfg.optimize.layers)
+        print("| layer | best fit | search mean | unsteered |\n| ---: | ---: | ---: | ---: |")
+        for r in summary["layers"]:
+            scores = " | ".join(f"{r[k]:.3f}" for k in ("best_score", "mean_score", "baseline_score"))
+            print(f"| {r['layer']} | {scores} |")
+        best = f"{summary['best_layer']} (fit {summary['best_score']:.3f})"
+        print(f"best layer for {summary['persona_id']}: {best}")
+        return 0
 
     result = run_optimize(cfg)
     weights = "  ".join(f"{k}={v:+.2f}" for k, v in result["best_weights"].items())
@@ -485,6 +505,17 @@ def _run_report(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_evaluate_models(cfg: Config, args: argparse.Namespace) -> int:
+    from persona_steering.evaluate.models import ModelsSettings, run_models
+
+    settings = ModelsSettings.parse(
+        args._models or cfg.model.name, args._num_questions, args._base_url, args._out_dir
+    )
+    result = run_models(cfg, settings)
+    print(f"{result.markdown}\nwrote {result.folder}/models.json, models.md, models.png")
+    return 0
+
+
 _STAGES: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "vectors": _run_vectors,
     "optimize": _run_optimize,
@@ -500,6 +531,7 @@ _STAGES: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "new-trait": _run_new_trait,
     "build-persona": _run_build_persona,
     "report": _run_report,
+    "evaluate-models": _run_evaluate_models,
 }
 
 

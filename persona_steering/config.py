@@ -175,6 +175,8 @@ class OptimizeConfig:
     """Output folder."""
     restart: bool = False
     """Discard an existing run with a different config instead of refusing."""
+    layers: list[int] | None = None
+    """Optimise once per layer (in <save_dir>/layer<L>/) and report the best layer."""
 
     def __post_init__(self) -> None:
         if self.num_prompts < 1:
@@ -346,8 +348,10 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, name)
     if origin is list:
-        if isinstance(value, str):
+        if isinstance(value, str):  # 'R1,R2' from the command line
             value = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # a single item given without brackets
         if not isinstance(value, list):
             raise ConfigError(f"{name} must be a list, got {value!r}")
         return [_coerce(args[0], v, name) for v in value]

@@ -12,7 +12,8 @@ import json
 import math
 import pickle
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -122,8 +123,16 @@ class Objective:
         return scored, texts
 
 
-def run_optimize(cfg: Config, rt: Runtime | None = None, log: Any = print) -> dict[str, Any]:
-    """The ``optimize`` stage: resume or start, iterate, checkpoint, write results."""
+def run_optimize(
+    cfg: Config, rt: Runtime | Callable[[], Runtime] | None = None, log: Any = print
+) -> dict[str, Any]:
+    """The ``optimize`` stage: resume or start, iterate, checkpoint, write results.
+
+    Args:
+        cfg: the whole configuration; ``cfg.optimize`` and ``cfg.steering`` matter most.
+        rt: the loaded model, or a function returning it (called only if there is work to do).
+        log: where progress lines go.
+    """
     import cma
 
     opt = cfg.optimize
@@ -151,7 +160,7 @@ def run_optimize(cfg: Config, rt: Runtime | None = None, log: Any = print) -> di
         return finished
     state = _load_checkpoint(paths["checkpoint"], run_digest, opt.restart)
 
-    rt = rt or load_runtime(cfg.model, cfg.cache_dir, cfg.seed)
+    rt = rt() if callable(rt) else rt or load_runtime(cfg.model, cfg.cache_dir, cfg.seed)
     if rt.fingerprint != basis.fingerprint:
         raise ConfigError("the loaded model does not match the vectors' model fingerprint")
     with Cache(cfg.cache_dir) as cache:
@@ -232,6 +241,66 @@ def run_optimize(cfg: Config, rt: Runtime | None = None, log: Any = print) -> di
         f"(unsteered {result['baseline_score']:.3f}); wrote {paths['result']}"
     )
     return result
+
+
+def run_layers(cfg: Config, layers: list[int], log: Any = print) -> dict[str, Any]:
+    """One optimisation per layer (each resumable in ``<save_dir>/layer<L>/``), then the best layer.
+
+    The model is loaded once, and only if some layer's run is not finished yet.
+    """
+    loaded: list[Runtime] = []
+
+    def runtime() -> Runtime:
+        if not loaded:
+            loaded.append(load_runtime(cfg.model, cfg.cache_dir, cfg.seed))
+        return loaded[0]
+
+    rows = []
+    for layer in layers:
+        sub = replace(
+            cfg,
+            steering=replace(cfg.steering, layer=layer),
+            optimize=replace(
+                cfg.optimize, save_dir=str(Path(cfg.optimize.save_dir) / f"layer{layer}"), layers=None
+            ),
+        )
+        log(f"--- layer {layer} ---")
+        result = run_optimize(sub, runtime, log)
+        rows.append(
+            {
+                "layer": result["layer"],
+                "best_score": result["best_score"],
+                "mean_score": result["mean_score"],
+                "baseline_score": result["baseline_score"],
+                "best_weights": result["best_weights"],
+                "result": str(_paths(Path(sub.optimize.save_dir), str(cfg.optimize.persona_id))["result"]),
+            }
+        )
+    best = max(rows, key=lambda r: r["best_score"])
+    summary = {
+        "persona_id": cfg.optimize.persona_id,
+        "layers": rows,
+        "best_layer": best["layer"],
+        "best_score": best["best_score"],
+        "config_digest": cfg.digest("model", "generation", "steering", "judge", "optimize", "traits", "seed"),
+    }
+    base = Path(cfg.optimize.save_dir) / f"{cfg.optimize.persona_id}_layers"
+    atomic_write_json(base.with_suffix(".json"), summary)
+    _plot_layers(summary, base.with_suffix(".png"))
+    return summary
+
+
+def _plot_layers(summary: dict[str, Any], path: Path) -> Path:
+    from persona_steering.report import save_figure, subplots
+
+    rows = summary["layers"]
+    fig, ax = subplots(figsize=(6, 3.5))
+    ax.plot([r["layer"] for r in rows], [r["best_score"] for r in rows], "o-", label="best")
+    ax.plot([r["layer"] for r in rows], [r["mean_score"] for r in rows], "s--", label="search mean")
+    ax.axhline(rows[0]["baseline_score"], color="grey", lw=1, label="unsteered")
+    ax.set(xlabel="layer", ylabel="persona fit (1-5)", title=f"{summary['persona_id']}: fit by layer")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
 
 
 def _initial_weights(cfg: Config) -> np.ndarray:

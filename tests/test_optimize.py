@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -238,3 +239,27 @@ def test_sigkill_then_resume_equals_uninterrupted(project):
     with Cache(tmp_path / "cache-k") as cache:
         for ns in ("generation", "verdict"):
             assert stats["misses"].get(ns, 0) == cache.count(ns) - before[ns]
+
+
+def test_layer_sweep_loads_once_and_reports_best_layer(project, monkeypatch):
+    import persona_steering.optimize as optimize
+
+    tmp_path, overrides = project
+    real = optimize.load_runtime
+    loads = []
+
+    def counting(*a, **k):
+        loads.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(optimize, "load_runtime", counting)
+    cfg = load_config(None, overrides + ["optimize.max_iterations=2", "optimize.layers=1,3"])
+    summary = optimize.run_layers(cfg, cfg.optimize.layers, log=lambda *_: None)
+    assert [r["layer"] for r in summary["layers"]] == [1, 3] and len(loads) == 1
+    assert summary["best_score"] == max(r["best_score"] for r in summary["layers"])
+    assert summary["best_layer"] in (1, 3)
+    for r in summary["layers"]:
+        assert json.loads(Path(r["result"]).read_text())["layer"] == r["layer"]
+    assert (tmp_path / "runs" / "p1_layers.png").is_file()
+    again = optimize.run_layers(cfg, cfg.optimize.layers, log=lambda *_: None)
+    assert again == summary and len(loads) == 1  # finished runs: no model load
