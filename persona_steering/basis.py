@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from persona_steering.cache import bytes_digest, digest
-from persona_steering.config import ConfigError
+from persona_steering.config import ConfigError, SteeringConfig
 from persona_steering.layers import normalize_layer
 from persona_steering.store import VectorFileError, load_vectors
 from persona_steering.vectors import unit
@@ -85,6 +85,19 @@ def load_basis(
         summary=summary,
         fingerprint=str(files[0].meta["fingerprint"]),
         num_layers=num_layers,
+    )
+
+
+def configured_basis(steering: SteeringConfig, traits: list[str], slug: str, fingerprint: str) -> TraitBasis:
+    """The basis a stage's steering section names, for the model with this slug and fingerprint."""
+    return load_basis(
+        steering.trait_vector_dir,
+        slug,
+        traits,
+        steering.layer,
+        steering.vector_method,
+        steering.summary,
+        fingerprint=fingerprint,
     )
 
 

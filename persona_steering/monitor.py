@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from persona_steering import __version__
-from persona_steering.basis import load_basis, parse_weights
+from persona_steering.basis import configured_basis, parse_weights
 from persona_steering.cache import atomic_write_json, digest
 from persona_steering.config import Config, ConfigError
 from persona_steering.generation import Request, generate
@@ -215,9 +215,7 @@ def _steering(
         return None
     parse_weights(",".join(f"{k}={v}" for k, v in weights.items()), cfg.traits)  # unknown names
     s = cfg.steering
-    basis = load_basis(
-        s.trait_vector_dir, slug, cfg.traits, s.layer, s.vector_method, s.summary, fingerprint=fingerprint
-    )
+    basis = configured_basis(s, cfg.traits, slug, fingerprint)
     w = torch.tensor([[weights.get(t, 0.0) for t in cfg.traits]])
     return basis.deltas(w, s.alpha), basis.layer
 

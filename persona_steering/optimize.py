@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from persona_steering import __version__
-from persona_steering.basis import TraitBasis, load_basis
+from persona_steering.basis import TraitBasis, configured_basis, parse_weights
 from persona_steering.cache import Cache, atomic_write_bytes, atomic_write_json, digest
 from persona_steering.config import Config, ConfigError
 from persona_steering.generation import Request, generate, generate_population
@@ -142,15 +142,7 @@ def run_optimize(
     prompts = load_prompts(opt.prompts_file, "train")[: opt.num_prompts]
     x0 = _initial_weights(cfg)
     ident = identify(cfg.model)
-    basis = load_basis(
-        cfg.steering.trait_vector_dir,
-        ident.slug,
-        cfg.traits,
-        cfg.steering.layer,
-        cfg.steering.vector_method,
-        cfg.steering.summary,
-        fingerprint=ident.fingerprint,
-    )
+    basis = configured_basis(cfg.steering, cfg.traits, ident.slug, ident.fingerprint)
     run_digest = _run_digest(cfg, persona, prompts, basis, ident.fingerprint)
     save_dir = Path(opt.save_dir)
     paths = _paths(save_dir, opt.persona_id)
@@ -506,22 +498,10 @@ def steered_examples(
     cfg: Config, weights: dict[str, float], prompts: list[str] | None = None, rt: Runtime | None = None
 ) -> list[dict[str, str]]:
     """Unsteered and steered answers for one weight setting (the ``steer`` command)."""
-    unknown = sorted(set(weights) - set(cfg.traits))
-    if unknown:
-        raise ConfigError(
-            f"--weights names {', '.join(unknown)}, not among the traits {', '.join(cfg.traits)}"
-        )
+    parse_weights(",".join(f"{k}={v}" for k, v in weights.items()), cfg.traits)  # unknown names
     prompts = prompts or load_prompts(cfg.optimize.prompts_file, "train")[:3]
     ident = identify(cfg.model)
-    basis = load_basis(
-        cfg.steering.trait_vector_dir,
-        ident.slug,
-        cfg.traits,
-        cfg.steering.layer,
-        cfg.steering.vector_method,
-        cfg.steering.summary,
-        fingerprint=ident.fingerprint,
-    )
+    basis = configured_basis(cfg.steering, cfg.traits, ident.slug, ident.fingerprint)
     rt = rt or load_runtime(cfg.model, cfg.cache_dir, cfg.seed)
     w = torch.tensor([[weights.get(t, 0.0) for t in cfg.traits]])
     with Cache(cfg.cache_dir) as cache:
