@@ -159,7 +159,7 @@ def test_two_local_models_and_an_api_model_then_warm_rerun_does_nothing(
 
         monkeypatch.setattr(zoo, "load_runtime", no_work)
         monkeypatch.setattr("persona_steering.judges.embedding.EmbeddingJudge._judge", no_work)
-        assert cli(root, models, "--base-url", server.base_url) == 0
+        assert cli(root, models, "--base-url", server.base_url, **{"judge.concurrency": "1"}) == 0
         assert len(server.requests) == ROWS  # no HTTP request either
     assert load_out(root) == data
 
@@ -254,3 +254,8 @@ def test_rejected_key_stops_with_one_line_without_the_key(root, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "openai:chat at" in err[0] and "401" in err[0], err
     assert SECRET not in err[0] and not (root / "out").exists()
+
+
+def test_make_target_passes_args_to_the_cli():
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    assert "evaluate-models: $(STAMP)" in makefile and "$(CLI) evaluate-models $(ARGS)" in makefile

@@ -29,7 +29,6 @@ import gc
 import json
 import logging
 import math
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -62,7 +61,7 @@ from persona_steering.report import NA, fmt_interval, markdown_table, save_figur
 from persona_steering.runtime import EMBEDDED, ModelIdentity, ModelLoadError, identify, load_runtime
 from persona_steering.traits import Trait, load_traits
 
-log = logging.getLogger("persona_steering.evaluate.models")
+logger = logging.getLogger("persona_steering.evaluate.models")
 
 OPENAI_PREFIX = "openai:"
 CONDITIONS = {
@@ -257,10 +256,11 @@ def _answers(
         return list(spec.api.answer(requests, cfg.generation.max_new_tokens, cache))
     keys = [_index_key(spec, r, cfg.generation, cfg.seed) for r in requests]
     hits = [cache.get(INDEX, k) for k in keys]
-    if all(h is not None for h in hits):
-        log(f"{spec.label}: {len(requests)} answers from the cache")
-        return [h["text"] for h in hits]
-    log(f"{spec.label}: loading to answer {sum(h is None for h in hits)} of {len(requests)} questions")
+    cached = [h["text"] for h in hits if h is not None]
+    if len(cached) == len(keys):
+        log(f"{spec.label}: {len(keys)} answers from the cache")
+        return list(cached)
+    log(f"{spec.label}: loading to answer {len(keys) - len(cached)} of {len(keys)} questions")
     texts = _generate_local(spec, requests, cfg, cache)
     _release_memory()
     for key, text in zip(keys, texts, strict=True):
@@ -305,9 +305,6 @@ class ApiModel:
     Transient failures are retried within ``judge.max_attempts`` and ``judge.max_retry_seconds``; a
     question that still fails has no answer (None, not cached). Failures every call would repeat
     (401, 403, 404, spent quota) raise ModelLoadError.
-
-    Attributes:
-        attempts: HTTP requests sent, retries included.
     """
 
     def __init__(self, name: str, base_url: str | None, cfg: JudgeConfig, env_file: str = ".env") -> None:
@@ -330,8 +327,6 @@ class ApiModel:
             before_sleep=self._log_retry,
             reraise=True,
         )
-        self._lock = threading.Lock()
-        self.attempts = 0
 
     @property
     def endpoint(self) -> str:
@@ -378,8 +373,6 @@ class ApiModel:
 
     def _ask(self, call: dict[str, Any]) -> str | None:
         def send() -> Any:
-            with self._lock:
-                self.attempts += 1
             return self._client.chat.completions.create(
                 model=call["model"], messages=call["messages"], **call["settings"]
             )
@@ -390,7 +383,7 @@ class ApiModel:
             fatal = self._fatal(exc)
             if fatal is not None:
                 raise ModelLoadError(fatal) from None
-            log.warning("%s%s gave no answer: %s", OPENAI_PREFIX, self.name, _describe(exc))
+            logger.warning("%s%s gave no answer: %s", OPENAI_PREFIX, self.name, _describe(exc))
             return None
         if not response.choices or response.choices[0].message.content is None:
             return None
@@ -412,7 +405,7 @@ class ApiModel:
     def _log_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         # Class and status only: server messages may quote the key back.
-        log.warning(
+        logger.warning(
             "%s%s: %s (attempt %d); retrying", OPENAI_PREFIX, self.name, _describe(exc), state.attempt_number
         )
 
@@ -460,38 +453,18 @@ def _summary(
     answers: dict[str, list[str | None]],
     scores: dict[str, dict[str, list[float | None]]],
 ) -> dict[str, Any]:
-    supported = {"trait": "trait" in judge.kinds, "coherence": True}
     ev = cfg.evaluate
+    supported = {"trait": "trait" in judge.kinds, "coherence": True}
 
     def stat(values: list[float | None], metric: str) -> dict[str, Any]:
-        iv = bootstrap_interval(values, ev.bootstrap, ev.confidence, cfg.seed) if supported[metric] else None
-        return {
-            "supported": supported[metric],
-            "mean": iv.mean if iv else None,
-            "low": iv.low if iv else None,
-            "high": iv.high if iv else None,
-            "n": iv.n if iv else 0,
-            "missing": sum(v is None for v in values) if supported[metric] else 0,
-            "per_question": values,
-        }
+        return _stat(values, supported[metric], ev.bootstrap, ev.confidence, cfg.seed)
 
-    results: dict[str, Any] = {}
-    for spec in setup.specs:
-        per_trait: dict[str, Any] = {}
-        for trait in setup.traits:
-            idx = {
-                c: [i for i, r in enumerate(setup.rows) if r.trait.name == trait.name and r.condition == c]
-                for c in CONDITIONS
-            }
-            entry: dict[str, Any] = {}
-            for c, rows in idx.items():
-                entry[c] = {"answers": [answers[spec.label][i] for i in rows]}
-                entry[c].update({m: stat([scores[spec.label][m][i] for i in rows], m) for m in METRICS})
-            pos, neg = (entry[c]["trait"]["per_question"] for c in ("positive", "negative"))
-            gaps = [None if p is None or q is None else p - q for p, q in zip(pos, neg, strict=True)]
-            entry["pos_neg_gap"] = {k: v for k, v in stat(gaps, "trait").items() if k != "missing"}
-            per_trait[trait.name] = entry
-        results[spec.label] = per_trait
+    results = {
+        s.label: {
+            t.name: _trait_entry(setup.rows, t, answers[s.label], scores[s.label], stat) for t in setup.traits
+        }
+        for s in setup.specs
+    }
     return {
         "models": [_model_info(s) for s in setup.specs],
         "traits": [t.name for t in setup.traits],
@@ -517,23 +490,54 @@ def _summary(
     }
 
 
-def _model_info(spec: ModelSpec) -> dict[str, Any]:
-    if spec.api is not None:
-        return {
-            "label": spec.label,
-            "spec": spec.spec,
-            "kind": "openai",
-            "model_id": spec.api.name,
-            "endpoint": spec.api.endpoint,
-        }
-    assert spec.ident is not None
+def _trait_entry(
+    rows: list[Row],
+    trait: Trait,
+    answers: list[str | None],
+    scores: dict[str, list[float | None]],
+    stat: Callable[[list[float | None], str], dict[str, Any]],
+) -> dict[str, Any]:
+    """One model's answers and statistics per condition for one trait, and its pos-neg gap."""
+    entry: dict[str, Any] = {}
+    for c in CONDITIONS:
+        idx = [i for i, r in enumerate(rows) if r.trait.name == trait.name and r.condition == c]
+        entry[c] = {"answers": [answers[i] for i in idx]}
+        entry[c].update({m: stat([scores[m][i] for i in idx], m) for m in METRICS})
+    pos, neg = (entry[c]["trait"]["per_question"] for c in ("positive", "negative"))
+    # Paired per question: the same question asked both ways, so its difference is the gap's sample.
+    gaps = [None if p is None or q is None else p - q for p, q in zip(pos, neg, strict=True)]
+    entry["pos_neg_gap"] = {k: v for k, v in stat(gaps, "trait").items() if k != "missing"}
+    return entry
+
+
+def _stat(
+    values: list[float | None], supported: bool, resamples: int, confidence: float, seed: int
+) -> dict[str, Any]:
+    """Mean and bootstrap interval over the present values; n/a (all None) when unsupported."""
+    iv = bootstrap_interval(values, resamples, confidence, seed) if supported else None
     return {
-        "label": spec.label,
-        "spec": spec.spec,
+        "supported": supported,
+        "mean": iv.mean if iv else None,
+        "low": iv.low if iv else None,
+        "high": iv.high if iv else None,
+        "n": iv.n if iv else 0,
+        "missing": sum(v is None for v in values) if supported else 0,
+        "per_question": values,
+    }
+
+
+def _model_info(spec: ModelSpec) -> dict[str, Any]:
+    info = {"label": spec.label, "spec": spec.spec}
+    if spec.api is not None:
+        return {**info, "kind": "openai", "model_id": spec.api.name, "endpoint": spec.api.endpoint}
+    assert spec.ident is not None
+    ident = spec.ident
+    return {
+        **info,
         "kind": "local",
-        "model_id": spec.ident.model_id,
-        "fingerprint": spec.ident.fingerprint,
-        "precision": spec.ident.precision,
+        "model_id": ident.model_id,
+        "fingerprint": ident.fingerprint,
+        "precision": ident.precision,
     }
 
 
@@ -618,10 +622,11 @@ def plot_models(data: dict[str, Any], path: str | Path) -> Path:
             xs = [x + (j - 1) * width for x in range(len(labels))]
             ax.bar(xs, means, width, label=SHORT[c], yerr=list(zip(*err, strict=True)), capsize=3)
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
-        ax.set(title=traits[k], ylim=(0, 100), ylabel=f"{metric} (0-100)")
-        ax.legend(fontsize=7)
-    what = "trait expression" if metric == "trait" else "coherence (the judge cannot score traits)"
-    fig.suptitle(f"{what} by prompting, {data['judge']['backend']} judge")
+        ax.set(title=traits[k], ylim=(0, 118), yticks=range(0, 101, 20), ylabel=f"{metric} (0-100)")
+        ax.legend(fontsize=7, ncol=3, loc="upper center")  # in the headroom above 100
+    judge = data["judge"]["backend"]
+    what = "trait expression" if metric == "trait" else f"coherence (the {judge} judge cannot score traits)"
+    fig.suptitle(f"{what} by prompting, {judge} judge" if metric == "trait" else what)
     return save_figure(fig, path)
 
 
