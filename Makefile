@@ -9,6 +9,9 @@ PERSONA ?= nostalgic_grandpa
 TRAITS  ?=
 TRAIT   ?= R2
 STAMP   := $(VENV)/.installed
+PERSONAS ?=
+comma   := ,
+space   := $(subst ,, )
 CLI     := $(BIN)/persona-steering
 
 .PHONY: help setup vectors optimize steer test lint clean-runs
@@ -29,8 +32,8 @@ setup: $(STAMP)  ## create .venv and install (torch CPU build here; TORCH=torch 
 vectors: $(STAMP)  ## extract trait vectors (TRAITS="R1,R2" to choose)
 	$(CLI) vectors $(if $(TRAITS),--traits $(TRAITS)) $(ARGS)
 
-optimize: vectors  ## CMA-ES trait weights for PERSONA=<id> (resumes; vectors first if missing)
-	$(CLI) optimize --persona-id $(PERSONA) $(ARGS)
+optimize: vectors  ## CMA-ES trait weights for PERSONA=<id>, or PERSONAS="a b c" in lockstep (resumes)
+	$(CLI) optimize $(if $(PERSONAS),--personas "$(subst $(space),$(comma),$(strip $(PERSONAS)))",--persona-id $(PERSONA)) $(ARGS)
 
 steer: vectors  ## show unsteered vs steered answers: make steer ARGS="--weights R2=1,R5=1"
 	$(CLI) steer $(ARGS)

@@ -45,6 +45,7 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
         "find the trait weights whose steering best reproduces a persona (CMA-ES, resumable)",
         [
             ("--persona-id", "optimize.persona_id", str, "persona folder name under --persona-dir"),
+            ("--personas", "optimize.personas", str, "comma-separated persona ids, optimised in lockstep"),
             ("--persona-dir", "optimize.persona_dir", str, "folder of personas"),
             ("--layer", "steering.layer", int, "hidden_states row to steer (output of block layer-1)"),
             (
@@ -337,7 +338,17 @@ def _run_vectors(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _run_optimize(cfg: Config, args: argparse.Namespace) -> int:
-    from persona_steering.optimize import run_layers, run_optimize
+    from persona_steering.optimize import run_layers, run_optimize, run_personas
+
+    if cfg.optimize.personas:
+        results = run_personas(cfg, cfg.optimize.personas)
+        print("| persona | best fit | search mean | unsteered | best weights |")
+        print("| --- | ---: | ---: | ---: | --- |")
+        for pid, r in results.items():
+            weights = " ".join(f"{k}={v:+.2f}" for k, v in r["best_weights"].items())
+            scores = " | ".join(f"{r[k]:.3f}" for k in ("best_score", "mean_score", "baseline_score"))
+            print(f"| {pid} | {scores} | {weights} |")
+        return 0
 
     if cfg.optimize.layers:
         summary = run_layers(cfg, cfg.optimize.layers)

@@ -177,6 +177,8 @@ class OptimizeConfig:
     """Discard an existing run with a different config instead of refusing."""
     layers: list[int] | None = None
     """Optimise once per layer (in <save_dir>/layer<L>/) and report the best layer."""
+    personas: list[str] | None = None
+    """Several persona ids optimised in lockstep (one batched generate per iteration for all)."""
 
     def __post_init__(self) -> None:
         if self.num_prompts < 1:
@@ -187,6 +189,8 @@ class OptimizeConfig:
             raise ConfigError(f"optimize.population_size must be >= 2, got {self.population_size}")
         if not self.sigma0 > 0:
             raise ConfigError(f"optimize.sigma0 must be > 0, got {self.sigma0}")
+        if self.personas and self.layers:
+            raise ConfigError("optimize.personas and optimize.layers cannot be combined; run one at a time")
 
 
 @dataclass

@@ -90,7 +90,12 @@ class Objective:
         return [[a.text for a in cand] for cand in out]
 
     def score(self, weights: np.ndarray) -> tuple[list[Scored], list[list[str]]]:
+        """Steer, generate and judge a population of weight vectors [candidates, k]."""
         texts = self.answers(weights)
+        return self.judge_texts(texts), texts
+
+    def judge_texts(self, texts: list[list[str]]) -> list[Scored]:
+        """Persona fit (and coherence) of steered answers [candidate][prompt]."""
         queries = []
         for cand in texts:
             for prompt, base, ans in zip(self.prompts, self.baselines, cand, strict=True):
@@ -120,117 +125,200 @@ class Objective:
             if coh is not None and self.cfg.optimize.coherence_penalty:
                 objective += self.cfg.optimize.coherence_penalty * (1 - coh / 100)
             scored.append(Scored(fit, coh, len(fits), n, objective))
-        return scored, texts
+        return scored
 
 
 def run_optimize(
     cfg: Config, rt: Runtime | Callable[[], Runtime] | None = None, log: Any = print
 ) -> dict[str, Any]:
-    """The ``optimize`` stage: resume or start, iterate, checkpoint, write results.
+    """The ``optimize`` stage for ``cfg.optimize.persona_id``: resume or start, iterate, checkpoint,
+    write results.
 
     Args:
         cfg: the whole configuration; ``cfg.optimize`` and ``cfg.steering`` matter most.
         rt: the loaded model, or a function returning it (called only if there is work to do).
         log: where progress lines go.
     """
-    import cma
-
-    opt = cfg.optimize
-    if not opt.persona_id:
+    if not cfg.optimize.persona_id:
         raise ConfigError("optimize.persona_id is required (--persona-id ID, or make optimize PERSONA=ID)")
-    persona = load_persona(opt.persona_dir, opt.persona_id)
+    return run_personas(cfg, [cfg.optimize.persona_id], rt, log)[cfg.optimize.persona_id]
+
+
+@dataclass
+class _Run:
+    """One persona's optimisation: what determines it, where it is saved, and its live state."""
+
+    cfg: Config
+    persona: Persona
+    prompts: list[str]
+    x0: np.ndarray
+    basis: TraitBasis
+    digest: str
+    paths: dict[str, Path]
+    state: dict[str, Any] | None = None
+    objective: Objective | None = None
+
+    @property
+    def id(self) -> str:
+        return self.persona.id
+
+
+def run_personas(
+    cfg: Config,
+    persona_ids: list[str],
+    rt: Runtime | Callable[[], Runtime] | None = None,
+    log: Any = print,
+) -> dict[str, dict[str, Any]]:
+    """Optimise several personas in lockstep: one CMA-ES each (own seed stream, own checkpoint, same
+    result as alone), but one batched ``generate`` per iteration carrying every persona's rows."""
+    if len(set(persona_ids)) != len(persona_ids):
+        raise ConfigError(f"persona ids repeat: {', '.join(persona_ids)}")
+    results: dict[str, dict[str, Any]] = {}
+    runs: list[_Run] = []
+    for pid in persona_ids:  # everything checked before the model loads or anything is written
+        run = _plan(replace(cfg, optimize=replace(cfg.optimize, persona_id=pid)))
+        finished = _finished_result(run.paths["result"], run.digest)
+        if finished is not None and not cfg.optimize.restart:
+            log(f"{pid}: finished run found in {run.paths['result']} (config {run.digest}); nothing to do")
+            results[pid] = finished
+            continue
+        run.state = _load_checkpoint(run.paths["checkpoint"], run.digest, cfg.optimize.restart)
+        runs.append(run)
+    if not runs:
+        return results
+    rt = rt() if callable(rt) else rt or load_runtime(cfg.model, cfg.cache_dir, cfg.seed)
+    if rt.fingerprint != runs[0].basis.fingerprint:
+        raise ConfigError("the loaded model does not match the vectors' model fingerprint")
+    with Cache(cfg.cache_dir) as cache:
+        judge = build_judge(cfg.judge, rt, cfg.cache_dir)
+        for run in runs:
+            run.objective = Objective(rt, run.cfg, run.basis, run.persona, run.prompts, judge, cache)
+            _start(run, log)
+        while active := [r for r in runs if r.state and r.state["iteration"] < cfg.optimize.max_iterations]:
+            started = time.perf_counter()
+            candidates = [_ask(r) for r in active]  # [popsize, k] each
+            texts = _answers_together(active, candidates)
+            for run, cands, answers in zip(active, candidates, texts, strict=True):
+                assert run.objective is not None
+                scored = run.objective.judge_texts(answers)
+                if any(s.verdicts == 0 for s in scored):
+                    raise RuntimeError(
+                        "a candidate got no verdict at all after retries; see the log for the judge's errors"
+                    )
+                _tell(run, cands, scored, time.perf_counter() - started, log, prefix=len(runs) > 1)
+        for run in runs:
+            results[run.id] = _finish(run, log)
+        log("cache: " + json.dumps({"hits": cache.hits, "misses": cache.misses}, sort_keys=True))
+    return {pid: results[pid] for pid in persona_ids}
+
+
+def _plan(cfg: Config) -> _Run:
+    opt = cfg.optimize
+    persona = load_persona(opt.persona_dir, str(opt.persona_id))
     prompts = load_prompts(opt.prompts_file, "train")[: opt.num_prompts]
     x0 = _initial_weights(cfg)
     ident = identify(cfg.model)
     basis = configured_basis(cfg.steering, cfg.traits, ident.slug, ident.fingerprint)
     run_digest = _run_digest(cfg, persona, prompts, basis, ident.fingerprint)
-    save_dir = Path(opt.save_dir)
-    paths = _paths(save_dir, opt.persona_id)
-    finished = _finished_result(paths["result"], run_digest)
-    if finished is not None and not opt.restart:
-        log(f"{opt.persona_id}: finished run found in {paths['result']} (config {run_digest}); nothing to do")
-        return finished
-    state = _load_checkpoint(paths["checkpoint"], run_digest, opt.restart)
+    return _Run(cfg, persona, prompts, x0, basis, run_digest, _paths(Path(opt.save_dir), persona.id))
 
-    rt = rt() if callable(rt) else rt or load_runtime(cfg.model, cfg.cache_dir, cfg.seed)
-    if rt.fingerprint != basis.fingerprint:
-        raise ConfigError("the loaded model does not match the vectors' model fingerprint")
-    with Cache(cfg.cache_dir) as cache:
-        judge = build_judge(cfg.judge, rt, cfg.cache_dir)
-        objective = Objective(rt, cfg, basis, persona, prompts, judge, cache)
-        if state is None:
-            np.random.seed(cfg.seed)  # cma samples from numpy's global generator
-            es = cma.CMAEvolutionStrategy(
-                x0.tolist(),
-                opt.sigma0,
-                {
-                    "popsize": opt.population_size or (4 + int(3 * math.log(len(x0)))),
-                    "seed": cfg.seed + 1,
-                    "bounds": [-opt.bound, opt.bound],
-                    "verbose": -9,
-                    "maxiter": opt.max_iterations,
-                },
-            )
-            state = {
-                "es": es,
-                "numpy_rng": np.random.get_state(),
-                "iteration": 0,
-                "history": _new_history(),
-                "digest": run_digest,
-                "evaluations": 0,
-                "best": None,
-            }
-            log(
-                f"{opt.persona_id}: starting CMA-ES over {', '.join(cfg.traits)} at layer {basis.layer}, "
-                f"alpha {cfg.steering.alpha}, population {es.popsize}"
-            )
-        else:
-            log(f"{opt.persona_id}: resuming after iteration {state['iteration']} from {paths['checkpoint']}")
-        es = state["es"]
-        np.random.set_state(state["numpy_rng"])
-        while state["iteration"] < opt.max_iterations:
-            started = time.perf_counter()
-            candidates = np.asarray(es.ask())  # [popsize, k]
-            scored, _ = objective.score(candidates)
-            if any(s.verdicts == 0 for s in scored):
-                raise RuntimeError(
-                    "a candidate got no verdict at all after retries; see the log for the judge's errors"
-                )
-            es.tell(candidates.tolist(), [s.objective for s in scored])
-            _record(state, candidates, scored, cfg.traits)
-            state["numpy_rng"] = np.random.get_state()
-            _save_checkpoint(paths["checkpoint"], state)
-            h = state["history"]
-            log(
-                f"iter {state['iteration']:>3}/{opt.max_iterations}  best {state['best']['score']:.3f}  "
-                f"gen best {h['generation_best'][-1]:.3f}  gen mean {h['generation_mean'][-1]:.3f}  "
-                f"sigma {es.sigma:.3f}  "
-                f"verdicts {sum(s.verdicts for s in scored)}/{sum(s.expected for s in scored)}  "
-                f"{time.perf_counter() - started:.1f}s"
-            )
-        # The distribution mean and the unsteered baseline, scored the same way.
-        mean_w = np.asarray(es.mean, dtype=np.float64)
-        (mean_s, zero_s), texts = objective.score(np.stack([mean_w, np.zeros_like(mean_w)]))
-        best_w = np.asarray(state["best"]["weights"])
-        (best_s,), best_texts = objective.score(best_w[None, :])
-        result = _result(cfg, basis, state, mean_w, mean_s, zero_s, run_digest)
-        log("cache: " + json.dumps({"hits": cache.hits, "misses": cache.misses}, sort_keys=True))
-        result["examples"] = [
-            {"prompt": p, "baseline": b, "best": s}
-            for p, b, s in zip(prompts[:3], objective.baselines, best_texts[0], strict=False)
-        ]
-    atomic_write_json(
-        paths["best"],
+
+def _start(run: _Run, log: Any) -> None:
+    """A fresh CMA-ES (seeded) unless a checkpoint was loaded."""
+    import cma
+
+    opt = run.cfg.optimize
+    if run.state is not None:
+        log(f"{run.id}: resuming after iteration {run.state['iteration']} from {run.paths['checkpoint']}")
+        return
+    np.random.seed(run.cfg.seed)  # cma samples from numpy's global generator
+    es = cma.CMAEvolutionStrategy(
+        run.x0.tolist(),
+        opt.sigma0,
         {
-            k: result[k]
-            for k in ("persona_id", "layer", "alpha", "best_weights", "best_score", "config_digest")
+            "popsize": opt.population_size or (4 + int(3 * math.log(len(run.x0)))),
+            "seed": run.cfg.seed + 1,
+            "bounds": [-opt.bound, opt.bound],
+            "verbose": -9,
+            "maxiter": opt.max_iterations,
         },
     )
-    atomic_write_json(paths["result"], result)
-    plot_convergence(result, paths["plot"])
+    run.state = {
+        "es": es,
+        "numpy_rng": np.random.get_state(),
+        "iteration": 0,
+        "history": _new_history(),
+        "digest": run.digest,
+        "evaluations": 0,
+        "best": None,
+    }
     log(
-        f"{opt.persona_id}: best fit {result['best_score']:.3f} "
-        f"(unsteered {result['baseline_score']:.3f}); wrote {paths['result']}"
+        f"{run.id}: starting CMA-ES over {', '.join(run.cfg.traits)} at layer {run.basis.layer}, "
+        f"alpha {run.cfg.steering.alpha}, population {es.popsize}"
+    )
+
+
+def _ask(run: _Run) -> np.ndarray:
+    """The next population, drawn from this run's own numpy RNG stream (so lockstep equals alone)."""
+    assert run.state is not None
+    np.random.set_state(run.state["numpy_rng"])
+    candidates = np.asarray(run.state["es"].ask())
+    run.state["numpy_rng"] = np.random.get_state()
+    return candidates
+
+
+def _answers_together(runs: list[_Run], candidates: list[np.ndarray]) -> list[list[list[str]]]:
+    """Every run's steered answers from one generate call (runs share model, prompts and basis)."""
+    first = runs[0].objective
+    assert first is not None
+    texts = first.answers(np.concatenate(candidates))
+    out, start = [], 0
+    for cands in candidates:
+        out.append(texts[start : start + len(cands)])
+        start += len(cands)
+    return out
+
+
+def _tell(
+    run: _Run, candidates: np.ndarray, scored: list[Scored], seconds: float, log: Any, prefix: bool
+) -> None:
+    """Update CMA-ES, the history and the checkpoint; print the iteration's line."""
+    state = run.state
+    assert state is not None
+    np.random.set_state(state["numpy_rng"])
+    state["es"].tell(candidates.tolist(), [s.objective for s in scored])
+    _record(state, candidates, scored, run.cfg.traits)
+    state["numpy_rng"] = np.random.get_state()
+    _save_checkpoint(run.paths["checkpoint"], state)
+    h = state["history"]
+    log(
+        f"{run.id + ': ' if prefix else ''}"
+        f"iter {state['iteration']:>3}/{run.cfg.optimize.max_iterations}  best {state['best']['score']:.3f}  "
+        f"gen best {h['generation_best'][-1]:.3f}  gen mean {h['generation_mean'][-1]:.3f}  "
+        f"sigma {state['es'].sigma:.3f}  "
+        f"verdicts {sum(s.verdicts for s in scored)}/{sum(s.expected for s in scored)}  {seconds:.1f}s"
+    )
+
+
+def _finish(run: _Run, log: Any) -> dict[str, Any]:
+    """Score the distribution mean, the unsteered baseline and the best weights; write the outputs."""
+    state, objective = run.state, run.objective
+    assert state is not None and objective is not None
+    mean_w = np.asarray(state["es"].mean, dtype=np.float64)
+    (mean_s, zero_s), _ = objective.score(np.stack([mean_w, np.zeros_like(mean_w)]))
+    (_best_s,), best_texts = objective.score(np.asarray(state["best"]["weights"])[None, :])
+    result = _result(run.cfg, run.basis, state, mean_w, mean_s, zero_s, run.digest)
+    result["examples"] = [
+        {"prompt": p, "baseline": b, "best": s}
+        for p, b, s in zip(run.prompts[:3], objective.baselines, best_texts[0], strict=False)
+    ]
+    keys = ("persona_id", "layer", "alpha", "best_weights", "best_score", "config_digest")
+    atomic_write_json(run.paths["best"], {k: result[k] for k in keys})
+    atomic_write_json(run.paths["result"], result)
+    plot_convergence(result, run.paths["plot"])
+    log(
+        f"{run.id}: best fit {result['best_score']:.3f} "
+        f"(unsteered {result['baseline_score']:.3f}); wrote {run.paths['result']}"
     )
     return result
 
@@ -316,11 +404,9 @@ def _run_digest(
     cfg: Config, persona: Persona, prompts: list[str], basis: TraitBasis, fingerprint: str
 ) -> str:
     """Everything that determines the optimisation's trajectory (not where it is saved)."""
-    opt = {
-        k: v
-        for k, v in asdict(cfg.optimize).items()
-        if k not in ("save_dir", "restart", "persona_dir", "prompts_file")
-    }
+    # Where inputs live and how runs are grouped do not change a persona's trajectory.
+    where = ("save_dir", "restart", "persona_dir", "prompts_file", "layers", "personas")
+    opt = {k: v for k, v in asdict(cfg.optimize).items() if k not in where}
     return digest(
         {
             "v": CHECKPOINT_VERSION,

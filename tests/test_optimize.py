@@ -263,3 +263,40 @@ def test_layer_sweep_loads_once_and_reports_best_layer(project, monkeypatch):
     assert (tmp_path / "runs" / "p1_layers.png").is_file()
     again = optimize.run_layers(cfg, cfg.optimize.layers, log=lambda *_: None)
     assert again == summary and len(loads) == 1  # finished runs: no model load
+
+
+def test_lockstep_personas_equal_alone_and_share_generate_calls(project, monkeypatch):
+    import persona_steering.generation as generation
+    import persona_steering.optimize as optimize
+
+    tmp_path, overrides = project
+    second = tmp_path / "personas" / "p2"
+    second.mkdir()
+    (second / "persona_profile.txt").write_text("A cold formal clerk.")
+    (second / "persona_samples.json").write_text(json.dumps(["please answer the question", "that is not good"]))
+    base = overrides + ["optimize.max_iterations=3"]
+    alone = {}
+    for pid in ("p1", "p2"):
+        cfg = load_config(None, base + [f"optimize.persona_id={pid}", f"optimize.save_dir={tmp_path / ('alone-' + pid)}"])
+        alone[pid] = run_optimize(cfg, log=lambda *_: None)
+    calls = []
+    real = generation.generate
+
+    def counting(rt, requests, *a, **k):
+        if k.get("deltas") is not None:
+            calls.append(len(requests))
+        return real(rt, requests, *a, **k)
+
+    monkeypatch.setattr(generation, "generate", counting)
+    cfg = load_config(None, base + [f"optimize.save_dir={tmp_path / 'together'}", "optimize.personas=[p1, p2]"])
+    together = optimize.run_personas(cfg, ["p1", "p2"], log=lambda *_: None)
+    # 3 iterations, each one call with both personas' rows (2 x 4 candidates x 2 prompts), then the
+    # per-persona final scoring calls.
+    assert calls[:3] == [16, 16, 16]
+    for pid in ("p1", "p2"):
+        for key in ("best_weights", "best_score", "optimization_history", "mean_weights", "history", "config_digest"):
+            assert together[pid][key] == alone[pid][key], (pid, key)
+        assert (tmp_path / "together" / f"{pid}_optimization.json").is_file()
+    # Each persona's checkpoint stands alone: p2 finishes with the single-persona command too.
+    cfg2 = load_config(None, base + ["optimize.persona_id=p2", f"optimize.save_dir={tmp_path / 'together'}"])
+    assert run_optimize(cfg2, log=lambda *_: None) == together["p2"]
