@@ -17,7 +17,9 @@ COMMON = [
     ("--model", "model.name", str, "embedded, a hub id, a local folder or a .gguf file"),
     ("--precision", "model.precision", str, "auto, 32-true, bf16-true, 16-true, bf16-mixed"),
     ("--accelerator", "model.accelerator", str, "auto, cpu, cuda, mps"),
-    ("--devices", "model.devices", int, "number of devices"),
+    ("--devices", "model.devices", int, "devices (processes) per node; >1 deals rows across them"),
+    ("--num-nodes", "model.num_nodes", int, "machines (multi-node runs start through srun/torchrun)"),
+    ("--strategy", "model.strategy", str, "auto or ddp"),
     ("--seed", "seed", int, "seed for sampling and optimisation"),
     ("--cache-dir", "cache_dir", str, "diskcache folder"),
     ("--max-batch", "generation.max_batch", int, "rows per forward pass"),
@@ -323,9 +325,12 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _run_vectors(cfg: Config, args: argparse.Namespace) -> int:
+    from persona_steering.distributed import is_main_process
     from persona_steering.extraction import run_vectors
 
     results = run_vectors(cfg)
+    if not is_main_process():  # with several processes, rank 0 alone prints
+        return 0
     if results:
         print(f"vectors in {results[0].path.rsplit('/', 1)[0]}/")
     for r in results:
@@ -338,10 +343,13 @@ def _run_vectors(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _run_optimize(cfg: Config, args: argparse.Namespace) -> int:
+    from persona_steering.distributed import is_main_process
     from persona_steering.optimize import run_layers, run_optimize, run_personas
 
     if cfg.optimize.personas:
         results = run_personas(cfg, cfg.optimize.personas)
+        if not is_main_process():  # with several processes, rank 0 alone prints
+            return 0
         print("| persona | best fit | search mean | unsteered | best weights |")
         print("| --- | ---: | ---: | ---: | --- |")
         for pid, r in results.items():
@@ -352,6 +360,8 @@ def _run_optimize(cfg: Config, args: argparse.Namespace) -> int:
 
     if cfg.optimize.layers:
         summary = run_layers(cfg, cfg.optimize.layers)
+        if not is_main_process():
+            return 0
         print("| layer | best fit | search mean | unsteered |\n| ---: | ---: | ---: | ---: |")
         for r in summary["layers"]:
             scores = " | ".join(f"{r[k]:.3f}" for k in ("best_score", "mean_score", "baseline_score"))
@@ -361,6 +371,8 @@ def _run_optimize(cfg: Config, args: argparse.Namespace) -> int:
         return 0
 
     result = run_optimize(cfg)
+    if not is_main_process():
+        return 0
     weights = "  ".join(f"{k}={v:+.2f}" for k, v in result["best_weights"].items())
     print(f"best weights  {weights}")
     print(

@@ -35,7 +35,11 @@ class ModelConfig:
     accelerator: str = "auto"
     """Fabric accelerator: auto, cpu, cuda, mps."""
     devices: int = 1
-    """Number of devices for Fabric."""
+    """Devices (processes) per node for Fabric; more than 1 deals rows across processes."""
+    num_nodes: int = 1
+    """Machines for Fabric (multi-node runs are started by srun or torchrun on each node)."""
+    strategy: str = "auto"
+    """Fabric strategy: auto (one device: single process; several: ddp) or ddp."""
     trust_remote_code: bool = False
     """Passed to transformers for hub models with custom code."""
 
@@ -46,6 +50,10 @@ class ModelConfig:
             )
         if self.devices < 1:
             raise ConfigError(f"model.devices must be >= 1, got {self.devices}")
+        if self.num_nodes < 1:
+            raise ConfigError(f"model.num_nodes must be >= 1, got {self.num_nodes}")
+        if self.strategy not in ("auto", "ddp"):
+            raise ConfigError(f"model.strategy must be auto or ddp, got {self.strategy!r}")
 
 
 @dataclass

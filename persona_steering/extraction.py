@@ -21,6 +21,15 @@ from tqdm.auto import tqdm
 from persona_steering import __version__
 from persona_steering.cache import Cache, digest
 from persona_steering.config import Config, ConfigError
+from persona_steering.distributed import (
+    all_reduce_sum,
+    gather_rows,
+    main_cache,
+    on_main,
+    quiet_unless_main,
+    rank_log,
+    shard,
+)
 from persona_steering.generation import Answer, Request, generate, last_logits_only
 from persona_steering.layers import decoder_blocks, untuple
 from persona_steering.runtime import Runtime, identify, load_runtime
@@ -55,10 +64,15 @@ def run_vectors(cfg: Config, rt: Runtime | None = None, log: Any = print) -> lis
     out_dir = Path(cfg.vectors.out_dir) / ident.slug
     inputs = {t.name: _inputs_digest(cfg, t, ident.fingerprint, ident.precision) for t in traits}
     todo = [t for t in traits if not _up_to_date(out_dir / f"{t.name}.safetensors", inputs[t.name])]
-    results = [_skipped(out_dir / f"{t.name}.safetensors") for t in traits if t not in todo]
+    written: list[Path] = []
     if todo:
         rt = rt or load_runtime(cfg.model, cfg.cache_dir, cfg.seed)
-        with Cache(cfg.cache_dir) as cache:
+        # Every rank must run the same collectives: all follow rank 0's view of what is up to date.
+        names = on_main(rt.fabric, lambda: [t.name for t in todo])
+        todo = [t for t in traits if t.name in names]
+        log = quiet_unless_main(rt.fabric, log)
+        rank_log(rt.fabric, f"extracting {', '.join(names)} from a round-robin share of the rows")
+        with main_cache(rt.fabric, cfg.cache_dir) as cache:
             answers = _generate_all(rt, cfg, todo, cache)
             for trait in todo:
                 started = time.perf_counter()
@@ -99,8 +113,13 @@ def run_vectors(cfg: Config, rt: Runtime | None = None, log: Any = print) -> lis
                     },
                     "seconds": round(time.perf_counter() - started, 2),
                 }
-                path = save_vectors(out_dir / f"{trait.name}.safetensors", tensors, meta)
-                results.append(_skipped(path, skipped=False))
+                if rt.rank == 0:
+                    save_vectors(out_dir / f"{trait.name}.safetensors", tensors, meta)
+                written.append(out_dir / f"{trait.name}.safetensors")
+        if rt.world_size > 1:
+            rt.fabric.barrier()  # the others read back the files rank 0 wrote
+    results = [_skipped(out_dir / f"{t.name}.safetensors") for t in traits if t not in todo]
+    results += [_skipped(path, skipped=False) for path in written]
     order = {t.name: i for i, t in enumerate(traits)}
     return sorted(results, key=lambda r: order[r.trait])
 
@@ -117,7 +136,7 @@ class Pair:
 
 
 def _generate_all(
-    rt: Runtime, cfg: Config, traits: list[Trait], cache: Cache
+    rt: Runtime, cfg: Config, traits: list[Trait], cache: Cache | None
 ) -> dict[str, tuple[list[Pair], list[Pair]]]:
     """Every pos and neg answer of every trait, in one batched, memoised generate call."""
     plan: list[tuple[str, str, Request, int]] = []  # (trait, pole, request, replicate)
@@ -151,7 +170,7 @@ def _generate_all(
 
 
 def _filter_pairs(
-    rt: Runtime, cfg: Config, trait: Trait, pos: list[Pair], neg: list[Pair], cache: Cache, log: Any
+    rt: Runtime, cfg: Config, trait: Trait, pos: list[Pair], neg: list[Pair], cache: Cache | None, log: Any
 ) -> list[tuple[Pair, Pair]]:
     """Pairs to use; with vectors.filter_with_judge, only those the judge finds effective."""
     pairs = [(p, n) for p, n in zip(pos, neg, strict=True) if p.answer_ids and n.answer_ids]
@@ -160,13 +179,12 @@ def _filter_pairs(
         return pairs
     from persona_steering.judges import Query, build_judge
 
-    judge = build_judge(cfg.judge, rt)
     queries = []
     for p, n in pairs:
         for a in (p, n):
             queries.append(Query("trait", a.user, a.answer, rubric=trait.eval_prompt, trait=trait.name))
             queries.append(Query("coherence", a.user, a.answer))
-    v = judge.judge(queries, cache)
+    v = on_main(rt.fabric, lambda: build_judge(cfg.judge, rt).judge(queries, cache))  # judged once
     thr = cfg.vectors.filter_threshold
     kept = []
     for i, pair in enumerate(pairs):
@@ -183,7 +201,6 @@ def _filter_pairs(
     return kept
 
 
-@torch.inference_mode()
 def record_activations(
     rt: Runtime, rows: list[Pair], max_batch: int, desc: str | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -191,14 +208,28 @@ def record_activations(
 
     Each layer is reduced to its summaries inside the hook, on the model's device, so memory holds
     one layer's states at a time rather than all of them (about 3 GB per batch of 64 on an 8B model).
+    With several processes each records its round-robin share of the rows; the summaries are
+    gathered back in row order and the norm sums added up, so every rank returns the full result.
 
     Returns:
         ({summary: [rows, L+1, hidden]}, {summary: [L+1] mean token norm}).
     """
+    mine = shard(len(rows), rt.fabric)
+    local, sums = _record_share(rt, [rows[i] for i in mine], max_batch, desc if rt.rank == 0 else None)
+    sums = all_reduce_sum(rt.fabric, sums)  # [summaries, L+2]: token-norm sums per layer, then counts
+    out = {s: gather_rows(rt.fabric, local[s], len(rows)) for s in SUMMARIES}
+    norms = {s: (sums[k, :-1] / max(float(sums[k, -1]), 1.0)).float() for k, s in enumerate(SUMMARIES)}
+    return out, norms
+
+
+@torch.inference_mode()
+def _record_share(
+    rt: Runtime, rows: list[Pair], max_batch: int, desc: str | None
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """({summary: [rows, L+1, hidden]}, [summaries, L+2] float64 token-norm sums per row, then counts)."""
     n_rows = len(decoder_blocks(rt.model)) + 1
     out = {s: torch.zeros(len(rows), n_rows, rt.hidden_size) for s in SUMMARIES}
-    norm_sum = {s: torch.zeros(n_rows, dtype=torch.float64) for s in SUMMARIES}
-    norm_count = dict.fromkeys(SUMMARIES, 0.0)
+    sums = torch.zeros(len(SUMMARIES), n_rows + 1, dtype=torch.float64)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].answer_ids))
     pad = rt.tokenizer.pad_token_id or 0
     bar = tqdm(total=len(rows), desc=desc, disable=desc is None, leave=False)
@@ -232,13 +263,12 @@ def record_activations(
         for layer, summaries in enumerate(layer_out):
             for s, (means, total) in summaries.items():
                 out[s][idx, layer] = means.cpu()
-                norm_sum[s][layer] += float(total)
+                sums[SUMMARIES.index(s), layer] += float(total)
         for s, m in masks.items():
-            norm_count[s] += float(m.sum())
+            sums[SUMMARIES.index(s), -1] += float(m.sum())
         bar.update(len(idx))
     bar.close()
-    norms = {s: (norm_sum[s] / max(norm_count[s], 1.0)).float() for s in SUMMARIES}
-    return out, norms
+    return out, sums
 
 
 def _summary_masks(

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from persona_steering.cache import Cache, bytes_digest, digest
 from persona_steering.config import GenerationConfig
+from persona_steering.distributed import gather_objects, on_main, rank, world_size
 from persona_steering.runtime import Runtime
 from persona_steering.steering import steer
 
@@ -86,34 +87,49 @@ def generate(
             raise ValueError(f"{deltas.shape[0]} steering rows for {len(requests)} requests")
     texts = [chat_text(rt.tokenizer, r) for r in requests]
     keys = [_row_key(rt, texts[i], gen, seed, deltas, layer, positions, i) for i in range(len(requests))]
-    results: dict[str, Answer] = {}
+    fabric = getattr(rt, "fabric", None)
+    hits, todo = on_main(fabric, lambda: _lookup(keys, cache))  # rank 0 alone reads the cache
+    results = {kd: Answer(text=h["text"], ids=h["ids"], prompt=texts[i]) for kd, (h, i) in hits.items()}
+    rows = sorted(todo.items(), key=lambda kv: len(texts[kv[1]]))  # similar lengths share a batch
+    # With several processes each block of max_batch rows per rank is dealt round-robin, decoded,
+    # and gathered back to every rank; rank 0 stores the block, so a kill loses one block at most.
+    world, me = world_size(fabric), rank(fabric)
+    bar = tqdm(total=len(rows), desc=desc, disable=desc is None or not rows or me != 0, leave=False)
+    for start in range(0, len(rows), gen.max_batch * world):
+        block = rows[start : start + gen.max_batch * world]
+        idx = [i for _, i in block[me::world]]
+        outs: list[list[int]] = []
+        if idx:
+            chunk_deltas = None if deltas is None else deltas[idx]
+            outs = _generate_batch(
+                rt, [texts[i] for i in idx], gen, chunk_deltas, layer, positions, [keys[i] for i in idx], seed
+            )
+        for (kd, i), ids in zip(block, gather_objects(fabric, outs, len(block)), strict=True):
+            text = rt.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            results[kd] = Answer(text=text, ids=ids, prompt=texts[i])
+            if cache is not None and me == 0:
+                cache.set("generation", keys[i], {"text": text, "ids": ids})
+        bar.update(len(block))
+    bar.close()
+    return [results[digest(k)] for k in keys]
+
+
+def _lookup(
+    keys: list[dict[str, Any]], cache: Cache | None
+) -> tuple[dict[str, tuple[dict[str, Any], int]], dict[str, int]]:
+    """({row digest: (cached value, first row)}, {row digest: first row to generate}), each row once."""
+    hits: dict[str, tuple[dict[str, Any], int]] = {}
     todo: dict[str, int] = {}
     for i, key in enumerate(keys):
         kd = digest(key)
-        if kd in results or kd in todo:
+        if kd in hits or kd in todo:
             continue
         hit = cache.get("generation", key) if cache is not None else None
         if hit is not None:
-            results[kd] = Answer(text=hit["text"], ids=hit["ids"], prompt=texts[i])
+            hits[kd] = (hit, i)
         else:
             todo[kd] = i
-    rows = sorted(todo.items(), key=lambda kv: len(texts[kv[1]]))  # similar lengths share a batch
-    bar = tqdm(total=len(rows), desc=desc, disable=desc is None or not rows, leave=False)
-    for start in range(0, len(rows), gen.max_batch):
-        chunk = rows[start : start + gen.max_batch]
-        idx = [i for _, i in chunk]
-        chunk_deltas = None if deltas is None else deltas[idx]
-        outs = _generate_batch(
-            rt, [texts[i] for i in idx], gen, chunk_deltas, layer, positions, [keys[i] for i in idx], seed
-        )
-        for (kd, i), ids in zip(chunk, outs, strict=True):
-            text = rt.tokenizer.decode(ids, skip_special_tokens=True).strip()
-            results[kd] = Answer(text=text, ids=ids, prompt=texts[i])
-            if cache is not None:
-                cache.set("generation", keys[i], {"text": text, "ids": ids})
-        bar.update(len(chunk))
-    bar.close()
-    return [results[digest(k)] for k in keys]
+    return hits, todo
 
 
 def generate_population(

@@ -25,6 +25,14 @@ from persona_steering import __version__
 from persona_steering.basis import TraitBasis, configured_basis, parse_weights
 from persona_steering.cache import Cache, atomic_write_bytes, atomic_write_json, digest
 from persona_steering.config import Config, ConfigError
+from persona_steering.distributed import (
+    is_main,
+    is_main_process,
+    main_cache,
+    on_main,
+    quiet_unless_main,
+    rank_log,
+)
 from persona_steering.generation import Request, generate, generate_population
 from persona_steering.judges import Judge, Query, build_judge
 from persona_steering.runtime import Runtime, identify, load_runtime
@@ -58,7 +66,7 @@ class Objective:
     persona: Persona
     prompts: list[str]
     judge: Judge
-    cache: Cache
+    cache: Cache | None  # None on ranks other than 0, which never read or write it
 
     @cached_property
     def baselines(self) -> list[str]:
@@ -111,7 +119,8 @@ class Objective:
                 )
                 if self.cfg.judge.coherence:
                     queries.append(Query("coherence", prompt, ans))
-        verdicts = self.judge.judge(queries, self.cache)
+        # Judged once, on rank 0; every rank gets the verdicts and so tells CMA-ES the same scores.
+        verdicts = on_main(self.rt.fabric, lambda: self.judge.judge(queries, self.cache))
         per = 2 if self.cfg.judge.coherence else 1
         n = len(self.prompts)
         scored = []
@@ -189,7 +198,11 @@ def run_personas(
     rt = rt() if callable(rt) else rt or load_runtime(cfg.model, cfg.cache_dir, cfg.seed)
     if rt.fingerprint != runs[0].basis.fingerprint:
         raise ConfigError("the loaded model does not match the vectors' model fingerprint")
-    with Cache(cfg.cache_dir) as cache:
+    # Every rank holds the same CMA-ES state (same seed, same verdicts), deals each population's
+    # rows across ranks in generate(), and leaves the cache, checkpoints and outputs to rank 0.
+    log = quiet_unless_main(rt.fabric, log)
+    rank_log(rt.fabric, f"optimising {', '.join(r.id for r in runs)} on a round-robin share of the rows")
+    with main_cache(rt.fabric, cfg.cache_dir) as cache:
         judge = build_judge(cfg.judge, rt, cfg.cache_dir)
         for run in runs:
             run.objective = Objective(rt, run.cfg, run.basis, run.persona, run.prompts, judge, cache)
@@ -208,7 +221,8 @@ def run_personas(
                 _tell(run, cands, scored, time.perf_counter() - started, log, prefix=len(runs) > 1)
         for run in runs:
             results[run.id] = _finish(run, log)
-        log("cache: " + json.dumps({"hits": cache.hits, "misses": cache.misses}, sort_keys=True))
+        if cache is not None:
+            log("cache: " + json.dumps({"hits": cache.hits, "misses": cache.misses}, sort_keys=True))
     return {pid: results[pid] for pid in persona_ids}
 
 
@@ -289,7 +303,8 @@ def _tell(
     state["es"].tell(candidates.tolist(), [s.objective for s in scored])
     _record(state, candidates, scored, run.cfg.traits)
     state["numpy_rng"] = np.random.get_state()
-    _save_checkpoint(run.paths["checkpoint"], state)
+    if run.objective is None or is_main(run.objective.rt.fabric):
+        _save_checkpoint(run.paths["checkpoint"], state)
     h = state["history"]
     log(
         f"{run.id + ': ' if prefix else ''}"
@@ -312,6 +327,8 @@ def _finish(run: _Run, log: Any) -> dict[str, Any]:
         {"prompt": p, "baseline": b, "best": s}
         for p, b, s in zip(run.prompts[:3], objective.baselines, best_texts[0], strict=False)
     ]
+    if not is_main(objective.rt.fabric):
+        return result
     keys = ("persona_id", "layer", "alpha", "best_weights", "best_score", "config_digest")
     atomic_write_json(run.paths["best"], {k: result[k] for k in keys})
     atomic_write_json(run.paths["result"], result)
@@ -364,6 +381,8 @@ def run_layers(cfg: Config, layers: list[int], log: Any = print) -> dict[str, An
         "best_score": best["best_score"],
         "config_digest": cfg.digest("model", "generation", "steering", "judge", "optimize", "traits", "seed"),
     }
+    if not is_main_process():
+        return summary
     base = Path(cfg.optimize.save_dir) / f"{cfg.optimize.persona_id}_layers"
     atomic_write_json(base.with_suffix(".json"), summary)
     _plot_layers(summary, base.with_suffix(".png"))

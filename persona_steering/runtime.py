@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from lightning.fabric import Fabric
 
 from persona_steering.cache import digest
-from persona_steering.config import ModelConfig
+from persona_steering.config import ConfigError, ModelConfig
 
 EMBEDDED = "embedded"
 EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -48,6 +48,16 @@ class Runtime:
     @property
     def device(self) -> torch.device:
         return self.fabric.device
+
+    @property
+    def rank(self) -> int:
+        """This process's global rank (0 with one process)."""
+        return int(self.fabric.global_rank)
+
+    @property
+    def world_size(self) -> int:
+        """Processes sharing the work (1 unless --devices/--num-nodes ask for more)."""
+        return int(self.fabric.world_size)
 
     @property
     def num_layers(self) -> int:
@@ -121,12 +131,35 @@ def identify(cfg: ModelConfig) -> ModelIdentity:
 
 
 def build_fabric(cfg: ModelConfig, seed: int) -> Fabric:
-    """Fabric for one process, seeded. Imported here: lightning takes seconds to import, and a warm
-    re-run that only checks fingerprints should not pay for it."""
+    """Fabric, launched when several processes are wanted, and seeded alike on every rank.
+
+    Imported here: lightning takes seconds to import, and a warm re-run that only checks
+    fingerprints should not pay for it.
+    """
     from lightning.fabric import Fabric
 
     precision = resolve_precision(cfg)
-    fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices, precision=precision)  # type: ignore[arg-type]
+    placement: dict[str, Any] = {
+        "accelerator": cfg.accelerator,
+        "devices": cfg.devices,
+        "num_nodes": cfg.num_nodes,
+        "strategy": cfg.strategy,
+    }
+    # Under `fabric run` (LT_CLI_USED=1) its own flags place the processes (Fabric reads them from
+    # LT_* variables and refuses differing constructor values), and Fabric joins the process group
+    # in its constructor and refuses launch().
+    fabric_cli = os.environ.get("LT_CLI_USED", "0") == "1"
+    fabric = Fabric(precision=precision, **({} if fabric_cli else placement))  # type: ignore[arg-type]
+    # launch() starts the other local processes (re-running this command) unless torchrun or srun
+    # already started them: Fabric then sees WORLD_SIZE/LOCAL_RANK or SLURM_* and only joins.
+    started = os.environ.get("WORLD_SIZE")  # set by torchrun and `fabric run`, which start every process
+    if started and int(started) != fabric.world_size:  # each process would otherwise do all the work
+        raise ConfigError(
+            f"{started} processes were started (WORLD_SIZE) but --devices {cfg.devices} x --num-nodes "
+            f"{cfg.num_nodes} make {fabric.world_size}: pass matching --devices, --num-nodes, --strategy ddp"
+        )
+    if fabric.world_size > 1 and not fabric_cli:
+        fabric.launch()
     fabric.seed_everything(seed, verbose=False)
     return fabric
 
@@ -149,6 +182,10 @@ def load_runtime(cfg: ModelConfig, cache_dir: str | Path = "cache", seed: int = 
     kwargs = dict(ident.kwargs)
     source = ident.source
     if ident.gguf is not None:
+        if fabric.world_size > 1:  # rank 0 writes the safetensors copy; the others read it
+            if fabric.global_rank == 0:
+                _dequantised(Path(ident.gguf), Path(cache_dir))
+            fabric.barrier()
         source = str(_dequantised(Path(ident.gguf), Path(cache_dir)))
         kwargs.pop("gguf_file", None)
     try:
@@ -162,8 +199,8 @@ def load_runtime(cfg: ModelConfig, cache_dir: str | Path = "cache", seed: int = 
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     model.requires_grad_(False)
-    # Placed by Fabric but not setup(): the model is frozen and inference-only, and setup() refuses
-    # a frozen model under ddp; generate() also needs the plain module, not Fabric's wrapper.
+    # Loaded on every rank and placed by Fabric but not setup(): the model is frozen and
+    # inference-only, setup() refuses a frozen model under ddp, and generate() needs the plain module.
     placed = fabric.to_device(model)
     return Runtime(
         fabric=fabric,

@@ -1,0 +1,167 @@
+"""Two CPU processes on gloo (Fabric launches the second): same vectors and same optimisation result
+as one process, rank 0 alone writes, and a killed two-process run resumes to the same result."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_optimize import project  # noqa: F401  (fixture: tiny model, traits, vectors, persona)
+
+from persona_steering.cache import Cache
+from persona_steering.config import load_config
+from persona_steering.optimize import run_optimize
+from persona_steering.store import load_vectors
+
+pytestmark = pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="needs torch.distributed with the gloo backend",
+)
+TWO_RANKS = ["--devices", "2", "--accelerator", "cpu", "--strategy", "ddp"]
+# Anything that would make Fabric think it was started by torchrun, srun or `fabric run`.
+_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LT_CLI_USED")
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_ENV and not k.startswith("SLURM_")}
+    return env | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _command(stage: str, overrides: list[str], *extra: str) -> list[str]:
+    args = [sys.executable, "-m", "persona_steering", stage]
+    for o in overrides:
+        args += ["--set", o]
+    return args + [*TWO_RANKS, *extra]
+
+
+def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    # cwd: a folder without configs/default.yaml, so the CLI reads only the overrides, as load_config does.
+    done = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[rank 0/2]" in done.stderr and "[rank 1/2]" in done.stderr, done.stderr[-3000:]
+    return done
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_vectors_on_two_ranks_equal_one_process(project):  # noqa: F811
+    tmp_path, overrides = project  # the fixture ran the vectors stage in this one process
+    one = tmp_path / "vectors"
+    two = tmp_path / "vectors-2"
+    done = _run(
+        _command("vectors", overrides, "--out-dir", str(two), "--cache-dir", str(tmp_path / "c2")), tmp_path
+    )
+    assert done.stdout.count("vectors in ") == 1  # rank 0 alone prints
+    slug = next(one.iterdir()).name
+    assert _files(two) == _files(one) == [f"{slug}/T1.safetensors", f"{slug}/T2.safetensors"]  # no temp files
+    for name in _files(one):
+        a, b = load_vectors(one / name), load_vectors(two / name)
+        assert set(a.tensors) == set(b.tensors)
+        for key in a.tensors:
+            torch.testing.assert_close(b.tensors[key], a.tensors[key], atol=1e-5, rtol=0, msg=key)
+        assert (
+            b.meta["pairs_kept"] == a.meta["pairs_kept"]
+            and b.meta["inputs_digest"] == a.meta["inputs_digest"]
+        )
+    # Rank 0 stored every row the two ranks generated, each once: the same entries as one process.
+    with Cache(tmp_path / "cache") as c1, Cache(tmp_path / "c2") as c2:
+        assert c2.count("generation") == c1.count("generation") > 0
+
+
+def _same_result(a: dict, b: dict) -> None:
+    """Equal but for where the run was saved and how it was placed."""
+    assert [k for k in a if a[k] != b[k]] in ([], ["config"])
+    for section in a["config"]:
+        if section not in ("model", "cache_dir", "optimize"):
+            assert a["config"][section] == b["config"][section], section
+    assert {**a["config"]["optimize"], "save_dir": None} == {**b["config"]["optimize"], "save_dir": None}
+    placement = ("devices", "strategy", "accelerator")
+    assert {k: v for k, v in a["config"]["model"].items() if k not in placement} == {
+        k: v for k, v in b["config"]["model"].items() if k not in placement
+    }
+
+
+@pytest.fixture()
+def reference(project):  # noqa: F811
+    """The one-process result of the optimisation the two-process runs repeat."""
+    tmp_path, overrides = project
+    overrides = [o for o in overrides if not o.startswith(("optimize.max_iterations", "optimize.save_dir"))]
+    overrides += ["optimize.max_iterations=5"]
+    cfg = load_config(None, overrides + [f"optimize.save_dir={tmp_path / 'runs-1'}"])
+    return tmp_path, overrides, run_optimize(cfg, log=lambda *_: None)
+
+
+def test_optimize_on_two_ranks_equals_one_process(reference):
+    tmp_path, overrides, one = reference
+    save = tmp_path / "runs-2"
+    done = _run(
+        _command("optimize", overrides, "--save-dir", str(save), "--cache-dir", str(tmp_path / "c2")),
+        tmp_path,
+    )
+    assert done.stdout.count("best weights") == 1 and done.stdout.count("cache: ") == 1
+    assert _files(save) == [
+        "p1_best_weights.json",
+        "p1_checkpoint.pkl",
+        "p1_convergence.png",
+        "p1_optimization.json",
+    ]
+    _same_result(one, json.loads((save / "p1_optimization.json").read_text()))
+
+
+def test_killed_two_rank_run_resumes_to_the_same_result(reference):
+    tmp_path, overrides, one = reference
+    save = tmp_path / "runs-k"
+    cmd = _command("optimize", overrides, "--save-dir", str(save), "--cache-dir", str(tmp_path / "ck"))
+    # Its own session, so one SIGKILL to the group takes both ranks down, as losing the node would.
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    ckpt = save / "p1_checkpoint.pkl"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists() and not (save / "p1_optimization.json").exists(), "killed too early or too late"
+    done = _run(cmd, tmp_path)
+    assert "resuming after iteration" in done.stdout
+    assert not [f for f in _files(save) if f.endswith(".tmp")]
+    _same_result(one, json.loads((save / "p1_optimization.json").read_text()))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.num_nodes=0", "model.num_nodes must be >= 1"),
+        ("model.strategy=fsdp", "model.strategy must be"),
+    ],
+)
+def test_bad_placement_options_are_refused(override, message):
+    from persona_steering.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_processes_started_by_torchrun_must_match_devices(monkeypatch):
+    """torchrun with the default --devices 1 would run two full single-process jobs, both writing."""
+    from persona_steering.config import ConfigError, ModelConfig
+    from persona_steering.runtime import build_fabric
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="2 processes were started"):
+        build_fabric(ModelConfig(accelerator="cpu"), 0)
+    monkeypatch.delenv("WORLD_SIZE")
+    assert build_fabric(ModelConfig(accelerator="cpu"), 0).world_size == 1
