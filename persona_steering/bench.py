@@ -69,6 +69,8 @@ class BenchSettings:
     """Rows per forward pass; None = generation.max_batch of the config."""
     out_dir: str = "runs/bench"
     """Where bench.json, bench.md and bench.png go."""
+    personas: int = 4
+    """Personas for the lockstep measurement (one generate per persona vs one for all)."""
     verdicts: int = 100
     """Judge calls in the fan-out measurement."""
     judge_delay: float = 0.2
@@ -77,7 +79,7 @@ class BenchSettings:
     """torch CPU threads during the run; None = torch's default (one per core)."""
 
     def __post_init__(self) -> None:
-        for name in ("population", "num_prompts", "max_new_tokens", "repeats", "verdicts"):
+        for name in ("population", "num_prompts", "max_new_tokens", "repeats", "verdicts", "personas"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"bench --{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("max_batch", "threads"):
@@ -181,6 +183,7 @@ def _measure(
         "identical": {m: {"rows": identical[m], "of": len(run.rows)} for m in METHODS[1:]},
         "float32_recheck": _float32_recheck(cfg, run, timed) if rt.model.dtype != torch.float32 else None,
         "extraction": _bench_extraction(run, timed["per-row"].ids),
+        "lockstep": _bench_lockstep(run, settings.personas),
         "judge": bench_judge(cfg.judge, settings.verdicts, settings.judge_delay, log),
     }
 
@@ -431,6 +434,37 @@ def _residual_norm(rt: Runtime, texts: list[str], row: int) -> float:
     return float(hidden.norm(dim=-1)[keep.bool()].mean())
 
 
+def _bench_lockstep(run: _Generation, personas: int) -> dict[str, Any]:
+    """One iteration's generation for several personas: a ``generate_population`` call per persona
+    (each optimised alone) against one call carrying every persona's rows (``optimize --personas``).
+    Each persona gets its own candidates: the population's vectors rescaled by a persona factor."""
+    factors = np.random.default_rng(run.seed + 7).uniform(0.5, 1.5, personas)
+    groups = [run.deltas * float(f) for f in factors]  # [P, hidden] each
+
+    def alone() -> None:
+        for g in groups:
+            generate_population(run.rt, run.prompts, run.gen, g, run.layer, run.positions, seed=run.seed)
+
+    def together() -> None:
+        all_rows = torch.cat(groups)
+        generate_population(run.rt, run.prompts, run.gen, all_rows, run.layer, run.positions, seed=run.seed)
+
+    seconds = {}
+    for name, fn in (("alone", alone), ("lockstep", together)):
+        _sync(run.rt)
+        started = time.perf_counter()
+        fn()
+        _sync(run.rt)
+        seconds[name] = time.perf_counter() - started
+    return {
+        "personas": personas,
+        "rows": personas * len(run.deltas) * len(run.prompts),
+        "alone_s": seconds["alone"],
+        "lockstep_s": seconds["lockstep"],
+        "speedup": seconds["alone"] / seconds["lockstep"],
+    }
+
+
 def _bench_extraction(run: _Generation, answers: list[list[int]]) -> dict[str, Any]:
     """The all-layer recording forward over the per-row answers: tokens per second."""
     rows = [
@@ -487,6 +521,7 @@ def bench_judge(judge_cfg: JudgeConfig, verdicts: int, delay: float, log: Any = 
 def markdown_table(result: dict[str, Any]) -> str:
     """The results as Markdown tables a user can paste into an issue."""
     s, env, j, ex = result["settings"], result["environment"], result["judge"], result["extraction"]
+    lock = result["lockstep"]
     lines = [
         f"**persona-steering bench** {result['created']}: {env['model_id']} ({env['dtype']}) on "
         f"{env['device']}, torch {env['torch']}, {env['threads']} threads",
@@ -542,6 +577,10 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"peak MB: {memory}. Prompt tokens {result['prompt_tokens']}; all-layer extraction forward: "
         f"{ex['rows']} rows, {ex['tokens']} tokens in {ex['seconds']:.2f} s = "
         f"{ex['tokens_per_s']:.0f} tokens/s",
+        "",
+        f"personas in lockstep ({lock['personas']} personas, {lock['rows']} rows): "
+        f"one generate per persona {lock['alone_s']:.2f} s, one for all "
+        f"{lock['lockstep_s']:.2f} s = {lock['speedup']:.1f}x",
         "",
         _md_row(
             [
