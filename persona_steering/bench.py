@@ -434,20 +434,26 @@ def _residual_norm(rt: Runtime, texts: list[str], row: int) -> float:
     return float(hidden.norm(dim=-1)[keep.bool()].mean())
 
 
+LOCKSTEP_PROMPTS = 2
+
+
 def _bench_lockstep(run: _Generation, personas: int) -> dict[str, Any]:
     """One iteration's generation for several personas: a ``generate_population`` call per persona
     (each optimised alone) against one call carrying every persona's rows (``optimize --personas``).
     Each persona gets its own candidates: the population's vectors rescaled by a persona factor."""
     factors = np.random.default_rng(run.seed + 7).uniform(0.5, 1.5, personas)
     groups = [run.deltas * float(f) for f in factors]  # [P, hidden] each
+    # Two prompts keep this measurement to a minute or two on a CPU: at the full N the alone/lockstep
+    # pair costs 2 x personas x a per-row generation (about 8 minutes here at the defaults).
+    prompts = run.prompts[:LOCKSTEP_PROMPTS]
 
     def alone() -> None:
         for g in groups:
-            generate_population(run.rt, run.prompts, run.gen, g, run.layer, run.positions, seed=run.seed)
+            generate_population(run.rt, prompts, run.gen, g, run.layer, run.positions, seed=run.seed)
 
     def together() -> None:
         all_rows = torch.cat(groups)
-        generate_population(run.rt, run.prompts, run.gen, all_rows, run.layer, run.positions, seed=run.seed)
+        generate_population(run.rt, prompts, run.gen, all_rows, run.layer, run.positions, seed=run.seed)
 
     seconds = {}
     for name, fn in (("alone", alone), ("lockstep", together)):
@@ -458,7 +464,8 @@ def _bench_lockstep(run: _Generation, personas: int) -> dict[str, Any]:
         seconds[name] = time.perf_counter() - started
     return {
         "personas": personas,
-        "rows": personas * len(run.deltas) * len(run.prompts),
+        "prompts": len(prompts),
+        "rows": personas * len(run.deltas) * len(prompts),
         "alone_s": seconds["alone"],
         "lockstep_s": seconds["lockstep"],
         "speedup": seconds["alone"] / seconds["lockstep"],
@@ -578,7 +585,8 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"{ex['rows']} rows, {ex['tokens']} tokens in {ex['seconds']:.2f} s = "
         f"{ex['tokens_per_s']:.0f} tokens/s",
         "",
-        f"personas in lockstep ({lock['personas']} personas, {lock['rows']} rows): "
+        f"personas in lockstep ({lock['personas']} personas x P x {lock['prompts']} prompts = "
+        f"{lock['rows']} rows): "
         f"one generate per persona {lock['alone_s']:.2f} s, one for all "
         f"{lock['lockstep_s']:.2f} s = {lock['speedup']:.1f}x",
         "",

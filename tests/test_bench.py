@@ -94,7 +94,7 @@ def test_bench_cli_writes_outputs_and_methods_agree(tmp_path: Path, overrides: l
     assert result["vectors"].startswith("NO trait vectors") and "random unit directions" in result["vectors"]
     assert result["extraction"]["rows"] == 9 and result["extraction"]["tokens_per_s"] > 0
     lock = result["lockstep"]
-    assert lock["personas"] == 4 and lock["rows"] == 4 * 3 * 3
+    assert lock["personas"] == 4 and lock["prompts"] == 2 and lock["rows"] == 4 * 3 * 2
     assert lock["speedup"] == pytest.approx(lock["alone_s"] / lock["lockstep_s"])
     table = (out / "bench.md").read_text()
     assert "| per-row (ours) | 1 | 3 | 9 |" in table and "9/9" in table and table in printed
