@@ -103,6 +103,16 @@ def tiny_rt(tiny_model_dir: Path):
 
 
 @pytest.fixture()
+def one_torch_thread():
+    """Tiny models: a second intra-op thread only spin-waits, which turns into 30x slowdowns when
+    another process keeps this 2-core machine busy. Modules opt in with ``pytest.mark.usefixtures``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture()
 def fabric_cpu() -> Fabric:
     return Fabric(accelerator="cpu", devices=1, precision="32-true")
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from test_extraction import write_trait
 
@@ -26,13 +25,7 @@ HELDOUT = ["how are you today ?", "what should we eat for dinner ?", "tell me ab
 ALL_METHODS = ["base", "prompt", "meandiff", "pca", "random_search", "proposed", "prompt+proposed"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models: a second intra-op thread only spin-waits on this shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- statistics on synthetic data -----------------------------------------------------------------

@@ -35,14 +35,7 @@ FIT = Query(
 COHERENCE = Query(kind="coherence", question="How are you today?", answer="I am fine, thank you.")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The models here are tiny: a second intra-op thread only adds spin-waiting, which turns into
-    30x slowdowns when another process keeps the cores busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- OpenAI judge over real HTTP -----------------------------------------------------------------

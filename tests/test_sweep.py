@@ -19,13 +19,7 @@ from persona_steering.generation import Request, generate
 from persona_steering.store import load_vectors
 from persona_steering.vectors import unit
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
