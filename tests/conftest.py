@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.fabric import Fabric
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -110,11 +109,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture()
-def fabric_cpu() -> Fabric:
-    return Fabric(accelerator="cpu", devices=1, precision="32-true")
 
 
 @pytest.fixture(scope="session")
