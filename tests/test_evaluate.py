@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import yaml
 from test_extraction import write_trait
+from tests_helpers import private_copy
 
 from persona_steering.cache import Cache
 from persona_steering.cli import main
@@ -170,8 +171,7 @@ def built(tmp_path_factory, tiny_model_dir):
 def project(built, tmp_path):
     """A private copy of the built project (its cache included), so tests cannot disturb each other."""
     root, overrides = built
-    shutil.copytree(root, tmp_path / "p")
-    return tmp_path / "p", [o.replace(str(root), str(tmp_path / "p")) for o in overrides]
+    return private_copy(root, overrides, tmp_path / "p")
 
 
 def write_result(root: Path, weights: dict[str, float], evaluations: int = 4) -> Path:

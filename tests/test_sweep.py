@@ -4,12 +4,12 @@ proxy against a reference, incremental grids, no model load for similarity, and 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from test_evaluate import build_project
+from tests_helpers import private_copy
 
 from persona_steering.cache import Cache
 from persona_steering.cli import main
@@ -31,8 +31,7 @@ def built(tmp_path_factory, tiny_model_dir):
 @pytest.fixture()
 def project(built, tmp_path):
     root, overrides = built
-    shutil.copytree(root, tmp_path / "p")
-    return tmp_path / "p", [o.replace(str(root), str(tmp_path / "p")) for o in overrides]
+    return private_copy(root, overrides, tmp_path / "p")
 
 
 def run(command: str, overrides: list[str], *extra: str) -> int:

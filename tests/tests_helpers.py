@@ -19,3 +19,10 @@ def perturbed_copy(src: Path, dst: Path) -> Path:
     tensors[first] = tensors[first] + 1e-3 * torch.ones_like(tensors[first])
     save_file(tensors, weights, metadata={"format": "pt"})
     return dst
+
+
+def private_copy(root: Path, overrides: list[str], dst: Path) -> tuple[Path, list[str]]:
+    """A copy of a built tiny project (cache included) and its overrides pointing into the copy,
+    so tests sharing one module-scoped build cannot disturb each other."""
+    shutil.copytree(root, dst)
+    return dst, [o.replace(str(root), str(dst)) for o in overrides]
