@@ -22,7 +22,9 @@ import io
 import os
 import platform
 import resource
+import shutil
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -77,6 +79,8 @@ class BenchSettings:
     """Seconds the local OpenAI-compatible server waits before each reply."""
     threads: int | None = None
     """torch CPU threads during the run; None = torch's default (one per core)."""
+    stages: bool = True
+    """Also time the vectors and optimize stages cold, with a warm cache, and fully warm."""
 
     def __post_init__(self) -> None:
         for name in ("population", "num_prompts", "max_new_tokens", "repeats", "verdicts", "personas"):
@@ -185,6 +189,7 @@ def _measure(
         "extraction": _bench_extraction(run, timed["per-row"].ids),
         "lockstep": _bench_lockstep(run, settings.personas),
         "judge": bench_judge(cfg.judge, settings.verdicts, settings.judge_delay, log),
+        "stages": bench_stages(cfg, rt, settings, log) if settings.stages else None,
     }
 
 
@@ -472,6 +477,128 @@ def _bench_lockstep(run: _Generation, personas: int) -> dict[str, Any]:
     }
 
 
+STAGE_TRAITS = 2  # the fewest CMA-ES accepts (it needs two dimensions)
+STAGE_PROMPTS = 2
+STAGE_ITERATIONS = 2
+
+
+def bench_stages(cfg: Config, rt: Runtime, settings: BenchSettings, log: Any = print) -> dict[str, Any]:
+    """``vectors`` and ``optimize`` on the loaded model, each run three times in a scratch folder:
+    cold (empty cache, no outputs), cache-warm (outputs deleted, cache kept) and warm (nothing
+    deleted: the re-run a user makes). Counts the model's forward passes in each run; a warm run
+    must make none. Small on purpose (two traits, one instruction pair per question; two
+    iterations on two prompts with the offline embedding judge), so that it takes about a minute.
+    """
+    from persona_steering.extraction import run_vectors
+    from persona_steering.optimize import run_optimize
+
+    traits = list(cfg.vectors.traits[:STAGE_TRAITS])
+    persona = cfg.optimize.persona_id or next(iter(sorted(_persona_ids(cfg.optimize.persona_dir))), None)
+    out: dict[str, Any] = {"traits": traits, "persona": persona}
+    with tempfile.TemporaryDirectory(prefix="persona-steering-bench-") as scratch:
+        stage_cfg = _stage_config(cfg, settings, traits, persona, Path(scratch))
+        out["settings"] = {
+            "pairs_per_question": stage_cfg.vectors.pairs_per_question,
+            "max_new_tokens": stage_cfg.generation.max_new_tokens,
+            "population": stage_cfg.optimize.population_size,
+            "num_prompts": stage_cfg.optimize.num_prompts,
+            "max_iterations": stage_cfg.optimize.max_iterations,
+            "judge": stage_cfg.judge.backend,
+        }
+        out["vectors"] = _cold_warm(
+            rt,
+            lambda: run_vectors(stage_cfg, rt, log=_quiet),
+            Path(stage_cfg.vectors.out_dir),
+            log,
+            "vectors",
+        )
+        if persona is None or len(traits) < STAGE_TRAITS:
+            out["optimize"] = None
+            log("  optimize: skipped (needs a persona folder and two traits)")
+        else:
+            out["optimize"] = _cold_warm(
+                rt,
+                lambda: run_optimize(stage_cfg, rt, log=_quiet),
+                Path(stage_cfg.optimize.save_dir),
+                log,
+                "optimize",
+            )
+    return out
+
+
+def _quiet(*_: Any, **__: Any) -> None:
+    pass
+
+
+def _persona_ids(persona_dir: str) -> list[str]:
+    folder = Path(persona_dir)
+    return (
+        [p.name for p in folder.iterdir() if (p / "persona_profile.txt").is_file()] if folder.is_dir() else []
+    )
+
+
+def _stage_config(
+    cfg: Config, settings: BenchSettings, traits: list[str], persona: str | None, scratch: Path
+) -> Config:
+    """The user's config with every output and the cache moved into ``scratch``, and small sizes."""
+    prompts = len(load_prompts(cfg.optimize.prompts_file, "train"))
+    vectors = str(scratch / "vectors")
+    return dataclasses.replace(
+        cfg,
+        cache_dir=str(scratch / "cache"),
+        traits=traits,
+        generation=dataclasses.replace(
+            cfg.generation,
+            max_new_tokens=settings.max_new_tokens,
+            temperature=0.0,
+            max_batch=settings.max_batch or cfg.generation.max_batch,
+        ),
+        vectors=dataclasses.replace(
+            cfg.vectors, traits=traits, pairs_per_question=1, filter_with_judge=False, out_dir=vectors
+        ),
+        steering=dataclasses.replace(cfg.steering, trait_vector_dir=vectors),
+        judge=JudgeConfig(backend="embedding"),  # offline: a benchmark makes no API calls
+        optimize=dataclasses.replace(
+            cfg.optimize,
+            persona_id=persona,
+            num_prompts=min(STAGE_PROMPTS, prompts),
+            max_iterations=STAGE_ITERATIONS,
+            population_size=settings.population,
+            save_dir=str(scratch / "optimize"),
+            restart=False,
+            layers=None,
+            personas=None,
+        ),
+    )
+
+
+def _cold_warm(rt: Runtime, stage: Callable[[], Any], outputs: Path, log: Any, name: str) -> dict[str, Any]:
+    """Seconds and model forward passes of a stage run cold, cache-warm (``outputs`` deleted) and warm."""
+    forwards = [0]
+
+    def count(*_: Any) -> None:
+        forwards[0] += 1
+
+    out: dict[str, Any] = {}
+    handle = rt.model.register_forward_pre_hook(count)
+    try:
+        for label in ("cold", "cache_warm", "warm"):
+            if label == "cache_warm":
+                shutil.rmtree(outputs)
+            forwards[0] = 0
+            _sync(rt)
+            started = time.perf_counter()
+            stage()
+            _sync(rt)
+            out[f"{label}_s"] = time.perf_counter() - started
+            out[f"{label}_forwards"] = forwards[0]
+            log(f"  {name:<9} {label:<10}: {out[f'{label}_s']:7.2f} s, {forwards[0]} forward passes")
+    finally:
+        handle.remove()
+    out["cold_over_warm"] = out["cold_s"] / max(out["warm_s"], 1e-9)
+    return out
+
+
 def _bench_extraction(run: _Generation, answers: list[list[int]]) -> dict[str, Any]:
     """The all-layer recording forward over the per-row answers: tokens per second."""
     rows = [
@@ -590,6 +717,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"one generate per persona {lock['alone_s']:.2f} s, one for all "
         f"{lock['lockstep_s']:.2f} s = {lock['speedup']:.1f}x",
         "",
+        *_stages_table(result.get("stages")),
         _md_row(
             [
                 f"judge fan-out ({j['verdicts']} verdicts, server delay {j['delay_s']} s)",
@@ -612,6 +740,42 @@ def markdown_table(result: dict[str, Any]) -> str:
         ),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _stages_table(stages: dict[str, Any] | None) -> list[str]:
+    """Cold, cache-warm and warm stage runs as Markdown lines (none when not measured)."""
+    if not stages:
+        return []
+    st = stages["settings"]
+    lines = [
+        f"stages in a scratch folder ({', '.join(stages['traits'])}; vectors: {st['pairs_per_question']} "
+        f"pair per question; optimize {stages['persona']}: {st['max_iterations']} iterations x "
+        f"{st['population']} candidates x {st['num_prompts']} prompts, {st['judge']} judge; "
+        f"M={st['max_new_tokens']}). cache-warm: outputs deleted, cache kept; warm: the plain re-run",
+        "",
+        _md_row(
+            ["stage", "cold s", "cache-warm s", "warm s", "forwards cold / cache-warm / warm", "cold / warm"]
+        ),
+        _md_row(["---", "---:", "---:", "---:", "---:", "---:"]),
+    ]
+    for name in ("vectors", "optimize"):
+        r = stages.get(name)
+        if r is None:
+            lines.append(_md_row([name, "skipped", "", "", "", ""]))
+            continue
+        lines.append(
+            _md_row(
+                [
+                    name,
+                    f"{r['cold_s']:.2f}",
+                    f"{r['cache_warm_s']:.2f}",
+                    f"{r['warm_s']:.3f}",
+                    f"{r['cold_forwards']} / {r['cache_warm_forwards']} / {r['warm_forwards']}",
+                    f"{r['cold_over_warm']:.0f}x",
+                ]
+            )
+        )
+    return [*lines, ""]
 
 
 def _md_row(cells: list[Any]) -> str:

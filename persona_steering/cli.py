@@ -300,7 +300,10 @@ _FLAGS: dict[str, list[tuple[str, str, str]]] = {
         ("--restart", "optimize.restart", "discard an existing run of this persona in --save-dir"),
         ("--coherence", "judge.coherence", "also judge coherence of every steered answer"),
     ],
-    "bench": [("--quick", "_quick", "P=4 candidates, N=4 prompts, M=16 tokens (about 2 minutes on a CPU)")],
+    "bench": [
+        ("--quick", "_quick", "P=4 candidates, N=4 prompts, M=16 tokens (about 2 minutes on a CPU)"),
+        ("--no-stages", "_no_stages", "skip the cold/warm runs of the vectors and optimize stages"),
+    ],
     "new-trait": [("--overwrite", "_overwrite", "replace an existing trait file")],
     "build-persona": [("--overwrite", "_overwrite", "replace an existing persona folder")],
 }
@@ -407,6 +410,7 @@ def _run_bench(cfg: Config, args: argparse.Namespace) -> int:
         personas=args._personas,
         judge_delay=args._judge_delay,
         threads=args._threads,
+        stages=False if args._no_stages else None,
         max_new_tokens=given["generation.max_new_tokens"],
         max_batch=given["generation.max_batch"],
     )

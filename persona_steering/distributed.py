@@ -87,6 +87,18 @@ def all_reduce_sum(fabric: Fabric | None, tensor: torch.Tensor) -> torch.Tensor:
     return summed.cpu()
 
 
+def check_same(fabric: Fabric | None, value: str, what: str) -> None:
+    """Raise on every rank unless every rank holds the same ``value`` (a digest of its state)."""
+    world = world_size(fabric)
+    if world == 1:
+        return
+    parts: list[Any] = [None] * world
+    torch.distributed.all_gather_object(parts, value)
+    if len(set(parts)) > 1:
+        held = ", ".join(f"rank {r}: {v}" for r, v in enumerate(parts))
+        raise RuntimeError(f"the processes disagree on {what} ({held}); rerun with one process")
+
+
 def on_main(fabric: Fabric | None, fn: Callable[[], T]) -> T:
     """``fn()`` on rank 0 alone (judge calls, cache reads), its result broadcast to every rank.
 

@@ -8,6 +8,7 @@ many verdicts it rests on; a missing verdict is never replaced by a made-up numb
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import pickle
@@ -26,6 +27,7 @@ from persona_steering.basis import TraitBasis, configured_basis, parse_weights
 from persona_steering.cache import Cache, atomic_write_bytes, atomic_write_json, digest
 from persona_steering.config import Config, ConfigError
 from persona_steering.distributed import (
+    check_same,
     is_main,
     is_main_process,
     main_cache,
@@ -303,7 +305,19 @@ def _tell(
     state["es"].tell(candidates.tolist(), [s.objective for s in scored])
     _record(state, candidates, scored, run.cfg.traits)
     state["numpy_rng"] = np.random.get_state()
-    if run.objective is None or is_main(run.objective.rt.fabric):
+    state["history"]["state_digest"].append(state_digest(state))
+    fabric = run.objective.rt.fabric if run.objective is not None else None
+    # Every rank told CMA-ES the same scores, so every rank must now hold the same state; a rank that
+    # drifted (other numerics, other library versions) would ask for other candidates next time.
+    check_same(
+        fabric,
+        state["history"]["state_digest"][-1],
+        f"{run.id}'s CMA-ES state after iteration {state['iteration']}",
+    )
+    rank_log(
+        fabric, f"{run.id} iteration {state['iteration']} CMA-ES state {state['history']['state_digest'][-1]}"
+    )
+    if is_main(fabric):
         _save_checkpoint(run.paths["checkpoint"], state)
     h = state["history"]
     log(
@@ -483,6 +497,8 @@ def _load_checkpoint(path: Path, run_digest: str, restart: bool) -> dict[str, An
             f"an optimisation with another configuration ({state['digest']}, this one is {run_digest}) "
             f"is in {path.parent}; use another --save-dir, or --restart to discard it"
         )
+    h = state["history"]  # checkpoints written before state digests were recorded
+    h.setdefault("state_digest", [None] * len(h["iterations"]))
     return state
 
 
@@ -502,7 +518,22 @@ def _new_history() -> dict[str, list[Any]]:
         "verdicts": [],
         "expected_verdicts": [],
         "candidates": [],
+        "state_digest": [],
     }
+
+
+def state_digest(state: dict[str, Any]) -> str:
+    """Digest of the CMA-ES state that decides the next populations: mean, step size, covariance,
+    both evolution paths and the iteration count. (numpy's RNG position is left out: cma draws
+    numbers it throws away, so it differs between a resumed and an uninterrupted run whose
+    candidates are identical.)"""
+    es = state["es"]
+    parts = [np.asarray(es.mean), np.asarray(es.sigma), np.asarray(es.sm.C), np.asarray(es.pc)]
+    parts += [np.asarray(getattr(es.adapt_sigma, "ps", [])), np.asarray(es.countiter)]
+    h = hashlib.sha256()
+    for a in parts:
+        h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+    return h.hexdigest()[:16]
 
 
 def _record(state: dict[str, Any], candidates: np.ndarray, scored: list[Scored], traits: list[str]) -> None:
@@ -559,7 +590,15 @@ def _result(
         "missing_verdicts": int(missing),
         "history": {
             k: h[k]
-            for k in ("generation_best", "generation_mean", "sigma", "mean_weights", "verdicts", "candidates")
+            for k in (
+                "generation_best",
+                "generation_mean",
+                "sigma",
+                "mean_weights",
+                "verdicts",
+                "candidates",
+                "state_digest",
+            )
         },
         "traits": traits,
         "judge": cfg.judge.backend,

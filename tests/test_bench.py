@@ -96,8 +96,17 @@ def test_bench_cli_writes_outputs_and_methods_agree(tmp_path: Path, overrides: l
     lock = result["lockstep"]
     assert lock["personas"] == 4 and lock["prompts"] == 2 and lock["rows"] == 4 * 3 * 2
     assert lock["speedup"] == pytest.approx(lock["alone_s"] / lock["lockstep_s"])
+    # Stages: cold runs work, a warm re-run makes no forward pass; with the cache warm but the outputs
+    # gone, optimize replays everything from the cache and vectors re-reads activations only.
+    stages = result["stages"]
+    vec, opt = stages["vectors"], stages["optimize"]
+    assert stages["traits"] == ["R1", "R2"] and stages["persona"] == "cheerful_best_friend"
+    assert vec["cold_forwards"] > vec["cache_warm_forwards"] > 0 == vec["warm_forwards"]
+    assert opt["cold_forwards"] > 0 == opt["cache_warm_forwards"] == opt["warm_forwards"]
+    assert opt["cold_over_warm"] == pytest.approx(opt["cold_s"] / opt["warm_s"])
     table = (out / "bench.md").read_text()
     assert "| per-row (ours) | 1 | 3 | 9 |" in table and "9/9" in table and table in printed
+    assert "| vectors |" in table and "| optimize |" in table
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert not list(out.glob(".*tmp"))
 
@@ -117,9 +126,10 @@ def test_bench_with_trait_vectors_and_repeats(tmp_path: Path, overrides: list[st
         out_dir=str(tmp_path / "b"),
         verdicts=4,
         judge_delay=0.0,
+        stages=False,
     )
     result = run_bench(cfg, settings, rt=tiny_rt, log=lambda *_: None)
-    assert result["vectors"] == "trait vectors T1, T2 at layer 2"
+    assert result["vectors"] == "trait vectors T1, T2 at layer 2" and result["stages"] is None
     _check_consistent(result, rows=4)
 
 

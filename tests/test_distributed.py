@@ -3,6 +3,7 @@ as one process, rank 0 alone writes, and a killed two-process run resumes to the
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -113,6 +114,20 @@ def test_optimize_on_two_ranks_equals_one_process(reference):
         "p1_optimization.json",
     ]
     _same_result(one, json.loads((save / "p1_optimization.json").read_text()))
+    # After every iteration each rank logged the digest of the CMA-ES state it holds: the same on both
+    # ranks, iteration by iteration, and the same as the one-process run's.
+    states = _state_lines(done.stderr)
+    assert states[0] == states[1] == one["history"]["state_digest"]
+    assert len(states[0]) == 5 and len(set(states[0])) == 5
+
+
+def _state_lines(stderr: str) -> dict[int, list[str]]:
+    """{rank: [CMA-ES state digest after iteration 1, 2, ...]} from the ranks' log lines."""
+    found: dict[int, list[str]] = {0: [], 1: []}
+    for rank, iteration, value in re.findall(r"\[rank (\d)/2\] p1 iteration (\d+) CMA-ES state (\w+)", stderr):
+        assert int(iteration) == len(found[int(rank)]) + 1
+        found[int(rank)].append(value)
+    return found
 
 
 def test_killed_two_rank_run_resumes_to_the_same_result(reference):

@@ -246,6 +246,15 @@ def test_success_is_cached_and_served_without_http(server: FakeOpenAI, tmp_path:
     assert len(server.requests) == 2
 
 
+def test_identical_queries_are_judged_once(server: FakeOpenAI, tmp_path: Path) -> None:
+    """Two candidates that wrote the same answer cost one call and one cache miss, not two."""
+    with Cache(tmp_path / "cache") as cache:
+        got = make_judge(server).judge([FIT, COHERENCE, FIT, fit(1), FIT], cache)
+        assert cache.misses == {"verdict": 3} and cache.count("verdict") == 3
+    assert [v.score for v in got] == [4.0] * 5
+    assert len(server.requests) == 3
+
+
 def test_key_never_leaks(server: FakeOpenAI, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     server.push(("429", 0), "500")
     judge = make_judge(server)

@@ -199,9 +199,10 @@ def test_sigkill_then_resume_equals_uninterrupted(project):
         env=env,
     )
     deadline = time.time() + 300
+    # Killed the moment the first checkpoint lands (mid-way through the next iteration): an iteration
+    # of the tiny model takes well under a second, so a later kill can find the run finished.
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.3)  # now mid-way through the next iteration
+        time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "p1_optimization.json").exists(), "killed too late to test resume"

@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from persona_steering.cache import Cache, digest
+from persona_steering.cache import Cache, canonical_json, digest
 
 Kind = Literal["persona_fit", "trait", "coherence"]
 
@@ -160,12 +160,20 @@ class Judge(ABC):
         """Score every query (uncached). A failed query gets ``Verdict(None, reason)``."""
 
     def judge(self, queries: list[Query], cache: Cache | None = None) -> list[Verdict]:
-        """Verdicts for ``queries`` in order, reading and filling ``cache``; failures not stored."""
+        """Verdicts for ``queries`` in order, reading and filling ``cache``; failures not stored.
+
+        Identical queries (two candidates that wrote the same answer) are looked up and judged once.
+        """
         ident = {**self.identity(), "template_version": TEMPLATE_VERSION}
-        out: list[Verdict | None] = [None] * len(queries)
+        keys = [{"judge": ident, "query": q.key()} for q in queries]
+        canon = [canonical_json(key) for key in keys]
+        first: dict[str, int] = {}  # canonical key -> index of its first query
+        for i, c in enumerate(canon):
+            first.setdefault(c, i)
+        out: dict[int, Verdict] = {}
         todo: list[int] = []
-        for i, q in enumerate(queries):
-            hit = cache.get("verdict", {"judge": ident, "query": q.key()}) if cache else None
+        for i in first.values():
+            hit = cache.get("verdict", keys[i]) if cache else None
             if hit is not None:
                 out[i] = Verdict(score=hit["score"], detail=hit.get("detail", ""), meta={"cached": True})
             else:
@@ -175,12 +183,8 @@ class Judge(ABC):
             for i, verdict in zip(todo, fresh, strict=True):
                 out[i] = verdict
                 if cache is not None and verdict.score is not None:
-                    cache.set(
-                        "verdict",
-                        {"judge": ident, "query": queries[i].key()},
-                        {"score": verdict.score, "detail": verdict.detail},
-                    )
-        return [v if v is not None else Verdict(None, "missing") for v in out]
+                    cache.set("verdict", keys[i], {"score": verdict.score, "detail": verdict.detail})
+        return [out.get(first[c], Verdict(None, "missing")) for c in canon]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.identity()})"
