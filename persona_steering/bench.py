@@ -797,7 +797,12 @@ def _plot(result: dict[str, Any]) -> bytes:
     import matplotlib.pyplot as plt
 
     methods, j = result["methods"], result["judge"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [3, 2]})
+    stages = result.get("stages")
+    ratios = [3, 2, 3] if stages else [3, 2]
+    fig, axes = plt.subplots(
+        1, len(ratios), figsize=(5 * len(ratios) - 4, 4), gridspec_kw={"width_ratios": ratios}
+    )
+    ax1, ax2 = axes[:2]
     panels = (
         (
             ax1,
@@ -827,11 +832,29 @@ def _plot(result: dict[str, Any]) -> bytes:
                 fontsize=9,
             )
         ax.set(ylabel="seconds", title=title)
+    if stages:
+        _plot_stages(axes[2], stages)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
+
+
+def _plot_stages(ax: Any, stages: dict[str, Any]) -> None:
+    """Grouped bars, log scale: each stage cold, cache-warm and warm."""
+    names = [n for n in ("vectors", "optimize") if stages.get(n)]
+    runs = (("cold", "#999999"), ("cache_warm", "#6699cc"), ("warm", "#cc6633"))
+    width = 0.27
+    for j, (label, color) in enumerate(runs):
+        xs = [i + (j - 1) * width for i in range(len(names))]
+        ax.bar(
+            xs, [stages[n][f"{label}_s"] for n in names], width, color=color, label=label.replace("_", "-")
+        )
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yscale("log")
+    ax.set(ylabel="seconds (log)", title="stage re-runs")
+    ax.legend(fontsize=8)
 
 
 def _environment(rt: Runtime) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from openai_server import FakeOpenAI
 from test_optimize import project  # noqa: F401  (fixture: tiny model, traits, vectors, persona)
 
 from persona_steering.cache import Cache
@@ -30,6 +31,7 @@ _LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK",
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_ENV and not k.startswith("SLURM_")}
+    env = {k: v for k, v in env.items() if "proxy" not in k.lower()}  # the judge server is on 127.0.0.1
     return env | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -40,9 +42,9 @@ def _command(stage: str, overrides: list[str], *extra: str) -> list[str]:
     return args + [*TWO_RANKS, *extra]
 
 
-def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+def _run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
     # cwd: a folder without configs/default.yaml, so the CLI reads only the overrides, as load_config does.
-    done = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=180)
+    done = subprocess.run(cmd, cwd=cwd, env=_env() | env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[rank 0/2]" in done.stderr and "[rank 1/2]" in done.stderr, done.stderr[-3000:]
     return done
@@ -54,12 +56,35 @@ def _files(folder: Path) -> list[str]:
 
 def test_vectors_on_two_ranks_equal_one_process(project):  # noqa: F811
     tmp_path, overrides = project  # the fixture ran the vectors stage in this one process
-    one = tmp_path / "vectors"
     two = tmp_path / "vectors-2"
     done = _run(
         _command("vectors", overrides, "--out-dir", str(two), "--cache-dir", str(tmp_path / "c2")), tmp_path
     )
-    assert done.stdout.count("vectors in ") == 1  # rank 0 alone prints
+    _same_vectors(tmp_path, two, tmp_path / "c2", done.stdout)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "fabric run"])
+def test_vectors_started_by_an_outside_launcher_equal_one_process(project, launcher):  # noqa: F811
+    """torchrun and `fabric run` start both processes themselves; Fabric must join, not launch again."""
+    if launcher == "fabric run":
+        pytest.importorskip("click", reason="`fabric run` needs click")
+    tmp_path, overrides = project
+    out, cache = tmp_path / "vectors-l", tmp_path / "c-l"
+    stage = _command("vectors", overrides, "--out-dir", str(out), "--cache-dir", str(cache))[3:]
+    bin_dir = Path(sys.executable).parent
+    if launcher == "torchrun":
+        cmd = [str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "persona_steering"]
+    else:  # its own flags place the processes; ours follow `--`
+        cmd = [str(bin_dir / "fabric"), "run", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
+        cmd += [str(Path(__file__).parents[1] / "persona_steering" / "__main__.py"), "--"]
+    done = _run(cmd + stage, tmp_path)
+    _same_vectors(tmp_path, out, cache, done.stdout)
+
+
+def _same_vectors(tmp_path: Path, two: Path, cache: Path, stdout: str) -> None:
+    """The vectors in ``two`` equal the one-process ones, rank 0 alone printed and stored the rows."""
+    one = tmp_path / "vectors"
+    assert stdout.count("vectors in ") == 1  # rank 0 alone prints
     slug = next(one.iterdir()).name
     assert _files(two) == _files(one) == [f"{slug}/T1.safetensors", f"{slug}/T2.safetensors"]  # no temp files
     for name in _files(one):
@@ -72,7 +97,7 @@ def test_vectors_on_two_ranks_equal_one_process(project):  # noqa: F811
             and b.meta["inputs_digest"] == a.meta["inputs_digest"]
         )
     # Rank 0 stored every row the two ranks generated, each once: the same entries as one process.
-    with Cache(tmp_path / "cache") as c1, Cache(tmp_path / "c2") as c2:
+    with Cache(tmp_path / "cache") as c1, Cache(cache) as c2:
         assert c2.count("generation") == c1.count("generation") > 0
 
 
@@ -124,10 +149,33 @@ def test_optimize_on_two_ranks_equals_one_process(reference):
 def _state_lines(stderr: str) -> dict[int, list[str]]:
     """{rank: [CMA-ES state digest after iteration 1, 2, ...]} from the ranks' log lines."""
     found: dict[int, list[str]] = {0: [], 1: []}
-    for rank, iteration, value in re.findall(r"\[rank (\d)/2\] p1 iteration (\d+) CMA-ES state (\w+)", stderr):
+    for rank, iteration, value in re.findall(
+        r"\[rank (\d)/2\] p1 iteration (\d+) CMA-ES state (\w+)", stderr
+    ):
         assert int(iteration) == len(found[int(rank)]) + 1
         found[int(rank)].append(value)
     return found
+
+
+def test_two_ranks_ask_the_judge_once_per_verdict(project):  # noqa: F811
+    """Rank 0 alone calls the judge (here a real OpenAI-compatible server) and broadcasts verdicts."""
+    tmp_path, overrides = project
+    cache = tmp_path / "c-judge"
+    with FakeOpenAI(content="4") as server:
+        judge = [
+            "judge.backend=openai",
+            f"judge.base_url={server.base_url}",
+            "judge.model=judge-model",
+            "judge.api_key_env=PS_TEST_DIST_KEY",
+            "optimize.max_iterations=2",
+        ]
+        cmd = _command("optimize", overrides + judge, "--save-dir", str(tmp_path / "r-judge"))
+        _run(
+            cmd + ["--cache-dir", str(cache)], tmp_path, PS_TEST_DIST_KEY="sk-test-dist", NO_PROXY="127.0.0.1"
+        )
+        calls = len(server.requests)
+    with Cache(cache) as c:
+        assert calls == c.count("verdict") > 0  # each verdict asked for once, not once per rank
 
 
 def test_killed_two_rank_run_resumes_to_the_same_result(reference):

@@ -274,11 +274,15 @@ def test_lockstep_personas_equal_alone_and_share_generate_calls(project, monkeyp
     second = tmp_path / "personas" / "p2"
     second.mkdir()
     (second / "persona_profile.txt").write_text("A cold formal clerk.")
-    (second / "persona_samples.json").write_text(json.dumps(["please answer the question", "that is not good"]))
+    (second / "persona_samples.json").write_text(
+        json.dumps(["please answer the question", "that is not good"])
+    )
     base = overrides + ["optimize.max_iterations=3"]
     alone = {}
     for pid in ("p1", "p2"):
-        cfg = load_config(None, base + [f"optimize.persona_id={pid}", f"optimize.save_dir={tmp_path / ('alone-' + pid)}"])
+        cfg = load_config(
+            None, base + [f"optimize.persona_id={pid}", f"optimize.save_dir={tmp_path / ('alone-' + pid)}"]
+        )
         alone[pid] = run_optimize(cfg, log=lambda *_: None)
     calls = []
     real = generation.generate
@@ -289,13 +293,22 @@ def test_lockstep_personas_equal_alone_and_share_generate_calls(project, monkeyp
         return real(rt, requests, *a, **k)
 
     monkeypatch.setattr(generation, "generate", counting)
-    cfg = load_config(None, base + [f"optimize.save_dir={tmp_path / 'together'}", "optimize.personas=[p1, p2]"])
+    cfg = load_config(
+        None, base + [f"optimize.save_dir={tmp_path / 'together'}", "optimize.personas=[p1, p2]"]
+    )
     together = optimize.run_personas(cfg, ["p1", "p2"], log=lambda *_: None)
     # 3 iterations, each one call with both personas' rows (2 x 4 candidates x 2 prompts), then the
     # per-persona final scoring calls.
     assert calls[:3] == [16, 16, 16]
     for pid in ("p1", "p2"):
-        for key in ("best_weights", "best_score", "optimization_history", "mean_weights", "history", "config_digest"):
+        for key in (
+            "best_weights",
+            "best_score",
+            "optimization_history",
+            "mean_weights",
+            "history",
+            "config_digest",
+        ):
             assert together[pid][key] == alone[pid][key], (pid, key)
         assert (tmp_path / "together" / f"{pid}_optimization.json").is_file()
     # Each persona's checkpoint stands alone: p2 finishes with the single-persona command too.
