@@ -67,7 +67,7 @@ test: $(STAMP)  ## run the test suite
 	$(BIN)/python -m pytest -q $(ARGS)
 
 lint: $(STAMP)  ## ruff and mypy
-	$(BIN)/python -m ruff check persona_steering tests
+	$(BIN)/python -m ruff check persona_steering tests scripts
 	$(BIN)/python -m mypy persona_steering
 
 clean-runs:  ## delete runs/ (cache/ is kept: it only grows)

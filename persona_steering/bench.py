@@ -18,6 +18,7 @@ Expected time at the defaults (P=8, N=10, M=48) on a 2-core CPU: seed-loop ~5 mi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import os
 import platform
@@ -505,24 +506,17 @@ def bench_stages(cfg: Config, rt: Runtime, settings: BenchSettings, log: Any = p
             "max_iterations": stage_cfg.optimize.max_iterations,
             "judge": stage_cfg.judge.backend,
         }
-        out["vectors"] = _cold_warm(
-            rt,
-            lambda: run_vectors(stage_cfg, rt, log=_quiet),
-            Path(stage_cfg.vectors.out_dir),
-            log,
-            "vectors",
-        )
-        if persona is None or len(traits) < STAGE_TRAITS:
-            out["optimize"] = None
-            log("  optimize: skipped (needs a persona folder and two traits)")
+        stages: dict[str, tuple[Callable[..., Any], str]] = {
+            "vectors": (run_vectors, stage_cfg.vectors.out_dir)
+        }
+        if persona is not None and len(traits) >= STAGE_TRAITS:
+            stages["optimize"] = (run_optimize, stage_cfg.optimize.save_dir)
         else:
-            out["optimize"] = _cold_warm(
-                rt,
-                lambda: run_optimize(stage_cfg, rt, log=_quiet),
-                Path(stage_cfg.optimize.save_dir),
-                log,
-                "optimize",
-            )
+            log("  optimize: skipped (needs a persona folder and two traits)")
+        for name, (stage, outputs) in stages.items():
+            run = functools.partial(stage, stage_cfg, rt, log=_quiet)
+            out[name] = _cold_warm(rt, run, Path(outputs), log, name)
+    out.setdefault("optimize", None)
     return out
 
 

@@ -237,11 +237,20 @@ def _generate_batch(
                 input_ids=nxt[:, None],
                 attention_mask=mask,
                 position_ids=position_ids,
-                past_key_values=out.past_key_values,
                 use_cache=True,
                 **extra,
+                **kv_cache(rt.model, out),
             )
     return [out_ids[b, : int(lengths[b])].tolist() for b in range(batch)]
+
+
+def kv_cache(model: torch.nn.Module, out: Any) -> dict[str, Any]:
+    """The KV cache of a forward's output ``out`` as the keyword the model's forward takes:
+    ``cache`` in recent transformers 5 (``past_key_values`` is deprecated there and goes in 5.40),
+    ``past_key_values`` before."""
+    if "cache" in inspect.signature(model.forward).parameters:
+        return {"cache": out.cache}
+    return {"past_key_values": out.past_key_values}
 
 
 def last_logits_only(model: torch.nn.Module) -> dict[str, Any]:

@@ -7,9 +7,11 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from test_export import write_fake_vectors
 
+from persona_steering import bench
 from persona_steering.bench import METHODS, BenchSettings, run_bench
 from persona_steering.cli import main
 from persona_steering.config import ConfigError, load_config
@@ -131,6 +133,59 @@ def test_bench_with_trait_vectors_and_repeats(tmp_path: Path, overrides: list[st
     result = run_bench(cfg, settings, rt=tiny_rt, log=lambda *_: None)
     assert result["vectors"] == "trait vectors T1, T2 at layer 2" and result["stages"] is None
     _check_consistent(result, rows=4)
+
+
+def test_bfloat16_rows_are_rechecked_in_float32(tmp_path: Path, overrides: list[str]) -> None:
+    """In bf16 a batched row may differ from its single-row run (padding numerics); every such row
+    is re-run both ways in float32, where they must agree."""
+    cfg = load_config(None, [o for o in overrides if "precision" not in o] + ["model.precision=bf16-true"])
+    settings = BenchSettings(
+        population=3,
+        num_prompts=4,
+        max_new_tokens=8,
+        max_batch=12,
+        out_dir=str(tmp_path / "b"),
+        verdicts=2,
+        judge_delay=0.0,
+        personas=1,
+        stages=False,
+    )
+    result = run_bench(cfg, settings, log=lambda *_: None)
+    assert result["environment"]["dtype"] == "bfloat16"
+    recheck = result["float32_recheck"]
+    some_differ = any(result["identical"][m]["rows"] < 12 for m in METHODS[1:])
+    assert recheck is not None and recheck["identical_in_float32"] == recheck["rows"]
+    assert (recheck["rows"] > 0) == some_differ
+
+
+def test_float32_recheck_reruns_differing_rows(tmp_path: Path, overrides: list[str], monkeypatch) -> None:
+    """A batched row that differs from its seed-loop row (as bf16 padding can make it) is generated
+    again both ways in float32; there the two agree, so the difference was numerics, not a bug."""
+    from persona_steering.bench import Timed, _float32_recheck, _Generation
+    from persona_steering.config import GenerationConfig
+    from persona_steering.generation import Request, chat_text
+    from persona_steering.runtime import load_runtime
+
+    cfg = load_config(None, [o for o in overrides if "precision" not in o] + ["model.precision=bf16-true"])
+    rt = load_runtime(cfg.model, cfg.cache_dir, cfg.seed)
+    prompts = PROMPTS[:2]
+    deltas = torch.randn(2, rt.hidden_size, generator=torch.Generator().manual_seed(0))
+    texts = [chat_text(rt.tokenizer, Request(p)) for p in prompts]
+    run = _Generation(
+        rt, GenerationConfig(max_new_tokens=5, max_batch=4), prompts, texts, deltas, 2, "response", 0
+    )
+    ids, _, _ = run.per_row()
+    tampered = [list(r) for r in ids]
+    tampered[2] = tampered[2][:-1] + [tampered[2][-1] + 1]  # row 2 (candidate 1, prompt 0) now differs
+    timed = {m: Timed([1.0], ids, 1, 1, 1.0) for m in ("seed-loop", "per-candidate")}
+    timed["per-row"] = Timed([1.0], tampered, 1, 1, 1.0)
+    loaded = []
+    monkeypatch.setattr(
+        bench, "load_runtime", lambda m, *a: loaded.append(m.precision) or load_runtime(m, *a)
+    )
+    recheck = _float32_recheck(cfg, run, timed)
+    assert recheck == {"rows": 1, "identical_in_float32": 1, "row_indices": [2]}
+    assert loaded == ["32-true"]
 
 
 def test_bench_settings_quick_and_errors(overrides: list[str], capsys) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from persona_steering.generation import kv_cache
 from persona_steering.judges.base import SCALES, Judge, Kind, Query, Verdict, render
 from persona_steering.runtime import Runtime
 
@@ -134,15 +135,15 @@ class LocalJudge(Judge):
             lp_first = first.logits[:, -1].float().log_softmax(-1).cpu()  # [n, vocab]
             lp_next = None
             if k > 1:
-                cache = first.past_key_values
-                cache.reorder_cache(torch.arange(n, device=device).repeat_interleave(c))
+                past = kv_cache(model, first)
+                next(iter(past.values())).reorder_cache(torch.arange(n, device=device).repeat_interleave(c))
                 lengths = mask.sum(-1).repeat_interleave(c)  # [n * c]
                 second = model(
                     input_ids=cont_ids.to(device),
                     attention_mask=torch.cat([mask.repeat_interleave(c, 0), cont_mask], -1).to(device),
                     position_ids=(lengths[:, None] + torch.arange(k)).to(device),
-                    past_key_values=cache,
                     use_cache=True,
+                    **past,
                 )
                 lp_next = second.logits.float().log_softmax(-1).cpu()  # [n * c, k, vocab]
         out = torch.empty(n * c)
