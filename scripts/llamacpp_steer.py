@@ -11,8 +11,9 @@ source (about 11 minutes on 2 cores)::
     pip install llama-cpp-python
     python scripts/llamacpp_steer.py runs/export/nostalgic_grandpa.gguf
 
-The GGUF model is quantised (the embedded one is Q8_0) while HF runs the dequantised float32
-weights, so the two steered answers can part after some tokens; both should move the same way.
+HF runs the GGUF's weights dequantised to float32, llama.cpp its quantised kernels (activations
+rounded to 8 bits inside the matmuls), so the two steered answers can part after some tokens; both
+should move the same way.
 """
 
 from __future__ import annotations
