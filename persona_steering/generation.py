@@ -219,8 +219,28 @@ def _generate_batch(
     finished = torch.zeros(batch, dtype=torch.bool, device=rt.device)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     extra = last_logits_only(rt.model)
+    # Under response steering (and without steering) no prompt token but the last is steered, so the
+    # prompt's prefix is computed once per distinct prompt (one per prompt, not per candidate, in a
+    # population) and only the last prompt token runs per row, steered.
+    past = None
+    if ids.shape[1] > 1 and (deltas is None or positions == "response"):
+        with rt.autocast():
+            past = shared_prefix(rt, ids[:, :-1], mask[:, :-1], position_ids[:, :-1], extra)
     with ctx, rt.autocast():
-        out = rt.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **extra)
+        if past is None:
+            out = rt.model(
+                input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **extra
+            )
+        else:
+            last = slice(ids.shape[1] - 1, None)
+            out = rt.model(
+                input_ids=ids[:, last],
+                attention_mask=mask,
+                position_ids=position_ids[:, last],
+                use_cache=True,
+                **extra,
+                **past,
+            )
         for step in range(gen.max_new_tokens):
             logits = out.logits[:, -1, :].float()  # [batch, vocab]
             nxt = _pick(logits, gen, generators)
@@ -242,6 +262,33 @@ def _generate_batch(
                 **kv_cache(rt.model, out),
             )
     return [out_ids[b, : int(lengths[b])].tolist() for b in range(batch)]
+
+
+def shared_prefix(
+    rt: Runtime, ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """The KV cache of an unsteered forward over ``ids`` [batch, len], run once per distinct row and
+    expanded to every row, as the keyword argument that continues it."""
+    first: dict[tuple[int, ...], int] = {}  # distinct row -> its index among the distinct rows
+    pick: list[int] = []  # batch row computed for each distinct row
+    inverse: list[int] = []  # distinct row of each batch row
+    for b, row in enumerate(ids.tolist()):
+        j = first.setdefault(tuple(row), len(first))
+        if j == len(pick):
+            pick.append(b)
+        inverse.append(j)
+    index = torch.tensor(pick, device=ids.device)
+    out = rt.model(
+        input_ids=ids[index],
+        attention_mask=mask[index],
+        position_ids=position_ids[index],
+        use_cache=True,
+        **extra,
+    )
+    past = kv_cache(rt.model, out)
+    if len(pick) < len(inverse):
+        next(iter(past.values())).reorder_cache(torch.tensor(inverse, device=ids.device))
+    return past
 
 
 def kv_cache(model: torch.nn.Module, out: Any) -> dict[str, Any]:

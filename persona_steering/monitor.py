@@ -137,16 +137,17 @@ def run_monitor(cfg: Config, settings: MonitorSettings, log: Callable[[str], Non
 
 
 @contextmanager
-def record_last_states(model: torch.nn.Module, row: int) -> Iterator[list[torch.Tensor]]:
+def record_last_states(model: torch.nn.Module, row: int) -> Iterator[list[tuple[int, torch.Tensor]]]:
     """Collect the last position's state of hidden_states row ``row`` at every forward call.
 
-    Yields a list that fills with one [batch, hidden] float32 CPU tensor per call.
+    Yields a list that fills with one (sequence length, [batch, hidden] float32 CPU tensor) per call.
     """
     block = decoder_blocks(model)[row - 1]
-    states: list[torch.Tensor] = []
+    states: list[tuple[int, torch.Tensor]] = []
 
     def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
-        states.append(untuple(output)[:, -1, :].detach().float().cpu())
+        hidden = untuple(output)
+        states.append((hidden.shape[1], hidden[:, -1, :].detach().float().cpu()))
 
     handle = block.register_forward_hook(hook)  # appended: runs after a prepended steering hook
     try:
@@ -249,8 +250,12 @@ def _generate_and_record(
             seed=cfg.seed,
         )
     ids = answer.ids
-    assert len(states) >= len(ids), "one forward call per answer token is expected"
-    chosen = torch.cat(states[: len(ids)]) if ids else torch.zeros(0, rt.hidden_size)  # [tokens, hidden]
+    # generate() may run the prompt as two forwards: its prefix (which chooses no token), then its
+    # last token; every later forward carries the token just chosen.
+    prompt_len = len(rt.tokenizer(answer.prompt, add_special_tokens=False)["input_ids"])
+    choosers = [state for _, state in (states[1:] if states and states[0][0] == prompt_len - 1 else states)]
+    assert len(choosers) >= len(ids), "one forward call per answer token is expected"
+    chosen = torch.cat(choosers[: len(ids)]) if ids else torch.zeros(0, rt.hidden_size)  # [tokens, hidden]
     return answer.text, ids, chosen
 
 

@@ -5,7 +5,7 @@ import torch
 
 from persona_steering.config import GenerationConfig
 from persona_steering.extraction import capture_layers
-from persona_steering.generation import Request, chat_text, generate
+from persona_steering.generation import Request, chat_text, generate, generate_population
 from persona_steering.layers import LayerError, decoder_blocks, normalize_layer
 from persona_steering.steering import steer
 
@@ -104,8 +104,12 @@ def test_positions_response_prompt_all_through_generate(tiny_rt):
             plain = list(inputs)
         finally:
             h.remove()
-        prefill_moved = (steered[0] - plain[0]).abs().amax(-1) > 50  # [batch, prompt_len]
-        decode_moved = [bool(((s - p).abs().amax(-1) > 50).all()) for s, p in zip(steered[1:], plain[1:])]
+        (steered_prompt, steered_steps), (plain_prompt, plain_steps) = (
+            _prompt_then_steps(x, mask.shape[1]) for x in (steered, plain)
+        )
+        prefill_moved = (steered_prompt - plain_prompt).abs().amax(-1) > 50  # [batch, prompt_len]
+        decode_moved = [bool(((s - p).abs().amax(-1) > 50).all()) for s, p in zip(steered_steps, plain_steps)]
+        assert len(steered_steps) == len(plain_steps) == 3
         if positions == "response":
             expected = torch.zeros_like(mask, dtype=torch.bool)
             expected[:, -1] = True  # the last prompt token predicts the first response token
@@ -117,6 +121,17 @@ def test_positions_response_prompt_all_through_generate(tiny_rt):
         else:
             assert torch.equal(prefill_moved, mask.bool())
             assert all(decode_moved)
+
+
+def _prompt_then_steps(
+    inputs: list[torch.Tensor], prompt_len: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A block's inputs during one generate call as (the whole prompt [batch, len, hidden], decode
+    steps): the prompt arrives in one forward, or in two (its shared prefix, then its last token)."""
+    if inputs[0].shape[1] == prompt_len:
+        return inputs[0], inputs[1:]
+    assert inputs[0].shape[1] == prompt_len - 1 and inputs[1].shape[1] == 1
+    return torch.cat(inputs[:2], dim=1), inputs[2:]
 
 
 def test_zero_delta_equals_unsteered_and_rows_are_independent(tiny_rt):
@@ -134,6 +149,27 @@ def test_zero_delta_equals_unsteered_and_rows_are_independent(tiny_rt):
         alone = generate(tiny_rt, [reqs[i]], gen, deltas=deltas[i : i + 1], layer=2)
         assert alone[0].ids == mixed[i].ids
     assert any(mixed[i].ids != base[i].ids for i in (0, 2, 3))
+
+
+def test_population_prompt_prefix_runs_once_per_prompt(tiny_rt):
+    """3 candidates x 2 prompts: the unsteered prompt prefix is computed for 2 rows, not 6, and every
+    row still equals that prompt answered alone under its candidate's vector."""
+    prompts = [QUESTIONS[0], QUESTIONS[3]]  # different lengths: one row is left-padded
+    gen = GenerationConfig(max_new_tokens=4)
+    deltas = torch.randn(3, tiny_rt.hidden_size, generator=torch.Generator().manual_seed(2)) * 5
+    shapes = []
+    h = decoder_blocks(tiny_rt.model)[0].register_forward_pre_hook(lambda m, a: shapes.append(a[0].shape[:2]))
+    try:
+        together = generate_population(tiny_rt, prompts, gen, deltas, layer=2)
+    finally:
+        h.remove()
+    prompt_len = max(len(_encode(tiny_rt, [chat_text(tiny_rt.tokenizer, Request(p))])[0][0]) for p in prompts)
+    assert list(shapes[:2]) == [(2, prompt_len - 1), (6, 1)]
+    for c in range(3):
+        for p in range(2):
+            alone = generate(tiny_rt, [Request(prompts[p])], gen, deltas=deltas[c : c + 1], layer=2)
+            assert alone[0].ids == together[c][p].ids, (c, p)
+    assert len({tuple(together[c][0].ids) for c in range(3)}) > 1  # the vectors do something
 
 
 def test_batched_greedy_equals_single_row(tiny_rt):
