@@ -277,17 +277,24 @@ def shared_prefix(
         if j == len(pick):
             pick.append(b)
         inverse.append(j)
-    index = torch.tensor(pick, device=ids.device)
-    out = rt.model(
-        input_ids=ids[index],
-        attention_mask=mask[index],
-        position_ids=position_ids[index],
-        use_cache=True,
-        **extra,
-    )
-    past = kv_cache(rt.model, out)
+
+    def run(rows: list[int]) -> dict[str, Any]:
+        index = torch.tensor(rows, device=ids.device)
+        out = rt.model(
+            input_ids=ids[index],
+            attention_mask=mask[index],
+            position_ids=position_ids[index],
+            use_cache=True,
+            **extra,
+        )
+        return kv_cache(rt.model, out)
+
+    past = run(pick)
     if len(pick) < len(inverse):
-        next(iter(past.values())).reorder_cache(torch.tensor(inverse, device=ids.device))
+        cache = next(iter(past.values()))
+        if not hasattr(cache, "reorder_cache"):  # a cache that cannot be expanded: every row runs it
+            return run(list(range(len(inverse))))
+        cache.reorder_cache(torch.tensor(inverse, device=ids.device))
     return past
 
 

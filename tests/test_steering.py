@@ -172,6 +172,25 @@ def test_population_prompt_prefix_runs_once_per_prompt(tiny_rt):
     assert len({tuple(together[c][0].ids) for c in range(3)}) > 1  # the vectors do something
 
 
+def test_prefix_cache_that_cannot_expand_runs_per_row(tiny_rt, monkeypatch):
+    """A KV cache class without reorder_cache: the prefix then runs for every row, same answers."""
+    from transformers import cache_utils
+
+    prompts = [QUESTIONS[0], QUESTIONS[3]]
+    gen = GenerationConfig(max_new_tokens=4)
+    deltas = torch.randn(3, tiny_rt.hidden_size, generator=torch.Generator().manual_seed(2)) * 5
+    shared = generate_population(tiny_rt, prompts, gen, deltas, layer=2)
+    monkeypatch.delattr(cache_utils.Cache, "reorder_cache")
+    batches = []
+    h = decoder_blocks(tiny_rt.model)[0].register_forward_pre_hook(lambda m, a: batches.append(a[0].shape[0]))
+    try:
+        per_row = generate_population(tiny_rt, prompts, gen, deltas, layer=2)
+    finally:
+        h.remove()
+    assert batches[:3] == [2, 6, 6]  # distinct prompts, then all rows again, then the last prompt token
+    assert [[a.ids for a in c] for c in per_row] == [[a.ids for a in c] for c in shared]
+
+
 def test_batched_greedy_equals_single_row(tiny_rt):
     reqs = [Request(q, "be formal .") for q in QUESTIONS]
     gen = GenerationConfig(max_new_tokens=10, max_batch=4)
