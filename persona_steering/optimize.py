@@ -305,18 +305,13 @@ def _tell(
     state["es"].tell(candidates.tolist(), [s.objective for s in scored])
     _record(state, candidates, scored, run.cfg.traits)
     state["numpy_rng"] = np.random.get_state()
-    state["history"]["state_digest"].append(state_digest(state))
+    held = state_digest(state)
+    state["history"]["state_digest"].append(held)
     fabric = run.objective.rt.fabric if run.objective is not None else None
     # Every rank told CMA-ES the same scores, so every rank must now hold the same state; a rank that
     # drifted (other numerics, other library versions) would ask for other candidates next time.
-    check_same(
-        fabric,
-        state["history"]["state_digest"][-1],
-        f"{run.id}'s CMA-ES state after iteration {state['iteration']}",
-    )
-    rank_log(
-        fabric, f"{run.id} iteration {state['iteration']} CMA-ES state {state['history']['state_digest'][-1]}"
-    )
+    check_same(fabric, held, f"{run.id}'s CMA-ES state after iteration {state['iteration']}")
+    rank_log(fabric, f"{run.id} iteration {state['iteration']} CMA-ES state {held}")
     if is_main(fabric):
         _save_checkpoint(run.paths["checkpoint"], state)
     h = state["history"]
