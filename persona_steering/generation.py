@@ -302,9 +302,15 @@ def kv_cache(model: torch.nn.Module, out: Any) -> dict[str, Any]:
     """The KV cache of a forward's output ``out`` as the keyword the model's forward takes:
     ``cache`` in recent transformers 5 (``past_key_values`` is deprecated there and goes in 5.40),
     ``past_key_values`` before."""
-    if "cache" in inspect.signature(model.forward).parameters:
-        return {"cache": out.cache}
-    return {"past_key_values": out.past_key_values}
+    cls = type(model)
+    if cls not in _CACHE_KEYWORD:  # read once per model class, not on every decode step
+        takes_cache = "cache" in inspect.signature(cls.forward).parameters
+        _CACHE_KEYWORD[cls] = "cache" if takes_cache else "past_key_values"
+    name = _CACHE_KEYWORD[cls]
+    return {name: getattr(out, name)}
+
+
+_CACHE_KEYWORD: dict[type, str] = {}
 
 
 def last_logits_only(model: torch.nn.Module) -> dict[str, Any]:
