@@ -55,6 +55,10 @@ sweep: $(STAMP)  ## TRAIT=R2 over layers x coefficients (ARGS="--layers 10,14 --
 similarity: $(STAMP)  ## cosine between trait vectors, extraction methods and layers (no model load)
 	$(CLI) similarity $(ARGS)
 
+.PHONY: judge-check
+judge-check: $(STAMP)  ## vet a judge on the hand-written calibration answers (ARGS="--judge openai")
+	$(CLI) judge-check $(ARGS)
+
 .PHONY: report
 report: $(STAMP)  ## self-contained HTML page for PERSONA=<id> in runs/report/ (after make optimize)
 	$(CLI) report --persona-id $(PERSONA) $(ARGS)

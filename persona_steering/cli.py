@@ -72,7 +72,7 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
                 "comma-separated start weights, one per trait",
             ),
             ("--save-dir", "optimize.save_dir", str, "output folder"),
-            ("--judge", "judge.backend", str, "embedding (offline), openai or local"),
+            ("--judge", "judge.backend", str, "offline (default), embedding, openai or local"),
             ("--judge-model", "judge.model", str, "judge model name (openai) or model (local)"),
             ("--base-url", "judge.base_url", str, "OpenAI-compatible endpoint"),
         ],
@@ -131,8 +131,8 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
             ("--prompts-file", "optimize.prompts_file", str, "prompts file with 'train' and 'heldout' lists"),
             ("--methods", "evaluate.methods", str, "e.g. base,prompt,proposed (default all)"),
             ("--num-prompts", "evaluate.num_prompts", int, "first N held-out prompts (default all)"),
-            ("--judge", "judge.backend", str, "embedding (offline), openai or local"),
-            ("--judges", "evaluate.judges", str, "several judges at once, e.g. embedding,openai"),
+            ("--judge", "judge.backend", str, "offline (default), embedding, openai or local"),
+            ("--judges", "evaluate.judges", str, "several judges at once, e.g. offline,openai"),
             ("--judge-model", "judge.model", str, "judge model name (openai) or model (local)"),
             ("--base-url", "judge.base_url", str, "OpenAI-compatible endpoint"),
             ("--bootstrap", "evaluate.bootstrap", int, "bootstrap resamples for the intervals"),
@@ -157,9 +157,19 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
             ("--vector-method", "steering.vector_method", str, "mean_diff, svd or pca"),
             ("--trait-dir", "vectors.trait_dir", str, "folder of trait files"),
             ("--trait-vector-dir", "steering.trait_vector_dir", str, "root of vector files"),
-            ("--judge", "judge.backend", str, "embedding (offline), openai or local"),
+            ("--judge", "judge.backend", str, "offline (default), embedding, openai or local"),
             ("--judge-model", "judge.model", str, "judge model name (openai) or model (local)"),
             ("--base-url", "judge.base_url", str, "OpenAI-compatible endpoint"),
+        ],
+    ),
+    "judge-check": (
+        "score the hand-written calibration answers: does the judge rank in-voice > assistant > degenerate?",
+        [
+            ("--judge", "judge.backend", str, "offline (default), embedding, openai or local"),
+            ("--judge-model", "judge.model", str, "judge model name (openai) or model (local)"),
+            ("--base-url", "judge.base_url", str, "OpenAI-compatible endpoint"),
+            ("--calibration-dir", "judge.calibration_dir", str, "folder of <persona>.json calibration sets"),
+            ("--persona-dir", "optimize.persona_dir", str, "folder of personas"),
         ],
     ),
     "similarity": (
@@ -240,7 +250,7 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
             ("--base-url", "_base_url", str, "endpoint of the openai:<model> entries (default judge's)"),
             ("--out-dir", "_out_dir", str, "output folder (default runs/models)"),
             ("--trait-dir", "vectors.trait_dir", str, "folder of trait files"),
-            ("--judge", "judge.backend", str, "embedding (offline, no trait scores), openai or local"),
+            ("--judge", "judge.backend", str, "offline or embedding (no trait scores), openai or local"),
             ("--judge-model", "judge.model", str, "judge model name (openai) or model (local)"),
             ("--judge-base-url", "judge.base_url", str, "OpenAI-compatible endpoint of the judge"),
             ("--bootstrap", "evaluate.bootstrap", int, "bootstrap resamples for the intervals"),
@@ -457,6 +467,13 @@ def _run_sweep(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_judge_check(cfg: Config, args: argparse.Namespace) -> int:
+    from persona_steering.calibration import run_judge_check
+
+    run_judge_check(cfg)
+    return 0
+
+
 def _run_similarity(cfg: Config, args: argparse.Namespace) -> int:
     from persona_steering.evaluate.similarity import run_similarity
 
@@ -555,6 +572,7 @@ _STAGES: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "evaluate": _run_evaluate,
     "sweep": _run_sweep,
     "similarity": _run_similarity,
+    "judge-check": _run_judge_check,
     "project": _run_project,
     "monitor": _run_monitor,
     "new-trait": _run_new_trait,

@@ -103,10 +103,15 @@ class VectorsConfig:
             raise ConfigError(f"vectors.n_per_question must be >= 1, got {self.n_per_question}")
 
 
+BACKENDS = ("offline", "embedding", "openai", "local")
+
+
 @dataclass
 class JudgeConfig:
-    backend: str = "embedding"
-    """embedding (offline default), openai (any OpenAI-compatible endpoint) or local (an HF model)."""
+    backend: str = "offline"
+    """offline (default: learned style, relevance, the policy model's fluency; no LLM, no key),
+    embedding (centroid similarity; the second offline judge), openai (any OpenAI-compatible
+    endpoint) or local (an HF model)."""
     model: str = "gpt-4o-mini"
     """Judge model name at the endpoint, or for 'local' a model like model.name."""
     base_url: str | None = None
@@ -125,10 +130,14 @@ class JudgeConfig:
     """Ask for top_logprobs and take the probability-weighted score; falls back to text."""
     coherence: bool = False
     """Also score coherence of each steered answer (one more judge call per answer)."""
+    calibration_dir: str = "tests/data/judge_calibration"
+    """Hand-written answers per persona (in voice, assistant, degenerate) that judge-check scores."""
+    check_dir: str = "runs/judge_check"
+    """Where judge-check writes <backend>.json."""
 
     def __post_init__(self) -> None:
-        if self.backend not in ("embedding", "openai", "local"):
-            raise ConfigError(f"judge.backend must be embedding, openai or local, got {self.backend!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"judge.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.max_attempts < 1 or self.concurrency < 1:
             raise ConfigError("judge.max_attempts and judge.concurrency must be >= 1")
 
@@ -209,7 +218,10 @@ class EvaluateConfig:
     num_prompts: int | None = None
     """First N held-out prompts (None = all)."""
     judges: list[str] | None = None
-    """Judge backends to score with, e.g. [embedding, openai]; None = judge.backend alone."""
+    """Judge backends to score with, e.g. [offline, openai]; the first should be the one optimised
+    against. None = judge.backend and a second, independent offline judge (embedding, or offline
+    when judge.backend is embedding), so the held-out comparison is never scored only by the judge
+    CMA-ES climbed."""
     bootstrap: int = 2000
     """Bootstrap resamples for the confidence intervals."""
     confidence: float = 0.95
@@ -219,6 +231,11 @@ class EvaluateConfig:
     vector_strength: float | None = None
     """Length of the single persona vectors (meandiff, pca) in alpha * residual-norm units;
     None = the proposed vector's length (1.0 without an optimisation result)."""
+    samples: int = 3
+    """Sampled answers per method and held-out prompt besides the greedy one (seeds seed+1 ..
+    seed+samples); a prompt's score is the mean over all its answers. 0 = greedy only."""
+    sample_temperature: float = 0.7
+    """Temperature of the sampled answers (generation.top_p applies too)."""
 
     def __post_init__(self) -> None:
         if self.methods is not None and not self.methods:
@@ -228,8 +245,8 @@ class EvaluateConfig:
         if self.judges is not None and not self.judges:
             raise ConfigError("evaluate.judges must name at least one judge backend (or be null)")
         for name in self.judges or []:
-            if name not in ("embedding", "openai", "local"):
-                raise ConfigError(f"evaluate.judges: {name!r} is not one of embedding, openai, local")
+            if name not in BACKENDS:
+                raise ConfigError(f"evaluate.judges: {name!r} is not one of {', '.join(BACKENDS)}")
         if self.bootstrap < 100:
             raise ConfigError(f"evaluate.bootstrap must be >= 100 resamples, got {self.bootstrap}")
         if not 0.5 <= self.confidence < 1:
@@ -238,6 +255,13 @@ class EvaluateConfig:
             raise ConfigError(f"evaluate.permutations must be >= 100, got {self.permutations}")
         if self.vector_strength is not None and not self.vector_strength >= 0:
             raise ConfigError(f"evaluate.vector_strength must be >= 0, got {self.vector_strength}")
+        if self.samples < 0:
+            raise ConfigError(f"evaluate.samples must be >= 0, got {self.samples}")
+        if self.samples and not 0 < self.sample_temperature < float("inf"):
+            raise ConfigError(
+                "evaluate.sample_temperature must be > 0 when evaluate.samples > 0 (greedy copies "
+                f"would only repeat the greedy answer), got {self.sample_temperature}"
+            )
 
 
 @dataclass

@@ -56,7 +56,7 @@ class TraitResult:
 def run_vectors(cfg: Config, rt: Runtime | None = None, log: Any = print) -> list[TraitResult]:
     """Extract and save vectors for every configured trait; skip traits whose file is up to date."""
     traits = load_traits(cfg.vectors.trait_dir, cfg.vectors.traits)
-    if cfg.vectors.filter_with_judge and cfg.judge.backend == "embedding":
+    if cfg.vectors.filter_with_judge and cfg.judge.backend in ("embedding", "offline"):
         raise ConfigError(
             "--filter needs a judge that scores traits: --judge openai (with a key) or --judge local"
         )

@@ -14,7 +14,7 @@ import math
 import pickle
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from persona_steering import __version__
 from persona_steering.basis import TraitBasis, configured_basis, parse_weights
 from persona_steering.cache import Cache, atomic_write_bytes, atomic_write_json, digest
 from persona_steering.config import Config, ConfigError
+from persona_steering.contrast import FitContext, fit_context, other_personas
 from persona_steering.distributed import (
     check_same,
     is_main,
@@ -36,7 +37,7 @@ from persona_steering.distributed import (
     rank_log,
 )
 from persona_steering.generation import Request, generate, generate_population
-from persona_steering.judges import Judge, Query, build_judge
+from persona_steering.judges import Judge, Query, build_judge, judge_versions
 from persona_steering.runtime import Runtime, identify, load_runtime
 from persona_steering.traits import Persona, load_persona, load_prompts
 
@@ -56,6 +57,7 @@ class Scored:
     verdicts: int
     expected: int
     objective: float  # what CMA-ES minimises
+    parts: dict[str, float] = field(default_factory=dict)  # mean style, relevance, fluency (0-1)
 
 
 @dataclass
@@ -83,6 +85,11 @@ class Objective:
         )
         return [a.text for a in answers]
 
+    @cached_property
+    def fit(self) -> FitContext:
+        """What the persona's voice is judged against (contrast answers generated once, memoised)."""
+        return fit_context(self.rt, self.cfg, self.persona, self.cache)
+
     def answers(self, weights: np.ndarray) -> list[list[str]]:
         """Steered answers [candidate][prompt] for weights [candidates, k], in one generate call."""
         w = torch.as_tensor(np.asarray(weights, dtype=np.float64), dtype=torch.float32)
@@ -109,16 +116,7 @@ class Objective:
         queries = []
         for cand in texts:
             for prompt, base, ans in zip(self.prompts, self.baselines, cand, strict=True):
-                queries.append(
-                    Query(
-                        "persona_fit",
-                        prompt,
-                        ans,
-                        baseline=base,
-                        rubric=self.persona.judge_prompt,
-                        samples=tuple(self.persona.samples),
-                    )
-                )
+                queries.append(self.fit.query(prompt, ans, base))
                 if self.cfg.judge.coherence:
                     queries.append(Query("coherence", prompt, ans))
         # Judged once, on rank 0; every rank gets the verdicts and so tells CMA-ES the same scores.
@@ -129,14 +127,23 @@ class Objective:
         for c in range(len(texts)):
             chunk = verdicts[c * n * per : (c + 1) * n * per]
             fits = [v.score for v in chunk[0::per] if v.score is not None]
+            parts = _mean_parts([v for v in chunk[0::per] if v.score is not None])
             cohs = [v.score for v in chunk[1::per] if v.score is not None] if per == 2 else []
             fit = float(np.mean(fits)) if fits else math.nan
             coh = float(np.mean(cohs)) if cohs else None
             objective = -fit
             if coh is not None and self.cfg.optimize.coherence_penalty:
                 objective += self.cfg.optimize.coherence_penalty * (1 - coh / 100)
-            scored.append(Scored(fit, coh, len(fits), n, objective))
+            scored.append(Scored(fit, coh, len(fits), n, objective, parts))
         return scored
+
+
+def _mean_parts(verdicts: list[Any]) -> dict[str, float]:
+    """Mean of each verdict part over verdicts that report parts ({} when none does)."""
+    with_parts = [v.meta["parts"] for v in verdicts if "parts" in v.meta]
+    if not with_parts:
+        return {}
+    return {k: float(np.mean([p[k] for p in with_parts])) for k in with_parts[0]}
 
 
 def run_optimize(
@@ -334,16 +341,20 @@ def _finish(run: _Run, log: Any) -> dict[str, Any]:
     result = _result(run.cfg, run.basis, state, mean_w, mean_s, zero_s, run.digest)
     result["examples"] = [
         {"prompt": p, "baseline": b, "best": s}
-        for p, b, s in zip(run.prompts[:3], objective.baselines, best_texts[0], strict=False)
+        for p, b, s in zip(run.prompts, objective.baselines, best_texts[0], strict=False)
     ]
+    if hasattr(objective.judge, "style_report") and is_main(objective.rt.fabric):
+        fit = objective.fit
+        result["style_classifier"] = objective.judge.style_report(fit.samples, fit.contrast)
     if not is_main(objective.rt.fabric):
         return result
     keys = ("persona_id", "layer", "alpha", "best_weights", "best_score", "config_digest")
     atomic_write_json(run.paths["best"], {k: result[k] for k in keys})
     atomic_write_json(run.paths["result"], result)
     plot_convergence(result, run.paths["plot"])
+    parts = "  ".join(f"{k} {v:.2f}" for k, v in result["best_parts"].items())
     log(
-        f"{run.id}: best fit {result['best_score']:.3f} "
+        f"{run.id}: best fit {result['best_score']:.3f} ({parts or 'no parts'}) "
         f"(unsteered {result['baseline_score']:.3f}); wrote {run.paths['result']}"
     )
     return result
@@ -444,8 +455,20 @@ def _run_digest(
             "judge": {
                 k: v
                 for k, v in asdict(cfg.judge).items()
-                if k not in ("timeout", "concurrency", "max_attempts", "max_retry_seconds")
+                if k
+                not in (
+                    "timeout",
+                    "concurrency",
+                    "max_attempts",
+                    "max_retry_seconds",
+                    "calibration_dir",
+                    "check_dir",
+                )
             },
+            # A changed judge algorithm or prompt changes every verdict, so it is another run.
+            "judge_versions": judge_versions(),
+            # The offline judge learns the voice against the other personas: they shape the fit too.
+            "contrast": [p.digest() for p in other_personas(cfg.optimize.persona_dir, persona.id)],
             "optimize": opt,
             "traits": cfg.traits,
             "seed": cfg.seed,
@@ -503,6 +526,7 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 def _new_history() -> dict[str, list[Any]]:
     return {
+        "best_parts": [],
         "iterations": [],
         "best_scores": [],
         "best_weights": [],
@@ -541,6 +565,7 @@ def _record(state: dict[str, Any], candidates: np.ndarray, scored: list[Scored],
             "score": float(fits[i]),
             "weights": candidates[i].tolist(),
             "iteration": state["iteration"],
+            "parts": scored[i].parts,
         }
     h = state["history"]
     es = state["es"]
@@ -549,6 +574,7 @@ def _record(state: dict[str, Any], candidates: np.ndarray, scored: list[Scored],
     h["best_weights"].append(dict(zip(traits, map(float, state["best"]["weights"]), strict=True)))
     h["generation_best"].append(float(np.nanmax(fits)))
     h["generation_mean"].append(float(np.nanmean(fits)))
+    h["best_parts"].append(state["best"].get("parts", {}))
     h["sigma"].append(float(es.sigma))
     h["mean_weights"].append([float(x) for x in es.mean])
     h["verdicts"].append([s.verdicts for s in scored])
@@ -580,8 +606,11 @@ def _result(
         "num_evaluations": state["evaluations"],
         "optimization_history": {k: h[k] for k in ("iterations", "best_scores", "best_weights")},
         "mean_weights": dict(zip(traits, map(float, mean_w), strict=True)),
+        "best_parts": state["best"].get("parts", {}),
         "mean_score": mean_s.fit,
+        "mean_parts": mean_s.parts,
         "baseline_score": zero_s.fit,
+        "baseline_parts": zero_s.parts,
         "missing_verdicts": int(missing),
         "history": {
             k: h[k]
@@ -593,6 +622,7 @@ def _result(
                 "verdicts",
                 "candidates",
                 "state_digest",
+                "best_parts",
             )
         },
         "traits": traits,

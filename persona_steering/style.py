@@ -162,3 +162,30 @@ def _is_past(word: str) -> bool:
     if word in IRREGULAR_PAST or word in ("agreed", "freed"):
         return True
     return len(word) > 3 and word.endswith("ed") and not word.endswith("eed") and word not in NOT_PAST
+
+
+LOOP_N = 4
+LOOP_TIMES = 3
+"""An answer loops when some word ``LOOP_N``-gram occurs ``LOOP_TIMES`` or more times in it."""
+
+
+def loops(text: str, n: int = LOOP_N, times: int = LOOP_TIMES) -> bool:
+    """True when some word n-gram occurs at least ``times`` times: the loop-rate criterion."""
+    ws = words(text)
+    grams = [tuple(ws[i : i + n]) for i in range(len(ws) - n + 1)]
+    counts: dict[tuple[str, ...], int] = {}
+    for g in grams:
+        counts[g] = counts.get(g, 0) + 1
+    return any(c >= times for c in counts.values())
+
+
+def repetition(text: str, n: int = 3) -> float:
+    """Share of word n-grams that repeat an earlier one, in [0, 1]: 0 for no repeats, near 1 for a loop.
+
+    Over the whole answer, so a phrase looping anywhere counts; texts shorter than n words give 0.
+    """
+    ws = words(text)
+    grams = [tuple(ws[i : i + n]) for i in range(len(ws) - n + 1)]
+    if not grams:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)

@@ -5,7 +5,8 @@ A trait file (``configs/traits/<name>.yaml``) holds ``name``, ``title``, ``descr
 ``questions`` ({extract: [...], eval: [...]}) and ``eval_prompt`` (a 0-100 judge prompt with
 ``{question}`` and ``{answer}`` fields). A persona folder (``personas/<id>/``) holds
 ``persona_profile.txt`` and ``persona_samples.json`` (a JSON list of strings), optionally
-``final_judge_prompt.txt``, ``persona_features.json`` and ``raw_conversations.json``.
+``final_judge_prompt.txt``, ``persona_short_prompt.txt`` (a one-line style instruction, the
+``prompt-short`` baseline's system prompt), ``persona_features.json`` and ``raw_conversations.json``.
 """
 
 from __future__ import annotations
@@ -53,8 +54,11 @@ class Persona:
     judge_prompt: str
     features: dict[str, Any] = field(default_factory=dict)
     path: str = ""
+    short_prompt: str | None = None  # persona_short_prompt.txt: one line, None when absent
 
     def digest(self) -> str:
+        # short_prompt is left out: only the prompt-short baseline reads it, and its generations are
+        # keyed by the prompt text itself; including it would orphan every existing optimisation run.
         return digest([self.id, self.profile, self.samples, self.judge_prompt], 16)
 
 
@@ -176,7 +180,18 @@ def load_persona(persona_dir: str | Path, persona_id: str) -> Persona:
         judge_prompt=judge_prompt,
         features=features,
         path=str(folder),
+        short_prompt=_short_prompt(folder / "persona_short_prompt.txt"),
     )
+
+
+def _short_prompt(path: Path) -> str | None:
+    """The one-line style instruction in ``path``; None when the file is absent or empty."""
+    if not path.is_file():
+        return None
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if len(lines) > 1:
+        raise DefinitionError(f"{path}: must hold one line (a short style instruction), found {len(lines)}")
+    return lines[0] if lines else None
 
 
 def build_judge_prompt(profile: str, samples: list[str], max_samples: int = 8) -> str:

@@ -50,6 +50,7 @@ def project(tmp_path_factory, tiny_model_dir):
     overrides = [
         f"model.name={tiny_model_dir}",
         "model.accelerator=cpu",
+        "judge.backend=embedding",  # mechanics on a 4-sample persona; the offline judge has its own tests
         f"cache_dir={root / 'cache'}",
         f"vectors.trait_dir={traits}",
         f"vectors.out_dir={root / 'vectors'}",

@@ -25,7 +25,14 @@ def workdir(tmp_path, monkeypatch):
 
 
 def base_args(workdir):
-    return ["--cache-dir", str(workdir / "cache"), "--out-dir", str(workdir / "runs"), "--trait-dir", str(REPO / "configs/traits")]
+    return [
+        "--cache-dir",
+        str(workdir / "cache"),
+        "--out-dir",
+        str(workdir / "runs"),
+        "--trait-dir",
+        str(REPO / "configs/traits"),
+    ]
 
 
 def assert_untouched(workdir):
@@ -46,11 +53,15 @@ def test_malformed_trait_file_names_file_and_field(workdir, capsys):
     data = yaml.safe_load((REPO / "configs/traits/R2.yaml").read_text())
     del data["questions"]["eval"]
     (traits / "R2.yaml").write_text(yaml.safe_dump(data))
-    code, err = run_cli(["vectors", "--traits", "R2", *base_args(workdir)[:4], "--trait-dir", str(traits)], capsys)
+    code, err = run_cli(
+        ["vectors", "--traits", "R2", *base_args(workdir)[:4], "--trait-dir", str(traits)], capsys
+    )
     assert code == 2 and len(err) == 1
     assert "R2.yaml" in err[0] and "questions.eval" in err[0]
     (traits / "R2.yaml").write_text("name: [unclosed")
-    code, err = run_cli(["vectors", "--traits", "R2", *base_args(workdir)[:4], "--trait-dir", str(traits)], capsys)
+    code, err = run_cli(
+        ["vectors", "--traits", "R2", *base_args(workdir)[:4], "--trait-dir", str(traits)], capsys
+    )
     assert code == 2 and "not valid YAML" in err[0]
     assert_untouched(workdir)
 
@@ -79,12 +90,32 @@ def test_bad_override_and_unknown_option(workdir, capsys):
 
 def test_entry_point_exit_code_and_help(workdir):
     proc = subprocess.run(
-        [sys.executable, "-m", "persona_steering", "vectors", "--traits", "R9", "--trait-dir", str(REPO / "configs/traits")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "persona_steering",
+            "vectors",
+            "--traits",
+            "R9",
+            "--trait-dir",
+            str(REPO / "configs/traits"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: unknown trait 'R9': no " + str(REPO / "configs/traits/R9.yaml") + " (known: R1, R2, R3, R4, R5)"]
-    helped = subprocess.run([sys.executable, "-m", "persona_steering", "vectors", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.stderr.strip().splitlines() == [
+        "error: unknown trait 'R9': no "
+        + str(REPO / "configs/traits/R9.yaml")
+        + " (known: R1, R2, R3, R4, R5)"
+    ]
+    helped = subprocess.run(
+        [sys.executable, "-m", "persona_steering", "vectors", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert helped.returncode == 0 and "--n-per-question" in helped.stdout
 
 

@@ -42,6 +42,7 @@ def exported(tmp_path: Path, tiny_model_dir: Path) -> tuple[list[str], Path]:
     overrides = [
         f"model.name={tiny_model_dir}",
         "model.accelerator=cpu",
+        "judge.backend=embedding",  # mechanics on a 4-sample persona; the offline judge has its own tests
         f"cache_dir={tmp_path / 'cache'}",
         f"steering.trait_vector_dir={tmp_path / 'vectors'}",
         f"optimize.save_dir={tmp_path / 'runs'}",

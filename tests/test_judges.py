@@ -33,6 +33,8 @@ FIT = Query(
     rubric="A cheerful 1920s English gentleman.",
 )
 COHERENCE = Query(kind="coherence", question="How are you today?", answer="I am fine, thank you.")
+ONE = Query(kind="coherence", question="How are you today?", answer="Splendid, old chap, simply splendid.")
+"""One HTTP call per verdict: the transport tests use it (a persona-fit verdict is six calls)."""
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -70,27 +72,48 @@ def make_judge(server: FakeOpenAI, **overrides) -> OpenAIJudge:
     return OpenAIJudge(JudgeConfig(**fields), backoff=0.01)
 
 
-def fit(i: int) -> Query:
-    return replace(FIT, replicate=i)
+def one(i: int) -> Query:
+    return replace(ONE, replicate=i)
 
 
 def test_score_is_probability_weighted_over_valid_tokens(server: FakeOpenAI) -> None:
     server.push(("logprobs", {"4": ln(0.3), "5": ln(0.3), "Hello": ln(0.25), "9": ln(0.15)}))
     judge = make_judge(server)
-    [verdict] = judge.judge([FIT])
-    # "Hello" is no score and 9 lies outside 1..5: the mass renormalises over 4 and 5.
-    assert verdict.score == pytest.approx(4.5, abs=1e-12)
+    [verdict] = judge.judge([ONE])
+    # "Hello" is no score: the mass renormalises over 4, 5 and 9 (all on the 0-100 scale).
+    assert verdict.score == pytest.approx((0.3 * 4 + 0.3 * 5 + 0.15 * 9) / 0.75, abs=1e-12)
     assert verdict.meta == {"attempts": 1, "source": "logprobs"}
     [request] = server.requests
     body = request.json
-    assert body["messages"] == [{"role": "user", "content": render(FIT)}]
+    assert body["messages"] == [{"role": "user", "content": render(ONE)}]
     assert body["model"] == "judge-model" and body["temperature"] == 0
     assert body["logprobs"] is True and body["top_logprobs"] == 20
 
 
+def test_persona_fit_asks_three_parts_in_both_orders(server: FakeOpenAI) -> None:
+    from persona_steering.judges.base import render_fit
+
+    # Six calls: style, relevance and fluency, each with the candidate shown first and second.
+    server.push(*[f"text:{d}" for d in ("5", "3", "4", "4", "2", "2")])
+    [verdict] = make_judge(server, use_logprobs=False).judge([FIT])
+    sent = [r.json["messages"][0]["content"] for r in server.requests]
+    assert sent == list(render_fit(FIT).values())
+    first = [text.index(FIT.answer) < text.index(FIT.baseline) for text in sent]
+    assert first == [True, False, True, False, True, False]
+    # Parts: mean of both orders, 1-5 onto 0-1: style (5+3)/2 -> 0.75, relevance 4 -> 0.75, fluency 2 -> 0.25.
+    assert verdict.meta["parts"] == {"style": 0.75, "relevance": 0.75, "fluency": 0.25}
+    assert verdict.score == pytest.approx(1 + 4 * 3 / (1 / 0.75 + 1 / 0.75 + 1 / 0.25), abs=1e-4)
+
+
+def test_persona_fit_with_one_part_missing_is_no_verdict(server: FakeOpenAI) -> None:
+    server.push("text:5", "text:no idea")
+    [verdict] = make_judge(server, use_logprobs=False, max_attempts=1).judge([FIT])
+    assert verdict.score is None and "style, order 1" in verdict.detail
+
+
 def test_even_split_gives_exact_midpoint(server: FakeOpenAI) -> None:
     server.push(("logprobs", {"4": ln(0.5), "5": ln(0.5)}))
-    assert make_judge(server).judge([FIT])[0].score == pytest.approx(4.5, abs=1e-12)
+    assert make_judge(server).judge([ONE])[0].score == pytest.approx(4.5, abs=1e-12)
 
 
 def test_little_score_mass_is_no_verdict(server: FakeOpenAI, tmp_path: Path) -> None:
@@ -98,7 +121,7 @@ def test_little_score_mass_is_no_verdict(server: FakeOpenAI, tmp_path: Path) -> 
     dist = {"3": ln(0.2), "I": ln(0.19), "The": ln(0.19), "My": ln(0.19), "A": ln(0.19)}
     server.push(("logprobs", dist))
     with Cache(tmp_path / "cache") as cache:
-        [verdict] = make_judge(server).judge([FIT], cache)
+        [verdict] = make_judge(server).judge([ONE], cache)
         assert verdict.score is None and verdict.detail.startswith("no verdict")
         assert cache.count("verdict") == 0
 
@@ -110,7 +133,7 @@ def test_429_waits_for_retry_after_then_succeeds(
     judge = make_judge(server)
     start = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="persona_steering.judges"):
-        [verdict] = judge.judge([FIT])
+        [verdict] = judge.judge([ONE])
     elapsed = time.monotonic() - start
     assert verdict.score == 4.0 and verdict.meta["attempts"] == 2
     assert judge.attempts == 2 and len(server.requests) == 2
@@ -123,7 +146,7 @@ def test_429_waits_for_retry_after_then_succeeds(
 def test_transient_failure_is_retried(server: FakeOpenAI, fault: str) -> None:
     server.push(fault)
     judge = make_judge(server)
-    [verdict] = judge.judge([FIT])
+    [verdict] = judge.judge([ONE])
     assert verdict.score == 4.0
     assert judge.attempts == 2 and verdict.meta["attempts"] == 2
 
@@ -132,7 +155,7 @@ def test_hang_past_timeout_is_retried(server: FakeOpenAI) -> None:
     server.push("hang")
     judge = make_judge(server, timeout=0.5)
     start = time.monotonic()
-    [verdict] = judge.judge([FIT])
+    [verdict] = judge.judge([ONE])
     assert time.monotonic() - start >= 0.5
     assert verdict.score == 4.0 and judge.attempts == 2
 
@@ -141,7 +164,7 @@ def test_400_is_not_retried_and_not_cached(server: FakeOpenAI, tmp_path: Path) -
     server.push("400")
     judge = make_judge(server, use_logprobs=False)
     with Cache(tmp_path / "cache") as cache:
-        [verdict] = judge.judge([FIT], cache)
+        [verdict] = judge.judge([ONE], cache)
         assert verdict.score is None and verdict.detail.startswith("BadRequestError:")
         assert judge.attempts == 1
         assert cache.count("verdict") == 0
@@ -150,30 +173,30 @@ def test_400_is_not_retried_and_not_cached(server: FakeOpenAI, tmp_path: Path) -
 def test_400_on_plain_request_too_is_not_blamed_on_logprobs(server: FakeOpenAI) -> None:
     server.push("400", "400")
     judge = make_judge(server)
-    [verdict] = judge.judge([FIT])
+    [verdict] = judge.judge([ONE])
     assert verdict.score is None and judge.attempts == 2
     # The request without logprobs failed as well: logprobs stay in use.
-    judge.judge([fit(1)])
+    judge.judge([one(1)])
     assert server.requests[-1].json.get("logprobs") is True
 
 
 def test_logprobs_rejected_falls_back_to_text_and_remembers(server: FakeOpenAI) -> None:
     server.push("400-logprobs")
     judge = make_judge(server)
-    [verdict] = judge.judge([FIT])
+    [verdict] = judge.judge([ONE])
     assert verdict.score == 4.0 and verdict.meta == {"attempts": 2, "source": "text"}
     first, second = server.requests
     assert first.json["logprobs"] is True and "logprobs" not in second.json
-    judge.judge([fit(1)])
+    judge.judge([one(1)])
     assert len(server.requests) == 3 and "logprobs" not in server.requests[-1].json
 
 
 def test_missing_logprobs_falls_back_to_text(server: FakeOpenAI) -> None:
     server.push("nologprobs")
     judge = make_judge(server)
-    [verdict] = judge.judge([FIT])
+    [verdict] = judge.judge([ONE])
     assert verdict.score == 4.0 and verdict.meta["source"] == "text" and judge.attempts == 1
-    judge.judge([fit(1)])  # a null field is no refusal: still asking
+    judge.judge([one(1)])  # a null field is no refusal: still asking
     assert server.requests[-1].json["logprobs"] is True
 
 
@@ -181,7 +204,7 @@ def test_401_raises_judge_error_without_the_key(server: FakeOpenAI) -> None:
     server.push("401")  # its message quotes the key back
     judge = make_judge(server)
     with pytest.raises(JudgeError, match=KEY_ENV) as err:
-        judge.judge([FIT])
+        judge.judge([ONE])
     assert KEY not in str(err.value) and judge.attempts == 1
     assert err.value.__cause__ is None and err.value.__suppress_context__
 
@@ -190,27 +213,27 @@ def test_quota_raises_without_retrying(server: FakeOpenAI) -> None:
     server.push("quota")
     judge = make_judge(server)
     with pytest.raises(JudgeError, match="quota"):
-        judge.judge([FIT])
+        judge.judge([ONE])
     assert judge.attempts == 1
 
 
 def test_unknown_model_raises(server: FakeOpenAI) -> None:
     server.push("404")
     with pytest.raises(JudgeError, match="judge-model"):
-        make_judge(server, use_logprobs=False).judge([FIT])
+        make_judge(server, use_logprobs=False).judge([ONE])
 
 
-@pytest.mark.parametrize("reply", ["I would rather not say", "7", ""])
+@pytest.mark.parametrize("reply", ["I would rather not say", "170", ""])
 def test_no_number_in_scale_is_none_and_not_cached(server: FakeOpenAI, tmp_path: Path, reply: str) -> None:
     server.push(f"text:{reply}")
     judge = make_judge(server)
     with Cache(tmp_path / "cache") as cache:
-        [verdict] = judge.judge([FIT], cache)
-        # "7" is one whole token: its logprobs are read, and hold no valid score.
+        [verdict] = judge.judge([ONE], cache)
+        # "170" is one whole token: its logprobs are read, and hold no valid score.
         assert verdict.score is None and verdict.detail.startswith(("unparseable", "no verdict"))
         assert cache.count("verdict") == 0
         # Not memoised: the next call asks again and gets the default answer.
-        assert judge.judge([FIT], cache)[0].score == 4.0
+        assert judge.judge([ONE], cache)[0].score == 4.0
         assert len(server.requests) == 2 and cache.count("verdict") == 1
 
 
@@ -218,11 +241,11 @@ def test_exhausted_retries_give_none_then_a_later_call_succeeds(server: FakeOpen
     server.push("500", "500", "500")
     judge = make_judge(server, max_attempts=3)
     with Cache(tmp_path / "cache") as cache:
-        [verdict] = judge.judge([FIT], cache)
+        [verdict] = judge.judge([ONE], cache)
         assert verdict == Verdict(None, verdict.detail, {"attempts": 3})
         assert verdict.detail.startswith("InternalServerError:")
         assert cache.count("verdict") == 0
-        assert judge.judge([FIT], cache)[0].score == 4.0
+        assert judge.judge([ONE], cache)[0].score == 4.0
         assert judge.attempts == 4
 
 
@@ -230,7 +253,7 @@ def test_time_budget_refuses_a_long_retry_after(server: FakeOpenAI) -> None:
     server.push(("429", 5))
     judge = make_judge(server, max_retry_seconds=0.5)
     start = time.monotonic()
-    [verdict] = judge.judge([FIT])
+    [verdict] = judge.judge([ONE])
     assert time.monotonic() - start < 2.0  # did not sleep the 5 s it could not afford
     assert verdict.score is None and verdict.detail.startswith("RateLimitError:")
     assert judge.attempts == 1
@@ -238,9 +261,9 @@ def test_time_budget_refuses_a_long_retry_after(server: FakeOpenAI) -> None:
 
 def test_success_is_cached_and_served_without_http(server: FakeOpenAI, tmp_path: Path) -> None:
     with Cache(tmp_path / "cache") as cache:
-        first = make_judge(server).judge([FIT, COHERENCE], cache)
+        first = make_judge(server).judge([ONE, COHERENCE], cache)
         server.content = "3"  # a second HTTP call would now answer differently
-        again = make_judge(server).judge([FIT, COHERENCE], cache)
+        again = make_judge(server).judge([ONE, COHERENCE], cache)
     assert [v.score for v in first] == [4.0, 4.0]
     assert [v.score for v in again] == [4.0, 4.0] and all(v.meta["cached"] for v in again)
     assert len(server.requests) == 2
@@ -249,7 +272,7 @@ def test_success_is_cached_and_served_without_http(server: FakeOpenAI, tmp_path:
 def test_identical_queries_are_judged_once(server: FakeOpenAI, tmp_path: Path) -> None:
     """Two candidates that wrote the same answer cost one call and one cache miss, not two."""
     with Cache(tmp_path / "cache") as cache:
-        got = make_judge(server).judge([FIT, COHERENCE, FIT, fit(1), FIT], cache)
+        got = make_judge(server).judge([ONE, COHERENCE, ONE, one(1), ONE], cache)
         assert cache.misses == {"verdict": 3} and cache.count("verdict") == 3
     assert [v.score for v in got] == [4.0] * 5
     assert len(server.requests) == 3
@@ -259,7 +282,7 @@ def test_key_never_leaks(server: FakeOpenAI, tmp_path: Path, caplog: pytest.LogC
     server.push(("429", 0), "500")
     judge = make_judge(server)
     with caplog.at_level(logging.DEBUG, logger="persona_steering"), Cache(tmp_path / "cache") as cache:
-        verdicts = judge.judge([FIT, COHERENCE], cache)
+        verdicts = judge.judge([ONE, COHERENCE], cache)
     assert all(v.ok for v in verdicts)
     assert KEY not in repr(judge) and KEY not in json.dumps(judge.identity())
     assert judge.identity() == {
@@ -282,7 +305,7 @@ def test_key_from_dotenv_without_touching_environ(
     monkeypatch.delenv(KEY_ENV)
     (tmp_path / ".env").write_text(f"{KEY_ENV}={KEY}\n")
     judge = make_judge(server)
-    assert judge.judge([FIT])[0].score == 4.0
+    assert judge.judge([ONE])[0].score == 4.0
     assert server.requests[0].headers["authorization"] == f"Bearer {KEY}"
     assert KEY_ENV not in os.environ
 
@@ -298,7 +321,7 @@ def test_calls_run_concurrently_and_keep_order(server: FakeOpenAI) -> None:
     server.delay = 0.3
     # Each reply depends on the prompt, so a shuffled result would show.
     server.content_fn = lambda body: str(1 + len(body["messages"][0]["content"]) % 5)
-    queries = [replace(FIT, answer="x" * i) for i in range(8)]
+    queries = [replace(ONE, answer="x" * i) for i in range(8)]
     judge = make_judge(server, concurrency=8, use_logprobs=False)
     start = time.monotonic()
     verdicts = judge.judge(queries)
@@ -327,16 +350,25 @@ def pirate(answer: str, baseline: str) -> Query:
     return Query("persona_fit", "Tell me about your day.", answer, baseline=baseline, samples=SAMPLES)
 
 
-def test_embedding_equal_answers_score_exactly_three(embedding_judge) -> None:
+def test_embedding_equal_answers_have_neutral_style_and_full_relevance(embedding_judge) -> None:
     text = "I spent the day reading about tax law."
-    assert embedding_judge.judge([pirate(text, text)])[0].score == 3.0
+    [verdict] = embedding_judge.judge([pirate(text, text)])
+    assert verdict.meta["parts"] == {"style": 0.5, "relevance": 1.0, "fluency": 1.0}
+    assert verdict.score == pytest.approx(1 + 4 * 3 / (2 + 1 + 1), abs=1e-4)  # harmonic mean 0.75
 
 
-def test_embedding_persona_like_answer_scores_above_three(embedding_judge) -> None:
+def test_embedding_persona_like_answer_has_more_style(embedding_judge) -> None:
     pirate_like, plain = SAMPLES[1], "I reviewed quarterly spreadsheets and answered emails."
     better, worse = embedding_judge.judge([pirate(pirate_like, plain), pirate(plain, pirate_like)])
-    assert 3.0 < better.score <= 5.0 and 1.0 <= worse.score < 3.0
-    assert better.score - 3.0 == pytest.approx(3.0 - worse.score, abs=1e-3)  # tanh is odd
+    up, down = better.meta["parts"]["style"], worse.meta["parts"]["style"]
+    assert 0.5 < up <= 1.0 and 0.0 <= down < 0.5
+    assert up - 0.5 == pytest.approx(0.5 - down, abs=1e-3)  # tanh is odd
+
+
+def test_embedding_loop_has_low_fluency(embedding_judge) -> None:
+    loop = "Arr, the sea be calling. " * 8
+    [verdict] = embedding_judge.judge([pirate(loop, "I had a quiet day at home.")])
+    assert verdict.meta["parts"]["fluency"] < 0.2 and verdict.score < 2.0
 
 
 def test_embedding_is_deterministic_across_instances(embedding_judge) -> None:
@@ -488,16 +520,23 @@ def test_local_candidate_logprobs_match_a_plain_forward(tiny_runtime) -> None:
 
 
 def test_local_expected_value_of_candidates(tiny_runtime) -> None:
+    from persona_steering.judges.base import render_fit
     from persona_steering.judges.local import LocalJudge, candidates
 
     judge = LocalJudge(tiny_runtime)
-    chat = judge._chat(render(FIT))
-    prompt = judge._ids(chat)
-    conts = [[judge._continuation(chat, prompt, str(v)) for v in candidates("persona_fit")]]
-    probs = judge.candidate_logprobs([prompt], conts).softmax(-1)[0]
-    expected = sum(p * v for p, v in zip(probs.tolist(), range(1, 6)))
-    assert judge.judge([FIT])[0].score == pytest.approx(expected, abs=1e-6)
-    assert math.isclose(float(probs.sum()), 1.0, abs_tol=1e-6)
+    expected = {}
+    for label, text in render_fit(FIT).items():
+        chat = judge._chat(text)
+        prompt = judge._ids(chat)
+        conts = [[judge._continuation(chat, prompt, str(v)) for v in candidates("persona_fit")]]
+        probs = judge.candidate_logprobs([prompt], conts).softmax(-1)[0]
+        assert math.isclose(float(probs.sum()), 1.0, abs_tol=1e-6)
+        expected[label] = sum(p * v for p, v in zip(probs.tolist(), range(1, 6)))
+    [verdict] = judge.judge([FIT])
+    for part, value in verdict.meta["parts"].items():
+        # Each part is the mean over both answer orders, mapped from 1-5 onto 0-1.
+        mean = (expected[(part, 0)] + expected[(part, 1)]) / 2
+        assert value == pytest.approx((mean - 1) / 4, abs=1e-4)
 
 
 # --- build_judge ---------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ def project(tmp_path, tiny_model_dir):
     overrides = [
         f"model.name={tiny_model_dir}",
         "model.accelerator=cpu",
+        "judge.backend=embedding",  # mechanics on a 4-sample persona; the offline judge has its own tests
         f"cache_dir={tmp_path / 'cache'}",
         f"vectors.trait_dir={traits}",
         f"vectors.out_dir={tmp_path / 'vectors'}",

@@ -1,10 +1,11 @@
 """The interface every evaluation method implements, the context it receives, and the registry.
 
 A method turns held-out prompts into a ``Plan``: one request and one steering vector per prompt.
-The evaluation stage concatenates the plans of all methods into a single batched generate call,
-so a method never generates its own held-out answers (it may generate elsewhere, as random
-search does on the training prompts). To add a method, add a module to
-``persona_steering/evaluate/methods/`` that defines ``METHODS = [Method(...)]``; it is found by
+The evaluation stage concatenates the plans of all methods into one batched generate call per
+answer setting (greedy, then each sample seed), so a method never generates its own held-out
+answers (it may generate elsewhere, as random search and grid do on the training prompts). To add
+a method, add a module to ``persona_steering/evaluate/methods/`` that defines
+``METHODS = [Method(...)]``; it is found by
 ``registry()`` without touching any other file.
 """
 
@@ -64,7 +65,7 @@ class Context:
     cache: Cache
     basis: TraitBasis
     persona: Persona
-    judge: Judge  # the first configured judge: random search optimises what the optimiser optimised
+    judge: Judge  # the first configured judge: random_search and grid optimise what the optimiser did
     train_prompts: list[str]  # the optimiser's training prompts (first optimize.num_prompts)
     result: dict[str, Any] | None  # <save_dir>/<persona>_optimization.json, None when absent
     log: Callable[[str], None] = print

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from persona_steering.evaluate.scoring import COHERENCE, FIT
+from persona_steering.evaluate.scoring import COHERENCE, FIT, LOOP, PARTS, missing_verdicts
 from persona_steering.report import NA, fmt_interval, fmt_number, fmt_p, markdown_table, plot_intervals
 
 
@@ -15,10 +15,13 @@ def render_markdown(summary: dict[str, Any]) -> str:
         f"# Evaluation: {summary['persona_id']}\n",
         f"Model {summary['model_id']}, layer {summary['layer']}, alpha {summary['alpha']}, "
         f"{summary['num_prompts']} held-out prompts, traits {', '.join(summary['traits'])}. "
-        f"Means with {summary['statistics']['interval']} intervals; p: {summary['statistics']['test']}.\n",
+        f"Unit: {summary['statistics']['unit']}. "
+        f"Means with {summary['statistics']['interval']} intervals; p: {summary['statistics']['test']}, "
+        "Holm-corrected over the methods.\n",
     ]
     for judge, per_method in summary["scores"].items():
         parts.append(f"## Judge: {judge} ({summary['missing_verdicts'][judge]} missing verdicts)\n")
+        parts.append(_optimised_line(summary, judge))
         parts.append(_judge_table(per_method))
         unsupported = summary["unsupported"].get(judge) or []
         if unsupported:
@@ -36,23 +39,46 @@ def render_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _optimised_line(summary: dict[str, Any], judge: str) -> str:
+    """Whether the search methods were optimised against this judge (its scores are then not blind)."""
+    optimised = summary["optimised_judge"]
+    cma = summary.get("optimizer_judge")
+    cma_text = f"; CMA-ES (proposed) used {cma}" if cma and cma != optimised else ""
+    if judge == optimised:
+        return (
+            f"Optimised against: {optimised} (the first judge; random_search and grid search with it"
+            f"{cma_text}), so its scores of the searched methods are not independent of the search.\n"
+        )
+    return f"Optimised against: {optimised}{cma_text}; this judge ({judge}) was not optimised against.\n"
+
+
 def _judge_table(per_method: dict[str, dict[str, dict[str, Any]]]) -> str:
     metrics = list(next(iter(per_method.values())))
-    traits = [m for m in metrics if m not in (FIT, COHERENCE)]
-    headers = ["method", "persona fit (1-5)", "vs base: diff, p", "vs prompt: diff, p", "coherence (0-100)"]
+    traits = [m for m in metrics if m.startswith("trait:")]
+    headers = [
+        "method",
+        "joint (persona fit, 1-5)",
+        *(f"{p} (0-1)" for p in PARTS),
+        "loop rate",
+        "joint vs base: diff, p (Holm)",
+        "joint vs prompt: diff, p (Holm)",
+        "coherence (0-100)",
+    ]
     headers += [t.split(":", 1)[1] for t in traits] + ["missing"]
     rows = []
     for method, entries in per_method.items():
         fit = entries[FIT]
-        row = [
+        row: list[Any] = [
             method,
             _interval(fit),
+            *(_interval(entries[p]) for p in PARTS),
+            _interval(entries[LOOP]),
             _test(fit["vs_base"]),
             _test(fit["vs_prompt"]),
             _interval(entries[COHERENCE]),
         ]
         row += [_interval(entries[t]) for t in traits]
-        row.append(sum(e["missing"] for e in entries.values()))
+        row.append(missing_verdicts(entries))
         rows.append(row)
     return markdown_table(headers, rows)
 
@@ -66,7 +92,7 @@ def _interval(entry: dict[str, Any]) -> str:
 def _test(test: dict[str, Any] | None) -> str:
     if test is None:
         return "-"
-    return f"{test['diff']:+.2f}, p={fmt_p(test['p'])}"
+    return f"{test['diff']:+.2f}, p={fmt_p(test['p_holm'])} (raw {fmt_p(test['p'])})"
 
 
 def _info_text(info: dict[str, Any]) -> str:

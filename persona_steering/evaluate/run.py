@@ -2,9 +2,9 @@
 
 Order of work, so that bad input fails before anything is loaded or written: read and check the
 persona, prompts, methods, optimisation result and vectors (``prepare``); then load the model,
-plan every method (random search runs its own search here), generate all held-out rows in one
-batched and memoised call, judge them with every configured judge, and write
-``<save_dir>/<persona>_evaluation.{json,md,png}``.
+plan every method (random search and grid run their own searches here), generate all held-out
+rows in one batched and memoised call per answer setting (greedy, then one per sample seed),
+judge them with every configured judge, and write ``<save_dir>/<persona>_evaluation.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -20,17 +20,27 @@ import torch
 from persona_steering import __version__
 from persona_steering.basis import TraitBasis, load_basis
 from persona_steering.cache import Cache, atomic_write_json, atomic_write_text
-from persona_steering.config import Config, ConfigError
+from persona_steering.config import Config, ConfigError, GenerationConfig
+from persona_steering.contrast import fit_context
 from persona_steering.evaluate.core import Context, Method, MethodSkipped, Plan, json_safe, registry
 from persona_steering.evaluate.render import plot_evaluation, render_markdown
-from persona_steering.evaluate.scoring import JudgeScores, agreement, score_answers, summarise
+from persona_steering.evaluate.scoring import (
+    JudgeScores,
+    agreement,
+    missing_verdicts,
+    score_answers,
+    summarise,
+)
 from persona_steering.generation import generate
 from persona_steering.judges import build_judge
+from persona_steering.optimize import _initial_weights
 from persona_steering.runtime import Runtime, identify, load_runtime
 from persona_steering.store import VectorFileError
 from persona_steering.traits import Persona, Trait, load_persona, load_prompts, load_traits
 
 RESULT_FIELDS = ("best_weights", "num_evaluations", "layer", "alpha", "traits")
+SEARCHES = ("random_search", "grid")
+"""Methods that search with the first judge, starting where CMA-ES started."""
 
 
 @dataclass
@@ -88,11 +98,17 @@ def run_evaluate(
         )
         plans = _plans(ctx, setup)
         answers = _answer(ctx, plans, setup.prompts)
+        fit = fit_context(rt, setup.cfg, setup.persona, cache)
         scores = [
-            score_answers(j, cache, setup.persona, setup.traits, setup.prompts, answers) for j in judges
+            score_answers(j, cache, setup.persona, setup.traits, setup.prompts, answers, fit) for j in judges
         ]
     summary = json_safe(_summary(setup, rt, plans, answers, scores))
     return _write(setup, summary, log)
+
+
+def default_judges(optimised: str) -> list[str]:
+    """The optimiser's judge first, then an independent offline one: never only the judge CMA-ES climbed."""
+    return [optimised, "embedding" if optimised != "embedding" else "offline"]
 
 
 def prepare(cfg: Config) -> Setup:
@@ -128,14 +144,14 @@ def prepare(cfg: Config) -> Setup:
             f"the trait vectors changed since the optimisation (residual scale {basis.scale:.4g}, "
             f"was {result['residual_scale']:.4g})"
         )
-    judges = list(dict.fromkeys(cfg.evaluate.judges or [cfg.judge.backend]))
-    if (
-        result is not None
-        and "random_search" in {m.name for m in methods}
-        and result.get("judge") not in (None, judges[0])
-    ):
+    judges = list(dict.fromkeys(cfg.evaluate.judges or default_judges(cfg.judge.backend)))
+    searches = [m.name for m in methods if m.name in SEARCHES]
+    if searches:
+        _initial_weights(eff)  # a start that does not fit the traits fails here, before the model loads
+    if result is not None and searches and result.get("judge") not in (None, judges[0]):
         notes.append(
-            f"random_search optimises with the {judges[0]} judge; the optimiser used {result['judge']}"
+            f"{' and '.join(searches)} optimise with the {judges[0]} judge; "
+            f"the optimiser used {result['judge']}"
         )
     train = load_prompts(eff.optimize.prompts_file, "train")[: eff.optimize.num_prompts]
     for name, reason in skipped.items():
@@ -169,7 +185,8 @@ def effective_config(cfg: Config, result: dict[str, Any] | None, notes: list[str
     """``cfg`` with steering, traits and search settings taken from the optimisation result.
 
     The proposed weights only mean something at the layer, strength, positions and vectors they
-    were found with, so every method is evaluated there; a differing config value is noted.
+    were found with, so every method is evaluated there; a differing config value is noted. The
+    search baselines start where CMA-ES started (``initial_weights``, ``sigma0``) within its bound.
     """
     if result is None:
         return cfg
@@ -201,6 +218,8 @@ def effective_config(cfg: Config, result: dict[str, Any] | None, notes: list[str
         cfg.optimize,
         num_prompts=int(opt_saved.get("num_prompts", cfg.optimize.num_prompts)),
         bound=float(opt_saved.get("bound", cfg.optimize.bound)),
+        sigma0=float(opt_saved.get("sigma0", cfg.optimize.sigma0)),
+        initial_weights=opt_saved.get("initial_weights", cfg.optimize.initial_weights),
         coherence_penalty=float(opt_saved.get("coherence_penalty", cfg.optimize.coherence_penalty)),
     )
     judge = replace(cfg.judge, coherence=bool(saved.get("judge", {}).get("coherence", cfg.judge.coherence)))
@@ -244,34 +263,52 @@ def _plans(ctx: Context, setup: Setup) -> dict[str, Plan]:
     return plans
 
 
-def _answer(ctx: Context, plans: dict[str, Plan], prompts: list[str]) -> dict[str, list[str]]:
-    """Every method's held-out answers from one batched generate call."""
+def _answer(ctx: Context, plans: dict[str, Plan], prompts: list[str]) -> dict[str, list[list[str]]]:
+    """Every method's held-out answer sets [answer][prompt]: one batched generate call per setting.
+
+    Set 0 uses the generation settings (greedy by default) and seed; set s (1..samples) samples at
+    ``evaluate.sample_temperature`` with seed ``seed + s``. Both are in every row's cache key.
+    """
     requests = [r for p in plans.values() for r in p.requests]
     deltas = torch.cat([p.deltas for p in plans.values()])  # [methods * prompts, hidden]
-    out = generate(
-        ctx.rt,
-        requests,
-        ctx.cfg.generation,
-        deltas=deltas,
-        layer=ctx.basis.layer,
-        positions=ctx.cfg.steering.positions,
-        cache=ctx.cache,
-        seed=ctx.cfg.seed,
-        desc="held-out answers",
-    )
     n = len(prompts)
-    return {name: [a.text for a in out[i * n : (i + 1) * n]] for i, name in enumerate(plans)}
+    out: dict[str, list[list[str]]] = {name: [] for name in plans}
+    for gen, seed, desc in answer_settings(ctx.cfg):
+        answers = generate(
+            ctx.rt,
+            requests,
+            gen,
+            deltas=deltas,
+            layer=ctx.basis.layer,
+            positions=ctx.cfg.steering.positions,
+            cache=ctx.cache,
+            seed=seed,
+            desc=desc,
+        )
+        for i, name in enumerate(plans):
+            out[name].append([a.text for a in answers[i * n : (i + 1) * n]])
+    return out
+
+
+def answer_settings(cfg: Config) -> list[tuple[GenerationConfig, int, str]]:
+    """(generation settings, seed, progress label) of each answer set, the greedy one first."""
+    ev = cfg.evaluate
+    sampled = replace(cfg.generation, temperature=ev.sample_temperature)
+    return [(cfg.generation, cfg.seed, "held-out answers")] + [
+        (sampled, cfg.seed + s, f"held-out samples {s}/{ev.samples}") for s in range(1, ev.samples + 1)
+    ]
 
 
 def _summary(
     setup: Setup,
     rt: Runtime,
     plans: dict[str, Plan],
-    answers: dict[str, list[str]],
+    answers: dict[str, list[list[str]]],
     scores: list[JudgeScores],
 ) -> dict[str, Any]:
     cfg = setup.cfg
-    stats = {s.judge: summarise(s, cfg.evaluate, cfg.seed) for s in scores}
+    ev = cfg.evaluate
+    stats = {s.judge: summarise(s, ev, cfg.seed) for s in scores}
     return {
         "persona_id": setup.persona.id,
         "model_id": rt.model_id,
@@ -284,22 +321,36 @@ def _summary(
         "num_prompts": len(setup.prompts),
         "prompts": setup.prompts,
         "judges": setup.judges,
+        "optimised_judge": setup.judges[0],
+        "optimizer_judge": setup.result.get("judge") if setup.result is not None else None,
+        "answers_per_prompt": 1 + ev.samples,
+        "sampling": {
+            "samples": ev.samples,
+            "temperature": ev.sample_temperature,
+            "top_p": cfg.generation.top_p,
+            "seeds": [cfg.seed + s for s in range(1, ev.samples + 1)],
+        },
         "methods": {
-            m.name: {"description": m.description, "info": plans[m.name].info, "answers": answers[m.name]}
+            m.name: {
+                "description": m.description,
+                "info": plans[m.name].info,
+                "answers": answers[m.name][0],
+                "sampled_answers": answers[m.name][1:],
+            }
             for m in setup.methods
             if m.name in plans
         },
         "skipped": setup.skipped,
         "scores": stats,
         "unsupported": {s.judge: s.unsupported for s in scores},
-        "missing_verdicts": {
-            j: sum(e["missing"] for per in st.values() for e in per.values()) for j, st in stats.items()
-        },
+        "missing_verdicts": {j: sum(missing_verdicts(per) for per in st.values()) for j, st in stats.items()},
         "agreement": agreement(scores),
         "statistics": {
-            "interval": f"percentile bootstrap ({cfg.evaluate.bootstrap} resamples, "
-            f"{cfg.evaluate.confidence:.0%})",
+            "unit": f"the prompt: the mean over its {1 + ev.samples} answers (greedy"
+            + (f", {ev.samples} sampled at temperature {ev.sample_temperature:g})" if ev.samples else ")"),
+            "interval": f"percentile bootstrap ({ev.bootstrap} resamples, {ev.confidence:.0%})",
             "test": "two-sided paired sign-flip permutation test over prompts (exact for n <= 30)",
+            "correction": "Holm over the methods tested on each metric against each reference (p_holm)",
             "agreement": "Spearman rank correlation of per-prompt persona fit",
         },
         "optimization_file": str(setup.result_path) if setup.result is not None else None,

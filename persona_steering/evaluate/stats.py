@@ -1,4 +1,5 @@
-"""Statistics for small paired samples, in numpy only: bootstrap intervals, a sign-flip test, Spearman.
+"""Statistics for small paired samples, in numpy only: bootstrap intervals, a sign-flip test, Holm's
+correction, Spearman.
 
 Every function takes plain sequences in which a missing value is ``None`` or NaN; such values are
 dropped (pairwise for the paired functions), never imputed. Randomness is seeded, so a report is
@@ -131,6 +132,23 @@ def _signed_sums(v: np.ndarray) -> np.ndarray:
     codes = np.arange(2**v.size, dtype=np.int64)
     signs = ((codes[:, None] >> np.arange(v.size, dtype=np.int64)) & 1) * 2.0 - 1.0  # [2^m, m]
     return signs @ v
+
+
+def holm(ps: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjusted p-values for one family of tests; None stays None and is not counted.
+
+    With the m present p-values sorted, p_(1) <= ... <= p_(m), the adjusted value of p_(i) is
+    max over j <= i of min(1, (m - j + 1) * p_(j)): rejecting where it is below a level controls the
+    family-wise error rate at that level under any dependence between the tests.
+    """
+    present = [(float(p), i) for i, p in enumerate(ps) if p is not None and math.isfinite(p)]
+    m = len(present)
+    out: list[float | None] = [None] * len(ps)
+    running = 0.0
+    for rank, (p, i) in enumerate(sorted(present)):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
 
 
 def ranks(values: np.ndarray) -> np.ndarray:

@@ -15,7 +15,23 @@ if TYPE_CHECKING:
     from persona_steering.config import JudgeConfig
     from persona_steering.runtime import Runtime
 
-__all__ = ["Judge", "JudgeError", "Query", "Verdict", "build_judge"]
+__all__ = ["Judge", "JudgeError", "Query", "Verdict", "build_judge", "judge_versions"]
+
+
+def judge_versions() -> dict[str, int | str]:
+    """The versions of every judge's prompts and algorithms: a change invalidates runs that used them.
+
+    Reads constants only; imports no backend (they pull in torch, transformers or the SDK).
+    """
+    from persona_steering.judges.base import TEMPLATE_VERSION
+
+    return {"templates": TEMPLATE_VERSION, "offline": OFFLINE_VERSION, "embedding": EMBEDDING_VERSION}
+
+
+OFFLINE_VERSION = 3
+"""Bump when the offline judge's algorithm changes (``judges/offline.py``)."""
+EMBEDDING_VERSION = 3
+"""Bump when the centroid judge's algorithm changes (``judges/embedding.py``)."""
 
 
 def build_judge(cfg: JudgeConfig, runtime: Runtime | None = None, cache_dir: str | Path = "cache") -> Judge:
@@ -31,6 +47,12 @@ def build_judge(cfg: JudgeConfig, runtime: Runtime | None = None, cache_dir: str
     Returns:
         A ``Judge`` ready to call.
     """
+    if cfg.backend == "offline":
+        from persona_steering.judges.offline import OfflineJudge
+
+        if runtime is None:
+            raise JudgeError("the offline judge scores fluency with the policy model, but none was loaded")
+        return OfflineJudge(runtime)
     if cfg.backend == "embedding":
         from persona_steering.judges.embedding import EmbeddingJudge
 
@@ -43,7 +65,7 @@ def build_judge(cfg: JudgeConfig, runtime: Runtime | None = None, cache_dir: str
         from persona_steering.judges.local import LocalJudge
 
         return LocalJudge(_judge_runtime(cfg, runtime, cache_dir))
-    raise JudgeError(f"judge.backend must be embedding, openai or local, got {cfg.backend!r}")
+    raise JudgeError(f"judge.backend must be offline, embedding, openai or local, got {cfg.backend!r}")
 
 
 def _judge_runtime(cfg: JudgeConfig, runtime: Runtime | None, cache_dir: str | Path) -> Runtime:

@@ -12,12 +12,12 @@ from persona_steering.cache import Cache, canonical_json, digest
 Kind = Literal["persona_fit", "trait", "coherence"]
 
 # Bump when any template below changes: it is part of every verdict's cache key.
-TEMPLATE_VERSION = "2026-11-23.1"
+TEMPLATE_VERSION = "2026-12-03.1"
 
 # Score range of each kind of judgement.
 SCALES: dict[str, tuple[int, int]] = {"persona_fit": (1, 5), "trait": (0, 100), "coherence": (0, 100)}
 
-PERSONA_FIT_TEMPLATE = """You judge how well an assistant's answer matches a target persona.
+PERSONA_FIT_TEMPLATE = """You judge one part of how well a candidate answer fits a target persona.
 
 Persona description:
 {rubric}
@@ -25,16 +25,27 @@ Persona description:
 The user said:
 {question}
 
-Answer A (reference, written without the persona):
-{baseline}
+Answer {first_label}:
+{first}
 
-Answer B (candidate):
-{answer}
+Answer {second_label}:
+{second}
 
-Compared with answer A, how much better does answer B sound like the persona above (its voice,
-register, focus, warmth and emotional tone), while still being a sensible reply?
-1 = much worse than A, 2 = somewhat worse, 3 = about the same, 4 = somewhat better, 5 = much better.
+Answer {candidate_label} is the candidate; the other answer is a reference written without the
+persona, shown for comparison only. {part_question}
 Reply with a single digit from 1 to 5 and nothing else."""
+
+FIT_PART_QUESTIONS = {
+    "style": "STYLE: how much does the candidate sound like the persona above (its voice, register, "
+    "focus, warmth, emotional tone)? Judge the voice only, not correctness. "
+    "1 = nothing like the persona, 3 = somewhat, 5 = unmistakably the persona.",
+    "relevance": "RELEVANCE: does the candidate answer or respond to what the user said? Judge "
+    "relevance only, not the voice. 1 = ignores it or talks about something else, 3 = partly, "
+    "5 = directly responds to it.",
+    "fluency": "FLUENCY: is the candidate well-formed language? Judge fluency only. 1 = word salad, "
+    "endless repetition or a broken fragment, 3 = understandable but awkward or repetitive, "
+    "5 = fluent and natural (a reply cut off at the end by a length limit is fine).",
+}
 
 COHERENCE_TEMPLATE = """You judge the coherence of an answer, not its style or opinions.
 
@@ -47,6 +58,36 @@ Answer:
 Rate from 0 to 100 how coherent the answer is: 0 = gibberish, endless repetition or unrelated to
 the question; 50 = understandable but rambling or partly broken; 100 = fluent, well-formed and on
 topic. Reply with a single integer between 0 and 100 and nothing else."""
+
+
+PARTS = ("style", "relevance", "fluency")
+"""The three parts of every persona-fit verdict, each in [0, 1]."""
+
+
+def joint_score(parts: dict[str, float]) -> float:
+    """The 1-5 persona-fit score of three parts in [0, 1]: ``1 + 4 * harmonic mean``.
+
+    A harmonic mean (as AxBench combines concept, instruction and fluency) is low when any part
+    is low: a fluent answer in the persona's voice that ignores the question scores low, and so
+    does an on-topic loop. Any part at 0 gives 1.
+    """
+    values = [min(1.0, max(0.0, float(parts[k]))) for k in PARTS]
+    if min(values) <= 0.0:
+        return 1.0
+    return 1.0 + 4.0 * len(values) / sum(1.0 / v for v in values)
+
+
+def fit_verdict(parts: dict[str, float], detail: str = "", **meta: Any) -> Verdict:
+    """A persona-fit verdict from its three parts (rounded, so cached and fresh scores agree)."""
+    clean = {k: round(min(1.0, max(0.0, float(parts[k]))), DECIMALS) for k in PARTS}
+    score = round(joint_score(clean), DECIMALS)
+    text = " ".join(f"{k} {v:.2f}" for k, v in clean.items())
+    return Verdict(score, f"{text}{'; ' + detail if detail else ''}", {"parts": clean, **meta})
+
+
+DECIMALS = 4
+"""Scores are rounded: batch composition moves embeddings and logits by ~1e-7, which must not decide
+a cached score; 1e-4 is far below any difference that matters."""
 
 
 class JudgeError(RuntimeError):
@@ -62,7 +103,9 @@ class Query:
     """One thing to judge. Fields that a kind does not use stay empty.
 
     persona_fit: rubric = the persona's judge prompt, baseline = the unsteered answer,
-    samples = the persona's own utterances (used by the embedding judge).
+    samples = the persona's own utterances, contrast = texts not in the persona's voice (other
+    personas' samples, the model's unsteered answers), questions = the pool of prompts among which
+    an answer must identify its own question (the offline judges use these three).
     trait: rubric = the trait's eval prompt with {question} and {answer} fields, trait = its name.
     coherence: only question and answer.
     """
@@ -74,6 +117,8 @@ class Query:
     rubric: str = ""
     trait: str = ""
     samples: tuple[str, ...] = ()
+    contrast: tuple[str, ...] = ()
+    questions: tuple[str, ...] = ()
     replicate: int = 0
 
     def key(self) -> dict[str, Any]:
@@ -86,6 +131,8 @@ class Query:
             "rubric": self.rubric,
             "trait": self.trait,
             "samples": digest(list(self.samples)) if self.samples else "",
+            "contrast": digest(list(self.contrast)) if self.contrast else "",
+            "questions": digest(list(self.questions)) if self.questions else "",
             "replicate": self.replicate,
         }
 
@@ -103,12 +150,45 @@ class Verdict:
         return self.score is not None
 
 
+def render_fit(query: Query) -> dict[tuple[str, int], str]:
+    """The six prompts an LLM judge scores for one persona-fit verdict, by (part, order).
+
+    Each part is asked once with the candidate shown first and once with it shown second, so a
+    judge's preference for the first (or second) answer cancels in the mean.
+    """
+    out = {}
+    for part, question in FIT_PART_QUESTIONS.items():
+        for order in (0, 1):
+            first, second = (query.answer, query.baseline) if order == 0 else (query.baseline, query.answer)
+            out[(part, order)] = PERSONA_FIT_TEMPLATE.format(
+                rubric=query.rubric,
+                question=query.question,
+                first_label="1",
+                first=first,
+                second_label="2",
+                second=second,
+                candidate_label="1" if order == 0 else "2",
+                part_question=question,
+            )
+    return out
+
+
+def combine_fit(scores: dict[tuple[str, int], float | None]) -> Verdict:
+    """One persona-fit verdict from the 1-5 scores of ``render_fit``'s prompts; None if any is missing."""
+    missing = [f"{p}/{o}" for (p, o), v in scores.items() if v is None]
+    if missing:
+        return Verdict(None, f"no verdict for {', '.join(missing)}")
+    parts = {
+        part: sum((scores[(part, o)] or 1.0) - 1.0 for o in (0, 1)) / 8.0 for part in PARTS
+    }  # mean of the two orders, 1-5 mapped onto 0-1
+    orders = {f"{p}/{o}": scores[(p, o)] for p, o in scores}
+    return fit_verdict(parts, "mean over both answer orders", orders=orders)
+
+
 def render(query: Query) -> str:
-    """The judge prompt text for a query, as an LLM judge sees it."""
+    """The judge prompt text for a trait or coherence query (persona fit: ``render_fit``)."""
     if query.kind == "persona_fit":
-        return PERSONA_FIT_TEMPLATE.format(
-            rubric=query.rubric, question=query.question, baseline=query.baseline, answer=query.answer
-        )
+        raise ValueError("persona_fit is judged in parts: use render_fit")
     if query.kind == "trait":
         return query.rubric.format(question=query.question, answer=query.answer)
     if query.kind == "coherence":
@@ -175,7 +255,8 @@ class Judge(ABC):
         for i in first.values():
             hit = cache.get("verdict", keys[i]) if cache else None
             if hit is not None:
-                out[i] = Verdict(score=hit["score"], detail=hit.get("detail", ""), meta={"cached": True})
+                meta = {"cached": True, **({"parts": hit["parts"]} if "parts" in hit else {})}
+                out[i] = Verdict(score=hit["score"], detail=hit.get("detail", ""), meta=meta)
             else:
                 todo.append(i)
         if todo:
@@ -183,7 +264,10 @@ class Judge(ABC):
             for i, verdict in zip(todo, fresh, strict=True):
                 out[i] = verdict
                 if cache is not None and verdict.score is not None:
-                    cache.set("verdict", keys[i], {"score": verdict.score, "detail": verdict.detail})
+                    value = {"score": verdict.score, "detail": verdict.detail}
+                    if "parts" in verdict.meta:
+                        value["parts"] = verdict.meta["parts"]
+                    cache.set("verdict", keys[i], value)
         return [out.get(first[c], Verdict(None, "missing")) for c in canon]
 
     def __repr__(self) -> str:

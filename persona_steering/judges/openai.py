@@ -34,8 +34,10 @@ from persona_steering.judges.base import (
     Kind,
     Query,
     Verdict,
+    combine_fit,
     parse_score,
     render,
+    render_fit,
     weighted_score,
 )
 
@@ -120,16 +122,28 @@ class OpenAIJudge(Judge):
             return [f.result() for f in futures]
 
     def _judge_one(self, query: Query) -> Verdict:
+        if query.kind == "persona_fit":
+            # Six single-digit calls (three parts, both answer orders); any failure fails the verdict.
+            scores = {}
+            for label, prompt in render_fit(query).items():
+                verdict = self._judge_prompt(prompt, query.kind)
+                if verdict.score is None:
+                    return Verdict(None, f"{label[0]}, order {label[1]}: {verdict.detail}", verdict.meta)
+                scores[label] = verdict.score
+            return combine_fit(dict(scores))
+        return self._judge_prompt(render(query), query.kind)
+
+    def _judge_prompt(self, prompt: str, kind: Kind) -> Verdict:
         tally = _Tally()
         try:
-            response, asked_logprobs = self._ask(render(query), tally)
+            response, asked_logprobs = self._ask(prompt, tally)
         except (openai.OpenAIError, json.JSONDecodeError) as exc:
             fatal = self._fatal_reason(exc)
             if fatal is not None:
                 raise JudgeError(fatal) from None
             log.warning("judge call gave up after %d attempt(s): %s", tally.n, _describe(exc))
             return Verdict(None, f"{type(exc).__name__}: {self._short(exc)}", {"attempts": tally.n})
-        return _verdict(response, query.kind, asked_logprobs, tally.n)
+        return _verdict(response, kind, asked_logprobs, tally.n)
 
     def _ask(self, prompt: str, tally: _Tally) -> tuple[Any, bool]:
         """(response, whether logprobs were asked for); falls back to plain text on a 400."""

@@ -1,21 +1,22 @@
-"""``random_search``: as many uniformly random weight vectors as CMA-ES evaluated, scored the same way.
+"""``random_search``: as many draws from CMA-ES's start distribution as CMA-ES evaluated, scored alike.
 
-The control for the optimiser: same budget (``num_evaluations`` candidates from the optimisation
-result), same training prompts, same objective (``optimize.Objective``: persona fit against the
-base answers, with the same coherence penalty), same bounds. The candidate with the best training
-objective is then steered on the held-out prompts like ``proposed``.
+The control for the optimiser: candidates come from N(x0, sigma0^2 I), the distribution CMA-ES
+samples its first population from (``optimize.initial_weights`` and ``optimize.sigma0``), clipped
+to +-``optimize.bound``; same budget (``num_evaluations`` of the optimisation result), same training
+prompts and same objective (``optimize.Objective``, see ``evaluate/search.py``). What CMA-ES adds
+over this is adapting the distribution. The candidate with the best training objective is then
+steered on the held-out prompts like ``proposed``.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
 
 from persona_steering.evaluate.core import Context, Method, MethodSkipped, Plan
+from persona_steering.evaluate.search import gaussian_candidates, scorer, search_start, training_objective
 from persona_steering.generation import Request
-from persona_steering.optimize import Objective
+from persona_steering.optimize import Scored
 
 SEED_OFFSET = 7919
 """Keeps the random candidates independent of the seeds that CMA-ES itself drew from."""
@@ -24,20 +25,20 @@ SEED_OFFSET = 7919
 def plan(ctx: Context, prompts: list[str]) -> Plan:
     """Search on the training prompts in one batched call, then steer with the best candidate."""
     assert ctx.result is not None, "the stage skips methods that need an optimisation result"
-    budget = int(ctx.result["num_evaluations"])
-    bound = ctx.cfg.optimize.bound
+    start = search_start(ctx)
     rng = np.random.default_rng([ctx.cfg.seed, SEED_OFFSET])
-    candidates = rng.uniform(-bound, bound, size=(budget, len(ctx.basis.traits)))  # [budget, k]
-    objective = Objective(ctx.rt, ctx.cfg, ctx.basis, ctx.persona, ctx.train_prompts, ctx.judge, ctx.cache)
-    scored, _ = objective.score(candidates)
-    values = np.array([s.objective if s.verdicts else math.nan for s in scored])
+    candidates = gaussian_candidates(start, rng)  # [budget, k]
+    scored: list[Scored] = []
+    values = scorer(training_objective(ctx), scored)(candidates)
     if not np.isfinite(values).any():
         raise MethodSkipped("random_search: the judge gave no verdict for any candidate")
     best = int(np.nanargmin(values))
     weights = torch.tensor(candidates[best], dtype=torch.float32)
     info = {
-        "evaluations": budget,
-        "bound": bound,
+        "evaluations": start.budget,
+        "x0": dict(zip(ctx.basis.traits, map(float, start.x0), strict=True)),
+        "sigma0": start.sigma0,
+        "bound": start.bound,
         "train_prompts": len(ctx.train_prompts),
         "weights": dict(zip(ctx.basis.traits, map(float, weights), strict=True)),
         "train_fit": scored[best].fit,
@@ -50,7 +51,7 @@ def plan(ctx: Context, prompts: list[str]) -> Plan:
 METHODS = [
     Method(
         "random_search",
-        "best of as many random weight vectors as CMA-ES evaluated",
+        "best of as many draws from N(x0, sigma0^2) as CMA-ES evaluated",
         plan,
         needs_optimization=True,
         order=40,

@@ -1,0 +1,189 @@
+"""The offline judge's parts: learned style, relevance to the question, model fluency; and the joint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from persona_steering.cache import Cache
+from persona_steering.judges import JudgeError
+from persona_steering.judges.base import PARTS, Query, fit_verdict, joint_score
+from persona_steering.judges.offline import (
+    OfflineJudge,
+    fit_style,
+    is_fragment,
+    mean_logprobs,
+    shuffled,
+)
+from persona_steering.style import loops, repetition
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SAMPLES = tuple(
+    f"i remember the rain on my walk home {w}, and my family was warm and happy."
+    for w in ("today", "yesterday", "once", "tomorrow", "there", "here", "again", "so", "then")
+)
+CONTRAST = tuple(
+    f"you should make a plan for the {w} and tell your friend about it."
+    for w in ("weekend", "dinner", "trip", "work", "music", "book", "food", "weather", "day")
+)
+QUESTIONS = ("how was your day?", "what should i cook for dinner?", "do you like music?")
+
+
+# --- the joint score -----------------------------------------------------------------------------
+
+
+def test_joint_is_one_when_any_part_is_zero_and_five_when_all_are_one() -> None:
+    for part in PARTS:
+        assert joint_score({p: 0.0 if p == part else 1.0 for p in PARTS}) == 1.0
+    assert joint_score(dict.fromkeys(PARTS, 1.0)) == 5.0
+
+
+def test_joint_is_a_harmonic_mean_below_the_arithmetic_one() -> None:
+    parts = {"style": 0.9, "relevance": 0.9, "fluency": 0.1}
+    hm = 3 / (1 / 0.9 + 1 / 0.9 + 1 / 0.1)
+    assert joint_score(parts) == pytest.approx(1 + 4 * hm)
+    assert joint_score(parts) < 1 + 4 * (0.9 + 0.9 + 0.1) / 3
+    # Symmetric in its parts.
+    assert joint_score({"style": 0.1, "relevance": 0.9, "fluency": 0.9}) == pytest.approx(joint_score(parts))
+
+
+def test_fit_verdict_clips_rounds_and_keeps_parts() -> None:
+    v = fit_verdict({"style": 1.2, "relevance": 0.123456, "fluency": -1}, "why")
+    assert v.meta["parts"] == {"style": 1.0, "relevance": 0.1235, "fluency": 0.0}
+    assert v.score == 1.0 and v.detail.endswith("why")
+
+
+# --- degenerate text detectors ----------------------------------------------------------------
+
+
+def test_loops_and_repetition() -> None:
+    loop = "I'm so glad you're here! " * 4
+    assert loops(loop) and repetition(loop) > 0.6
+    fluent = "It was a quiet day: I fixed the radio, read the paper and walked to the station."
+    assert not loops(fluent) and repetition(fluent) == 0.0
+    assert not loops("the the the")  # a 4-gram needs four words
+
+
+def test_fragment_means_short_and_unfinished() -> None:
+    assert is_fragment("Well now, the") and is_fragment("Oh, I")
+    assert not is_fragment("Fine. I went home.")  # short but finished: the stoic voice
+    assert not is_fragment("It was a long day and I walked home along the river before the")  # cut at length
+
+
+def test_shuffle_is_deterministic_and_a_permutation() -> None:
+    text = "the quick brown fox jumps over the lazy dog"
+    assert shuffled(text) == shuffled(text) != text
+    assert sorted(shuffled(text).split()) == sorted(text.split())
+
+
+# --- the style classifier on planted features ---------------------------------------------------
+
+
+def planted(n: int, sign: float, seed: int) -> torch.Tensor:
+    """Features along a known direction (first coordinate) plus noise: [n, 20]."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 20, generator=g, dtype=torch.float64)
+    x[:, 0] += 3.0 * sign
+    return x
+
+
+def test_style_classifier_recovers_a_planted_voice() -> None:
+    model = fit_style(planted(20, 1.0, 0), planted(40, -1.0, 1))
+    assert model.report["auc"] > 0.95 and model.report["folds"] == 5
+    new_pos, new_neg = planted(10, 1.0, 2), planted(10, -1.0, 3)
+    pos, neg = model.style(new_pos), model.style(new_neg)
+    # Style is the share of contrast texts out-scored: new persona texts beat nearly all of them,
+    # new contrast-like texts sit in the middle of their own kind.
+    assert min(pos) > 0.9 and 0.2 < sum(neg) / 10 < 0.8
+    assert all(0.0 <= v <= 1.0 for v in pos + neg)
+
+
+def test_style_classifier_without_signal_has_chance_auc() -> None:
+    model = fit_style(planted(30, 0.0, 4), planted(30, 0.0, 5))
+    assert 0.2 < model.report["auc"] < 0.8
+
+
+def test_too_few_samples_is_a_clear_error() -> None:
+    with pytest.raises(JudgeError, match="at least 8 samples"):
+        fit_style(planted(5, 1.0, 0), planted(40, -1.0, 1))
+
+
+# --- fluency from the model: parity with a one-row reference --------------------------------------
+
+
+def test_mean_logprobs_match_one_row_at_a_time(tiny_rt) -> None:
+    from persona_steering.generation import Request, chat_text
+
+    pairs = [("how was your day?", "i went home ."), ("do you like music?", "yes , i love music and books .")]
+    batched = mean_logprobs(tiny_rt, pairs)
+    tok = tiny_rt.tokenizer
+    for (question, text), value in zip(pairs, batched, strict=True):
+        prompt = tok(chat_text(tok, Request(question)), add_special_tokens=False)["input_ids"]
+        answer = tok(text, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = tiny_rt.model(torch.tensor([prompt + answer])).logits[0]
+        logp = logits.log_softmax(-1)
+        ref = sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(answer)) / len(answer)
+        assert value == pytest.approx(ref, abs=1e-4)
+
+
+# --- the whole judge on the tiny model and the real MiniLM ----------------------------------------
+
+
+@pytest.fixture()
+def judge(tiny_rt) -> OfflineJudge:
+    return OfflineJudge(tiny_rt)
+
+
+def query(answer: str, baseline: str, question: str = QUESTIONS[0]) -> Query:
+    return Query(
+        "persona_fit",
+        question,
+        answer,
+        baseline=baseline,
+        samples=SAMPLES,
+        contrast=CONTRAST,
+        questions=QUESTIONS,
+    )
+
+
+def test_the_baseline_against_itself_is_fully_relevant_and_fluent(judge: OfflineJudge) -> None:
+    base = "i had a good day at work and went home ."
+    [v] = judge.judge([query(base, base)])
+    assert v.meta["parts"]["relevance"] == 1.0 and v.meta["parts"]["fluency"] == 1.0
+
+
+def test_loops_fragments_and_empty_answers_score_the_minimum_part(judge: OfflineJudge) -> None:
+    base = "i had a good day at work and went home ."
+    loop, frag, empty = judge.judge(
+        [query("i remember the rain . " * 5, base), query("i remember the", base), query("  ", base)]
+    )
+    assert loop.meta["parts"]["fluency"] == 0.0 and loop.score == 1.0 and "loops" in loop.detail
+    assert frag.meta["parts"]["fluency"] == 0.0 and "fragment" in frag.detail
+    assert empty.score == 1.0
+
+
+def test_persona_voice_scores_more_style_than_the_contrast_voice(judge: OfflineJudge) -> None:
+    base = "you should make a plan for the day ."
+    voice, plain = judge.judge(
+        [query("i remember my walk home in the rain , and my family was happy .", base), query(base, base)]
+    )
+    assert voice.meta["parts"]["style"] > plain.meta["parts"]["style"]
+    assert judge.style_report(SAMPLES, CONTRAST)["samples"] == len(SAMPLES)
+
+
+def test_verdicts_and_their_parts_come_back_from_the_cache(judge: OfflineJudge, tmp_path: Path) -> None:
+    q = query("i remember the rain on my walk home .", "i had a good day .")
+    with Cache(tmp_path / "cache") as cache:
+        [fresh] = judge.judge([q], cache)
+        [cached] = judge.judge([q], cache)
+    assert cached.meta["cached"] and cached.meta["parts"] == fresh.meta["parts"]
+    assert cached.score == fresh.score
+
+
+def test_missing_contrast_is_no_verdict(judge: OfflineJudge) -> None:
+    q = Query("persona_fit", QUESTIONS[0], "hi", baseline="hello", samples=SAMPLES)
+    assert judge.judge([q])[0].score is None
