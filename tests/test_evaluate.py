@@ -160,6 +160,7 @@ def build_project(root: Path, tiny_model_dir: Path) -> list[str]:
         f"model.name={tiny_model_dir}",
         "model.accelerator=cpu",
         "judge.backend=embedding",  # mechanics on a 4-sample persona; the offline judge has its own tests
+        "evaluate.judges=[embedding]",
         f"cache_dir={root / 'cache'}",
         f"vectors.trait_dir={traits}",
         f"vectors.out_dir={root / 'vectors'}",
@@ -386,7 +387,7 @@ def test_two_judges_report_agreement(project, monkeypatch):
     def reply(request):
         prompt = request["messages"][-1]["content"]
         if "single digit from 1 to 5" in prompt:  # persona fit: a deterministic digit per answer
-            return str(1 + sum(map(ord, prompt.split("Answer B (candidate):")[1])) % 5)
+            return str(1 + sum(map(ord, prompt)) % 5)
         return "40" if "score" in prompt and "0 to 100" in prompt else "80"
 
     with FakeOpenAI() as server:

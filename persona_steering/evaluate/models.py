@@ -167,7 +167,10 @@ def run_models(cfg: Config, settings: ModelsSettings, log: Callable[[str], None]
         The data written to ``models.json``, its Markdown rendering and the output folder.
     """
     setup = prepare_models(cfg, settings)
-    judge = build_judge(cfg.judge, None, cfg.cache_dir)
+    # Several models and no single policy model: the offline judge's coherence and trait verdicts
+    # need none, and are the embedding judge's (a repetition heuristic; traits n/a).
+    backend = "embedding" if cfg.judge.backend == "offline" else cfg.judge.backend
+    judge = build_judge(replace(cfg.judge, backend=backend), None, cfg.cache_dir)
     with Cache(cfg.cache_dir) as cache:
         answers = {s.label: _answers(s, setup.rows, cfg, cache, log) for s in setup.specs}
         scores = _score(judge, cache, setup.rows, answers)
