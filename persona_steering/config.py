@@ -64,6 +64,10 @@ class GenerationConfig:
     """0 = greedy. Above 0 each row samples from its own seeded generator."""
     top_p: float = 1.0
     """Nucleus sampling mass when temperature > 0."""
+    repetition_penalty: float = 1.0
+    """CTRL-style penalty on every token this answer has already produced (1 = off): its logit is
+    divided by this when positive and multiplied when negative, greedy or sampled alike. Applies to
+    every method and stage equally and is part of every generation's cache key."""
     max_batch: int = 64
     """Rows per forward pass; lower it if memory runs out."""
 
@@ -74,6 +78,8 @@ class GenerationConfig:
             raise ConfigError(f"generation.temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"generation.top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty >= 1:
+            raise ConfigError(f"generation.repetition_penalty must be >= 1, got {self.repetition_penalty}")
         if self.max_batch < 1:
             raise ConfigError(f"generation.max_batch must be >= 1, got {self.max_batch}")
 

@@ -241,9 +241,16 @@ def _generate_batch(
                 **extra,
                 **past,
             )
+        seen = None  # [batch, vocab]: tokens each row has produced, for the repetition penalty
         for step in range(gen.max_new_tokens):
             logits = out.logits[:, -1, :].float()  # [batch, vocab]
+            if gen.repetition_penalty != 1.0:
+                if seen is None:
+                    seen = torch.zeros_like(logits, dtype=torch.bool)
+                logits = penalise_repeats(logits, seen, gen.repetition_penalty)
             nxt = _pick(logits, gen, generators)
+            if seen is not None:
+                seen[torch.arange(batch, device=seen.device), nxt] = True
             nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
             out_ids[:, step] = nxt
             is_eos = torch.isin(nxt, torch.tensor(sorted(eos), device=rt.device)) & ~finished
@@ -316,6 +323,11 @@ _CACHE_KEYWORD: dict[type, str] = {}
 def last_logits_only(model: torch.nn.Module) -> dict[str, Any]:
     """``logits_to_keep=1`` where the model takes it: the LM head then runs on one position, not all."""
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+def penalise_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty: logits [batch, vocab] of tokens in ``seen`` made less likely."""
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
 def _pick(

@@ -244,3 +244,46 @@ def test_wrong_hidden_size_and_layer_refused(tiny_rt):
     with pytest.raises(LayerError, match="out of range"):
         normalize_layer(0, 3)
     assert normalize_layer(-1, 3) == 3
+
+
+def _reference_penalised_greedy(rt, text, max_new_tokens, penalty):
+    """One row, no KV cache, no batching: the CTRL penalty on tokens this answer already produced."""
+    ids = rt.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    eos = rt.tokenizer.eos_token_id
+    out: list[int] = []
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            logits = rt.model(input_ids=ids).logits[0, -1].float().clone()
+            for t in set(out):
+                logits[t] = logits[t] / penalty if logits[t] > 0 else logits[t] * penalty
+            nxt = int(logits.argmax())
+            if nxt == eos:
+                break
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return out
+
+
+def test_repetition_penalty_matches_a_plain_reference_batched_and_keyed(tiny_rt, tmp_path):
+    from persona_steering.cache import Cache
+
+    reqs = [Request(q) for q in QUESTIONS]
+    plain = generate(tiny_rt, reqs, GenerationConfig(max_new_tokens=12))
+    # The tiny random model repeats itself under greedy decoding, so the penalty has work to do.
+    assert any(len(set(a.ids)) < len(a.ids) for a in plain)
+    gen = GenerationConfig(max_new_tokens=12, repetition_penalty=1.8, max_batch=3)
+    batched = generate(tiny_rt, reqs, gen)
+    for req, answer in zip(reqs, batched, strict=True):
+        assert answer.ids == _reference_penalised_greedy(tiny_rt, chat_text(tiny_rt.tokenizer, req), 12, 1.8)
+    assert [a.ids for a in batched] != [a.ids for a in plain]
+    with Cache(tmp_path) as cache:  # the penalty is part of the key: no stale unpenalised answer
+        generate(tiny_rt, reqs, GenerationConfig(max_new_tokens=12), cache=cache)
+        again = generate(tiny_rt, reqs, gen, cache=cache)
+    assert [a.ids for a in again] == [a.ids for a in batched]
+
+
+def test_repetition_penalty_below_one_is_refused():
+    from persona_steering.config import ConfigError
+
+    with pytest.raises(ConfigError, match="repetition_penalty must be >= 1"):
+        GenerationConfig(repetition_penalty=0.9)
