@@ -21,7 +21,10 @@ from typing import Any
 from persona_steering import __version__
 from persona_steering.cache import atomic_write_text
 from persona_steering.config import Config, ConfigError
-from persona_steering.report import NA, fmt_interval, fmt_number, fmt_p
+from persona_steering.report import NA, fmt_interval, fmt_number, fmt_test
+
+FIT_PARTS = ("style", "relevance", "fluency")
+"""The three parts of a persona-fit verdict (``judges.base.PARTS``), as the result files name them."""
 
 DEFAULT_OUT_DIR = "runs/report"
 MAX_EXAMPLES = 4
@@ -141,6 +144,11 @@ def _configuration(result: dict[str, Any]) -> str:
             "persona fit: best / mean of search / unsteered",
             " / ".join(fmt_number(result.get(k), 3) for k in ("best_score", "mean_score", "baseline_score")),
         ),
+        (
+            "style / relevance / fluency: best / unsteered",
+            " / ".join(_parts(result.get(k)) for k in ("best_parts", "baseline_parts")),
+        ),
+        ("style classifier AUC (5-fold)", (result.get("style_classifier") or {}).get("auc", NA)),
         ("missing verdicts", result.get("missing_verdicts", NA)),
         ("config digest", result.get("config_digest", NA)),
     ]
@@ -151,6 +159,13 @@ def _configuration(result: dict[str, Any]) -> str:
         [[t, _num(best.get(t), "+.3f"), _num(mean.get(t), "+.3f")] for t in best],
     )
     return table + weights
+
+
+def _parts(parts: dict[str, float] | None) -> str:
+    """'style 0.41, relevance 0.87, fluency 0.97', or n/a for a result without parts."""
+    if not parts:
+        return NA
+    return ", ".join(f"{k} {fmt_number(parts.get(k), 2)}" for k in FIT_PARTS)
 
 
 def _convergence(result: dict[str, Any], png: bytes | None) -> str:
@@ -172,13 +187,17 @@ def _evaluation(pid: str, evaluation: dict[str, Any] | None, png: bytes | None) 
         f"alpha {_e(evaluation.get('alpha'))}. Means with {_e(stats.get('interval'))} intervals; "
         f"p: {_e(stats.get('test'))}.</p>"
     ]
+    optimised = evaluation.get("optimised_judge")
     for judge, per_method in evaluation.get("scores", {}).items():
-        parts.append(f"<h3>Judge: {_e(judge)}</h3>")
+        blind = "optimised against" if judge == optimised else "not optimised against"
+        parts.append(f"<h3>Judge: {_e(judge)} ({blind})</h3>")
         headers = [
             "method",
             "persona fit (1-5)",
-            "vs base: diff, p",
-            "vs prompt: diff, p",
+            *(f"{p} (0-1)" for p in FIT_PARTS),
+            "loop rate",
+            "vs base: diff, p (Holm)",
+            "vs prompt: diff, p (Holm)",
             "coherence (0-100)",
         ]
         rows = []
@@ -188,8 +207,10 @@ def _evaluation(pid: str, evaluation: dict[str, Any] | None, png: bytes | None) 
                 [
                     method,
                     _interval(fit),
-                    _test(fit.get("vs_base")),
-                    _test(fit.get("vs_prompt")),
+                    *(_interval(entries.get(p, {})) for p in FIT_PARTS),
+                    _interval(entries.get("loop_rate", {})),
+                    fmt_test(fit.get("vs_base")),
+                    fmt_test(fit.get("vs_prompt")),
                     _interval(coherence),
                 ]
             )
@@ -283,10 +304,6 @@ def _interval(entry: dict[str, Any]) -> str:
     if not entry or not entry.get("supported", True):
         return NA
     return fmt_interval(entry.get("mean"), entry.get("low"), entry.get("high"))
-
-
-def _test(test: dict[str, Any] | None) -> str:
-    return "-" if not test else f"{test['diff']:+.2f}, p={fmt_p(test.get('p'))}"
 
 
 def _num(value: Any, spec: str) -> str:

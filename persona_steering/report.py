@@ -49,6 +49,15 @@ def fmt_p(p: float | None) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def fmt_test(test: dict[str, Any] | None) -> str:
+    """A paired test against a reference: '+0.31, p=0.041 (raw 0.005)' (Holm-corrected, then raw)."""
+    if not test:
+        return "-"
+    if "p_holm" not in test:
+        return f"{test['diff']:+.2f}, p={fmt_p(test.get('p'))}"
+    return f"{test['diff']:+.2f}, p={fmt_p(test['p_holm'])} (raw {fmt_p(test.get('p'))})"
+
+
 def plot_intervals(
     path: str | Path,
     panels: Sequence[

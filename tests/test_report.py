@@ -19,6 +19,7 @@ from persona_steering.config import load_config
 from persona_steering.evaluate.run import run_evaluate
 from persona_steering.html_report import render_report
 from persona_steering.optimize import run_optimize
+from persona_steering.report import fmt_interval
 
 SECTIONS = ["persona", "configuration", "convergence", "weights", "evaluation", "answers"]
 VOID = {"meta", "img", "br", "hr", "link", "input"}
@@ -105,6 +106,13 @@ def test_report_has_every_section_embedded_images_and_the_evaluation(finished, t
     assert f"{result['best_weights']['T1']:+.3f}" in page.cells and result["config_digest"] in page.cells
     assert "A warm friend who tells stories about the weekend." in text
     assert "No evaluation yet" not in text
+    # The three parts of persona fit and the loop rate, per judge, as the evaluation measured them.
+    for part in ("style (0-1)", "relevance (0-1)", "fluency (0-1)", "loop rate"):
+        assert part in page.cells
+    loop = evaluation["scores"]["embedding"]["proposed"]["loop_rate"]
+    assert fmt_interval(loop["mean"], loop["low"], loop["high"]) in page.cells
+    best = result["best_parts"]
+    assert f"style {best['style']:.2f}" in text and "(not optimised against)" not in text
 
 
 def test_text_is_escaped_and_missing_files_leave_notes(finished):

@@ -6,7 +6,14 @@ from pathlib import Path
 from typing import Any
 
 from persona_steering.evaluate.scoring import COHERENCE, FIT, LOOP, PARTS, missing_verdicts
-from persona_steering.report import NA, fmt_interval, fmt_number, fmt_p, markdown_table, plot_intervals
+from persona_steering.report import (
+    NA,
+    fmt_interval,
+    fmt_number,
+    fmt_test,
+    markdown_table,
+    plot_intervals,
+)
 
 
 def render_markdown(summary: dict[str, Any]) -> str:
@@ -73,8 +80,8 @@ def _judge_table(per_method: dict[str, dict[str, dict[str, Any]]]) -> str:
             _interval(fit),
             *(_interval(entries[p]) for p in PARTS),
             _interval(entries[LOOP]),
-            _test(fit["vs_base"]),
-            _test(fit["vs_prompt"]),
+            fmt_test(fit["vs_base"]),
+            fmt_test(fit["vs_prompt"]),
             _interval(entries[COHERENCE]),
         ]
         row += [_interval(entries[t]) for t in traits]
@@ -87,12 +94,6 @@ def _interval(entry: dict[str, Any]) -> str:
     if not entry["supported"]:
         return NA
     return fmt_interval(entry["mean"], entry["low"], entry["high"])
-
-
-def _test(test: dict[str, Any] | None) -> str:
-    if test is None:
-        return "-"
-    return f"{test['diff']:+.2f}, p={fmt_p(test['p_holm'])} (raw {fmt_p(test['p'])})"
 
 
 def _info_text(info: dict[str, Any]) -> str:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from persona_steering.cache import digest
 from persona_steering.generation import Request, chat_text
@@ -164,10 +165,12 @@ class OfflineJudge(Judge):
             for text in (q.answer, q.baseline or q.answer, *q.samples):
                 pairs += [(q.question, text), (q.question, shuffled(text))]
         todo = sorted({p for p in pairs if p not in self._logprobs})
-        for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start : start + self.batch_size]
-            for pair, value in zip(chunk, mean_logprobs(self.runtime, chunk), strict=True):
-                self._logprobs[pair] = value
+        with tqdm(total=len(todo), desc="fluency log-probs", disable=len(todo) < 64, leave=False) as bar:
+            for start in range(0, len(todo), self.batch_size):
+                chunk = todo[start : start + self.batch_size]
+                for pair, value in zip(chunk, mean_logprobs(self.runtime, chunk), strict=True):
+                    self._logprobs[pair] = value
+                bar.update(len(chunk))
 
 
 def mean_logprobs(rt: Runtime, pairs: list[tuple[str, str]]) -> list[float]:
