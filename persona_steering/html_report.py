@@ -21,10 +21,8 @@ from typing import Any
 from persona_steering import __version__
 from persona_steering.cache import atomic_write_text
 from persona_steering.config import Config, ConfigError
+from persona_steering.judges.base import PARTS as FIT_PARTS
 from persona_steering.report import NA, fmt_interval, fmt_number, fmt_test
-
-FIT_PARTS = ("style", "relevance", "fluency")
-"""The three parts of a persona-fit verdict (``judges.base.PARTS``), as the result files name them."""
 
 DEFAULT_OUT_DIR = "runs/report"
 MAX_EXAMPLES = 4
