@@ -72,6 +72,12 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
                 "comma-separated start weights, one per trait",
             ),
             ("--save-dir", "optimize.save_dir", str, "output folder"),
+            (
+                "--coherence-penalty",
+                "optimize.coherence_penalty",
+                float,
+                "subtract P x (1 - coherence/100) from the fit (needs --coherence)",
+            ),
             ("--judge", "judge.backend", str, "offline (default), embedding, openai or local"),
             ("--judge-model", "judge.model", str, "judge model name (openai) or model (local)"),
             ("--base-url", "judge.base_url", str, "OpenAI-compatible endpoint"),
@@ -308,7 +314,11 @@ _FLAGS: dict[str, list[tuple[str, str, str]]] = {
     "vectors": [("--filter", "vectors.filter_with_judge", "keep only pairs the judge finds effective")],
     "optimize": [
         ("--restart", "optimize.restart", "discard an existing run of this persona in --save-dir"),
-        ("--coherence", "judge.coherence", "also judge coherence of every steered answer"),
+        (
+            "--coherence",
+            "judge.coherence",
+            "also judge coherence of every steered answer (recorded; used only with --coherence-penalty)",
+        ),
     ],
     "bench": [
         ("--quick", "_quick", "P=4 candidates, N=4 prompts, M=16 tokens (about 2 minutes on a CPU)"),
@@ -329,13 +339,13 @@ def _config(args: argparse.Namespace) -> Config:
     from pathlib import Path
 
     path = args.config or (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None)
-    overrides = list(args.overrides)
-    for key, value in vars(args).items():
-        if "." in key or key in ("seed", "cache_dir", "traits"):
-            if value is None or value is False:
-                continue
-            overrides.append(f"{key}={'true' if value is True else value}")
-    return load_config(path, overrides)
+    # Flags arrive typed by argparse and are applied as they are; only --set values are YAML.
+    values = {
+        key: value
+        for key, value in vars(args).items()
+        if ("." in key or key in ("seed", "cache_dir", "traits")) and value is not None and value is not False
+    }
+    return load_config(path, list(args.overrides), values)
 
 
 def _run_vectors(cfg: Config, args: argparse.Namespace) -> int:
