@@ -38,6 +38,7 @@ from persona_steering.distributed import (
 )
 from persona_steering.generation import Request, generate, generate_population
 from persona_steering.judges import Judge, Query, build_judge, judge_versions
+from persona_steering.record import PersonaFiles, PersonaRecord
 from persona_steering.runtime import Runtime, identify, load_runtime
 from persona_steering.traits import Persona, load_persona, load_prompts
 
@@ -348,9 +349,7 @@ def _finish(run: _Run, log: Any) -> dict[str, Any]:
         result["style_classifier"] = objective.judge.style_report(fit.samples, fit.contrast)
     if not is_main(objective.rt.fabric):
         return result
-    keys = ("persona_id", "layer", "alpha", "best_weights", "best_score", "config_digest")
-    atomic_write_json(run.paths["best"], {k: result[k] for k in keys})
-    atomic_write_json(run.paths["result"], result)
+    PersonaRecord.from_dict(result).save(PersonaFiles(Path(run.cfg.optimize.save_dir), run.id))
     plot_convergence(result, run.paths["plot"])
     parts = "  ".join(f"{k} {v:.2f}" for k, v in result["best_parts"].items())
     log(
@@ -403,9 +402,9 @@ def run_layers(cfg: Config, layers: list[int], log: Any = print) -> dict[str, An
     }
     if not is_main_process():
         return summary
-    base = Path(cfg.optimize.save_dir) / f"{cfg.optimize.persona_id}_layers"
-    atomic_write_json(base.with_suffix(".json"), summary)
-    _plot_layers(summary, base.with_suffix(".png"))
+    files = PersonaFiles(Path(cfg.optimize.save_dir), str(cfg.optimize.persona_id))
+    atomic_write_json(files.layers("json"), summary)
+    _plot_layers(summary, files.layers("png"))
     return summary
 
 
@@ -481,11 +480,12 @@ def _run_digest(
 
 
 def _paths(save_dir: Path, persona_id: str) -> dict[str, Path]:
+    files = PersonaFiles(save_dir, persona_id)
     return {
-        "result": save_dir / f"{persona_id}_optimization.json",
-        "best": save_dir / f"{persona_id}_best_weights.json",
+        "result": files.result,
+        "best": files.best_weights,
         "checkpoint": save_dir / f"{persona_id}_checkpoint.pkl",
-        "plot": save_dir / f"{persona_id}_convergence.png",
+        "plot": files.convergence,
     }
 
 

@@ -28,6 +28,7 @@ from persona_steering.evaluate.stats import bootstrap_interval, holm, ranks, sig
 from persona_steering.extraction import run_vectors
 from persona_steering.judges import Judge, Query, Verdict
 from persona_steering.optimize import Scored
+from persona_steering.record import PersonaRecord
 from persona_steering.style import loops
 from persona_steering.traits import DefinitionError, load_persona
 
@@ -540,7 +541,7 @@ def fake_context(weights: list[float] | None, budget: int, **optimize) -> Contex
     )
     persona = types.SimpleNamespace(profile="A plain speaker. Says little.", short_prompt=None)
     rt = types.SimpleNamespace(hidden_size=4)
-    result = {"num_evaluations": budget, "best_score": 3.0}
+    result = PersonaRecord("p1", ["A", "B"], {"A": 0.0, "B": 0.0}, 20, 0.1, budget, best_score=3.0)
     return Context(cfg, rt, None, basis, persona, None, ["t0"], result)
 
 

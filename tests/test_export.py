@@ -58,6 +58,7 @@ def exported(tmp_path: Path, tiny_model_dir: Path) -> tuple[list[str], Path]:
         "alpha": 0.75,
         "best_weights": {"T1": 1.25, "T2": -0.5},
         "traits": TRAITS,
+        "num_evaluations": 16,
         "residual_scale": basis.scale,
         "vector_method": "mean_diff",
         "config": cfg.to_dict(),
@@ -146,15 +147,28 @@ def test_export_persona_and_steering_parity(exported: tuple[list[str], Path], ti
     assert torch.equal(vector, original)
 
     ids = tiny_rt.tokenizer(["hello how was your day ?"], return_tensors="pt")["input_ids"]
+    # What llama.cpp does with the file, done by hand: add direction.N to the output of block N at
+    # every position. It must equal our steering at the optimised layer with positions "all".
+    tensors = {t.name: np.array(t.data, dtype=np.float32).reshape(-1) for t in gguf.GGUFReader(path).tensors}
+    ((name, direction),) = tensors.items()
+    block = int(name.split(".")[1])
 
-    def logits(layer: int, delta: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), steer(tiny_rt.model, layer, delta[None], positions="all"):
-            return tiny_rt.model(input_ids=ids).logits
+    def add_direction(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        moved = hidden + torch.from_numpy(direction).to(hidden.dtype)
+        return (moved, *output[1:]) if isinstance(output, tuple) else moved
 
-    steered = logits(row, vector)
-    torch.testing.assert_close(steered, logits(basis.layer, original), rtol=0, atol=0)
+    handle = tiny_rt.model.model.layers[block].register_forward_hook(add_direction)
+    try:
+        with torch.no_grad():
+            by_hand = tiny_rt.model(input_ids=ids).logits
+    finally:
+        handle.remove()
+    with torch.no_grad(), steer(tiny_rt.model, basis.layer, original[None], positions="all"):
+        ours = tiny_rt.model(input_ids=ids).logits
+    torch.testing.assert_close(by_hand, ours, rtol=0, atol=0)
     with torch.no_grad():
-        assert not torch.allclose(steered, tiny_rt.model(input_ids=ids).logits)  # the vector does something
+        assert not torch.allclose(ours, tiny_rt.model(input_ids=ids).logits)  # the vector does something
 
     # Single traits: one file each, weight times the one-hot delta of the same basis.
     assert main([*args, "--traits", "T2", "--weight", "2"]) == 0
@@ -178,4 +192,21 @@ def test_export_user_errors_one_line(exported, capsys, extra, message) -> None:
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_refuses_a_result_whose_vectors_changed(exported, capsys) -> None:
+    overrides, tmp_path = exported
+    path = tmp_path / "runs" / "p1_optimization.json"
+    result = json.loads(path.read_text())
+    path.write_text(json.dumps({**result, "residual_scale": result["residual_scale"] * 1.01}))
+    args = ["export-gguf", *sum((["--set", o] for o in overrides), []), "--out-dir", str(tmp_path / "x")]
+    assert main([*args, "--persona-id", "p1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1 and "trait vectors or the model changed since" in err[0] and "residual scale" in err[0]
+    )
+    path.write_text(json.dumps({k: v for k, v in result.items() if k != "num_evaluations"}))
+    assert main([*args, "--persona-id", "p1"]) == 2
+    assert "missing field 'num_evaluations'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

@@ -260,8 +260,10 @@ def test_layer_sweep_loads_once_and_reports_best_layer(project, monkeypatch):
     cfg = load_config(None, overrides + ["optimize.max_iterations=2", "optimize.layers=1,3"])
     summary = optimize.run_layers(cfg, cfg.optimize.layers, log=lambda *_: None)
     assert [r["layer"] for r in summary["layers"]] == [1, 3] and len(loads) == 1
-    assert summary["best_score"] == max(r["best_score"] for r in summary["layers"])
-    assert summary["best_layer"] in (1, 3)
+    best = max(summary["layers"], key=lambda r: r["best_score"])
+    assert summary["best_layer"] == best["layer"] and summary["best_score"] == best["best_score"]
+    # each layer's row is that layer's own result file, and the summary file holds the same rows
+    assert json.loads((tmp_path / "runs" / "p1_layers.json").read_text())["layers"] == summary["layers"]
     for r in summary["layers"]:
         assert json.loads(Path(r["result"]).read_text())["layer"] == r["layer"]
     assert (tmp_path / "runs" / "p1_layers.png").is_file()
