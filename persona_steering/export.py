@@ -74,18 +74,18 @@ def export_persona(
         The paths written.
     """
     if traits is None and not persona_id:
-        raise ConfigError("export-gguf needs --persona-id ID (or --traits R1,R2 for single traits)")
+        raise ConfigError("export-gguf needs --persona-id ID (or --single-traits R1,R2 for single traits)")
     if traits is not None and out is not None:
-        raise ConfigError("--out names one file; with --traits use --out-dir (one file per trait)")
+        raise ConfigError("--out names one file; with --single-traits use --out-dir (one file per trait)")
     record = (
         PersonaRecord.require(PersonaFiles(Path(cfg.optimize.save_dir), persona_id)) if persona_id else None
     )
     basis = _basis(cfg, record)
     unknown = [t for t in traits or [] if t not in basis.traits]
     if unknown:
-        owner = f"persona {persona_id}'s traits" if record else "the configured traits (--set traits=[...])"
+        owner = f"persona {persona_id}'s traits" if record else "the configured traits (--traits)"
         raise ConfigError(
-            f"--traits names {', '.join(unknown)}, not among {owner}: {', '.join(basis.traits)}"
+            f"--single-traits names {', '.join(unknown)}, not among {owner}: {', '.join(basis.traits)}"
         )
     alpha = record.alpha if record else cfg.steering.alpha
     hint = model_hint(cfg)
@@ -106,6 +106,18 @@ def export_persona(
             path = Path(out_dir) / f"{prefix}{trait}.gguf"
             written.append(write_control_vector(path, {basis.layer: vector}, hint))
     return written
+
+
+def describe_control_vector(path: str | Path) -> str:
+    """What ``import-gguf`` prints: the model hint and one line per direction."""
+    vectors, meta = read_control_vector_file(path)
+    lines = [f"{path}: control vector for {meta['model_hint']!r}, {len(vectors)} direction(s)"]
+    for row, vec in vectors.items():
+        head = " ".join(f"{x:+.4f}" for x in vec[:4].tolist())
+        lines.append(
+            f"  layer {row} (llama.cpp direction.{row - 1}): [{vec.numel()}] |v| {vec.norm():.4f}  {head}"
+        )
+    return "\n".join(lines)
 
 
 def write_control_vector(path: str | Path, vectors: dict[int, torch.Tensor], model_hint: str) -> Path:

@@ -221,3 +221,51 @@ def test_coherence_penalty_needs_coherence_verdicts(workdir, capsys):
     cfg = _config_of(["optimize", "--coherence", "--coherence-penalty", "0.5"])
     assert cfg.judge.coherence and cfg.optimize.coherence_penalty == 0.5
     assert_untouched(workdir)
+
+
+def test_stage_text_is_rendered_by_the_stage_modules():
+    from persona_steering.convergence import render_layers, render_personas, render_result
+    from persona_steering.steer import render_examples
+
+    r = {
+        "best_weights": {"R1": 0.5, "R2": -1.0},
+        "best_score": 3.5,
+        "mean_score": 3.0,
+        "baseline_score": 2.25,
+    }
+    assert render_result(r).splitlines() == [
+        "best weights  R1=+0.50  R2=-1.00",
+        "persona fit   best 3.500   mean-of-search 3.000   unsteered 2.250",
+    ]
+    assert render_personas({"p1": r}).splitlines()[-1] == "| p1 | 3.500 | 3.000 | 2.250 | R1=+0.50 R2=-1.00 |"
+    summary = {"persona_id": "p1", "layers": [{**r, "layer": 10}], "best_layer": 10, "best_score": 3.5}
+    assert render_layers(summary).splitlines()[-2:] == [
+        "| 10 | 3.500 | 3.000 | 2.250 |",
+        "best layer for p1: 10 (fit 3.500)",
+    ]
+    text = render_examples([{"prompt": "hi", "baseline": "b", "steered": "s"}] * 2)
+    assert text.count("user:      hi\nunsteered: b\nsteered:   s\n") == 2
+
+
+def test_one_flag_one_meaning():
+    from persona_steering.cli import COMMANDS, COMMON
+
+    meaning: dict[str, set[str]] = {}
+    for _, options in COMMANDS.values():
+        for flag, key, _, _ in COMMON + options:
+            meaning.setdefault(flag, set()).add(key)
+    shared = {flag for flag, keys in meaning.items() if len(keys) > 1}
+    # Each of these names the command's own output folder, grid or sample size; --traits is the
+    # extraction list for `vectors` and the combined traits elsewhere.
+    per_command = {
+        "--out-dir",
+        "--layers",
+        "--read-layer",
+        "--num-prompts",
+        "--trait",
+        "--num-questions",
+        "--traits",
+    }
+    assert shared <= per_command, shared - per_command
+    assert meaning["--layer"] == {"steering.layer"} and meaning["--base-url"] == {"judge.base_url"}
+    assert meaning["--personas"] == {"optimize.personas"}

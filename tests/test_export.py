@@ -171,7 +171,7 @@ def test_export_persona_and_steering_parity(exported: tuple[list[str], Path], ti
         assert not torch.allclose(ours, tiny_rt.model(input_ids=ids).logits)  # the vector does something
 
     # Single traits: one file each, weight times the one-hot delta of the same basis.
-    assert main([*args, "--traits", "T2", "--weight", "2"]) == 0
+    assert main([*args, "--single-traits", "T2", "--weight", "2"]) == 0
     single = read_control_vector(out / "p1_T2.gguf")[2]
     torch.testing.assert_close(single, basis.deltas(torch.tensor([0.0, 2.0]), 0.75)[0], rtol=0, atol=0)
 
@@ -179,9 +179,9 @@ def test_export_persona_and_steering_parity(exported: tuple[list[str], Path], ti
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--layer", "1", "--traits", "T1"], "cannot be exported: llama.cpp refuses direction.0"),
+        (["--layer", "1", "--single-traits", "T1"], "cannot be exported: llama.cpp refuses direction.0"),
         (["--persona-id", "nobody"], "no optimisation result"),
-        (["--persona-id", "p1", "--traits", "T9"], "--traits names T9"),
+        (["--persona-id", "p1", "--single-traits", "T9"], "--single-traits names T9"),
         ([], "needs --persona-id"),
     ],
 )
