@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_extraction import write_trait
+from tests_helpers import write_trait
 
 from persona_steering.basis import load_basis
 from persona_steering.cli import main

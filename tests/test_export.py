@@ -9,6 +9,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from tests_helpers import write_fake_vectors
 
 from persona_steering.basis import load_basis
 from persona_steering.cli import main
@@ -17,23 +18,9 @@ from persona_steering.export import block_index, read_control_vector, write_cont
 from persona_steering.layers import LayerError
 from persona_steering.runtime import identify
 from persona_steering.steering import steer
-from persona_steering.store import VectorFileError, save_vectors
+from persona_steering.store import VectorFileError
 
 TRAITS = ["T1", "T2"]
-
-
-def write_fake_vectors(
-    folder: Path, fingerprint: str, model_id: str, traits: list[str], seed: int = 3
-) -> None:
-    """Random vector files for the tiny model (3 layers, hidden 32), as ``run_vectors`` would lay them out."""
-    g = torch.Generator().manual_seed(seed)
-    meta = {"fingerprint": fingerprint, "model_id": model_id, "num_layers": 3, "hidden_size": 32}
-    for trait in traits:
-        tensors = {
-            "mean_diff.response_avg": torch.randn(4, 32, generator=g),  # [L+1, hidden]
-            "norm.response_avg": 5 + torch.rand(4, generator=g),  # [L+1]
-        }
-        save_vectors(folder / f"{trait}.safetensors", tensors, meta)
 
 
 @pytest.fixture()

@@ -4,30 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from tests_helpers import write_trait
 
 from persona_steering.config import load_config
 from persona_steering.extraction import run_vectors
 from persona_steering.store import load_vectors
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def write_trait(folder: Path, name: str, pos: str, neg: str, questions: list[str]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    data = {
-        "name": name,
-        "title": name,
-        "description": "test trait",
-        "pos_label": "p",
-        "neg_label": "n",
-        "instruction": [{"pos": pos, "neg": neg}, {"pos": pos + " !", "neg": neg + " ."}],
-        "questions": {"extract": questions, "eval": questions[:1]},
-        "eval_prompt": "score {question} {answer} 0 to 100",
-    }
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 @pytest.fixture()

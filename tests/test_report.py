@@ -11,7 +11,7 @@ from html.parser import HTMLParser
 
 import pytest
 import torch
-from test_evaluate import build_project
+from tests_helpers import build_project
 
 from persona_steering.cli import main
 from persona_steering.config import ConfigError, load_config
