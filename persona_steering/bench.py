@@ -407,7 +407,7 @@ def _count_identical(reference: list[list[int]], other: list[list[int]]) -> int:
 def _float32_recheck(cfg: Config, run: _Generation, timed: dict[str, Timed]) -> dict[str, Any] | None:
     """Rows where a batched method differs from the seed-loop, re-run both ways in float32.
 
-    bf16 left-padded batches can flip a greedy token before any steering (see FACTS.md); in float32
+    bf16 left-padded batches can flip a greedy token before any steering (see docs/FACTS.md); in float32
     they must agree, so a float32 mismatch would be a real bug.
     """
     seed_ids = timed["seed-loop"].ids
@@ -429,7 +429,7 @@ def _float32_recheck(cfg: Config, run: _Generation, timed: dict[str, Timed]) -> 
 @torch.inference_mode()
 def _residual_norm(rt: Runtime, texts: list[str], row: int) -> float:
     """Mean residual-stream norm at a hidden_states row over the prompts' tokens (first token left out:
-    its norm is ~100x the others and would dominate, see FACTS.md)."""
+    its norm is ~100x the others and would dominate, see docs/FACTS.md)."""
     enc = rt.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     ids, mask = enc["input_ids"].to(rt.device), enc["attention_mask"].to(rt.device)  # [N, len]
     with capture_layers(rt.model) as states, rt.autocast():

@@ -72,6 +72,12 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
                 "comma-separated start weights, one per trait",
             ),
             ("--save-dir", "optimize.save_dir", str, "output folder"),
+            (
+                "--coherence-penalty",
+                "optimize.coherence_penalty",
+                float,
+                "subtract P x (1 - coherence/100) from the fit (needs --coherence)",
+            ),
             ("--judge", "judge.backend", str, "offline (default), embedding, openai or local"),
             ("--judge-model", "judge.model", str, "judge model name (openai) or model (local)"),
             ("--base-url", "judge.base_url", str, "OpenAI-compatible endpoint"),
@@ -98,7 +104,7 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
             ("--repeats", "_repeats", int, "timed runs per method (default 1)"),
             ("--out-dir", "_out_dir", str, "output folder (default runs/bench)"),
             ("--verdicts", "_verdicts", int, "judge calls in the fan-out measurement (default 100)"),
-            ("--personas", "_personas", int, "personas in the lockstep measurement (default 4)"),
+            ("--num-personas", "_num_personas", int, "personas in the lockstep measurement (default 4)"),
             ("--judge-delay", "_judge_delay", float, "seconds the local judge server waits per reply (0.2)"),
             ("--threads", "_threads", int, "torch CPU threads during the run (default: one per core)"),
             ("--layer", "steering.layer", int, "hidden_states row to steer"),
@@ -112,10 +118,16 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
         [
             ("--persona-id", "optimize.persona_id", str, "persona whose optimisation result to export"),
             ("--save-dir", "optimize.save_dir", str, "folder of optimisation results"),
-            ("--traits", "_traits", str, "export these traits one file each instead, e.g. R1,R2"),
-            ("--weight", "_weight", float, "trait weight of each --traits export (default 1)"),
-            ("--layer", "steering.layer", int, "hidden_states row for --traits without --persona-id"),
-            ("--alpha", "steering.alpha", float, "strength for --traits without --persona-id"),
+            ("--traits", "traits", str, "traits of the basis without --persona-id (default R1..R5)"),
+            (
+                "--single-traits",
+                "_single_traits",
+                str,
+                "export these traits one file each instead, e.g. R1,R2",
+            ),
+            ("--weight", "_weight", float, "trait weight of each --single-traits export (default 1)"),
+            ("--layer", "steering.layer", int, "hidden_states row for --single-traits without --persona-id"),
+            ("--alpha", "steering.alpha", float, "strength for --single-traits without --persona-id"),
             ("--trait-vector-dir", "steering.trait_vector_dir", str, "root of vector files"),
             ("--out", "_out", str, "output file (default runs/export/<persona>.gguf)"),
             ("--out-dir", "_out_dir", str, "output folder (default runs/export)"),
@@ -199,9 +211,9 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
             ("--trait", "_trait", str, "the trait to monitor, e.g. R5"),
             ("--prompt", "_prompt", str, "what the user says"),
             ("--system", "_system", str, "an optional system prompt"),
-            ("--layer", "_layer", int, "hidden_states row to read (default steering.layer)"),
+            ("--read-layer", "_read_layer", int, "hidden_states row to read (default --layer)"),
             ("--weights", "_weights", str, "steer while monitoring, e.g. R2=1.0 (default unsteered)"),
-            ("--steer-layer", "steering.layer", int, "hidden_states row to steer"),
+            ("--layer", "steering.layer", int, "hidden_states row to steer"),
             ("--alpha", "steering.alpha", float, "strength, in units of the layer's mean residual norm"),
             ("--traits", "traits", str, "traits the weights name (default R1..R5)"),
             ("--vector-method", "steering.vector_method", str, "mean_diff, svd or pca"),
@@ -247,12 +259,17 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
             ("--models", "_models", str, "comma-separated: embedded, folder, .gguf, hub id, openai:<model>"),
             ("--traits", "traits", str, "comma-separated traits (default R1..R5)"),
             ("--num-questions", "_num_questions", int, "first N eval questions per trait (default 5)"),
-            ("--base-url", "_base_url", str, "endpoint of the openai:<model> entries (default judge's)"),
+            (
+                "--models-base-url",
+                "_models_base_url",
+                str,
+                "endpoint of the openai:<model> entries (default --base-url)",
+            ),
             ("--out-dir", "_out_dir", str, "output folder (default runs/models)"),
             ("--trait-dir", "vectors.trait_dir", str, "folder of trait files"),
             ("--judge", "judge.backend", str, "offline or embedding (no trait scores), openai or local"),
             ("--judge-model", "judge.model", str, "judge model name (openai) or model (local)"),
-            ("--judge-base-url", "judge.base_url", str, "OpenAI-compatible endpoint of the judge"),
+            ("--base-url", "judge.base_url", str, "OpenAI-compatible endpoint of the judge"),
             ("--bootstrap", "evaluate.bootstrap", int, "bootstrap resamples for the intervals"),
         ],
     ),
@@ -308,7 +325,11 @@ _FLAGS: dict[str, list[tuple[str, str, str]]] = {
     "vectors": [("--filter", "vectors.filter_with_judge", "keep only pairs the judge finds effective")],
     "optimize": [
         ("--restart", "optimize.restart", "discard an existing run of this persona in --save-dir"),
-        ("--coherence", "judge.coherence", "also judge coherence of every steered answer"),
+        (
+            "--coherence",
+            "judge.coherence",
+            "also judge coherence of every steered answer (recorded; used only with --coherence-penalty)",
+        ),
     ],
     "bench": [
         ("--quick", "_quick", "P=4 candidates, N=4 prompts, M=16 tokens (about 2 minutes on a CPU)"),
@@ -329,80 +350,52 @@ def _config(args: argparse.Namespace) -> Config:
     from pathlib import Path
 
     path = args.config or (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None)
-    overrides = list(args.overrides)
-    for key, value in vars(args).items():
-        if "." in key or key in ("seed", "cache_dir", "traits"):
-            if value is None or value is False:
-                continue
-            overrides.append(f"{key}={'true' if value is True else value}")
-    return load_config(path, overrides)
+    # Flags arrive typed by argparse and are applied as they are; only --set values are YAML.
+    values = {
+        key: value
+        for key, value in vars(args).items()
+        if ("." in key or key in ("seed", "cache_dir", "traits")) and value is not None and value is not False
+    }
+    return load_config(path, list(args.overrides), values)
+
+
+def _given(**options: Any) -> dict[str, Any]:
+    """The options the user gave: None means "not given", so the stage's own default applies."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def _run_vectors(cfg: Config, args: argparse.Namespace) -> int:
     from persona_steering.distributed import is_main_process
-    from persona_steering.extraction import run_vectors
+    from persona_steering.extraction import render_vectors, run_vectors
 
     results = run_vectors(cfg)
-    if not is_main_process():  # with several processes, rank 0 alone prints
-        return 0
-    if results:
-        print(f"vectors in {results[0].path.rsplit('/', 1)[0]}/")
-    for r in results:
-        state = "up to date" if r.skipped else "written"
-        print(
-            f"  {r.trait}: {r.pairs} pairs from {r.questions} questions, "
-            f"|mean_diff| at layer {r.mid_layer} = {r.mid_norm:.2f} ({state})"
-        )
+    if is_main_process():  # with several processes, rank 0 alone prints
+        print(render_vectors(results))
     return 0
 
 
 def _run_optimize(cfg: Config, args: argparse.Namespace) -> int:
+    from persona_steering.convergence import render_layers, render_personas, render_result
     from persona_steering.distributed import is_main_process
     from persona_steering.optimize import run_layers, run_optimize, run_personas
 
     if cfg.optimize.personas:
-        results = run_personas(cfg, cfg.optimize.personas)
-        if not is_main_process():  # with several processes, rank 0 alone prints
-            return 0
-        print("| persona | best fit | search mean | unsteered | best weights |")
-        print("| --- | ---: | ---: | ---: | --- |")
-        for pid, r in results.items():
-            weights = " ".join(f"{k}={v:+.2f}" for k, v in r["best_weights"].items())
-            scores = " | ".join(f"{r[k]:.3f}" for k in ("best_score", "mean_score", "baseline_score"))
-            print(f"| {pid} | {scores} | {weights} |")
-        return 0
-
-    if cfg.optimize.layers:
-        summary = run_layers(cfg, cfg.optimize.layers)
-        if not is_main_process():
-            return 0
-        print("| layer | best fit | search mean | unsteered |\n| ---: | ---: | ---: | ---: |")
-        for r in summary["layers"]:
-            scores = " | ".join(f"{r[k]:.3f}" for k in ("best_score", "mean_score", "baseline_score"))
-            print(f"| {r['layer']} | {scores} |")
-        best = f"{summary['best_layer']} (fit {summary['best_score']:.3f})"
-        print(f"best layer for {summary['persona_id']}: {best}")
-        return 0
-
-    result = run_optimize(cfg)
-    if not is_main_process():
-        return 0
-    weights = "  ".join(f"{k}={v:+.2f}" for k, v in result["best_weights"].items())
-    print(f"best weights  {weights}")
-    print(
-        f"persona fit   best {result['best_score']:.3f}   mean-of-search {result['mean_score']:.3f}   "
-        f"unsteered {result['baseline_score']:.3f}"
-    )
+        text = render_personas(run_personas(cfg, cfg.optimize.personas))
+    elif cfg.optimize.layers:
+        text = render_layers(run_layers(cfg, cfg.optimize.layers))
+    else:
+        text = render_result(run_optimize(cfg))
+    if is_main_process():  # with several processes, rank 0 alone prints
+        print(text)
     return 0
 
 
 def _run_steer(cfg: Config, args: argparse.Namespace) -> int:
     from persona_steering.basis import parse_weights
-    from persona_steering.optimize import steered_examples
+    from persona_steering.steer import render_examples, steered_examples
 
     weights = parse_weights(args._weights, cfg.traits)
-    for ex in steered_examples(cfg, weights, [args._prompt] if args._prompt else None):
-        print(f"user:      {ex['prompt']}\nunsteered: {ex['baseline']}\nsteered:   {ex['steered']}\n")
+    print(render_examples(steered_examples(cfg, weights, [args._prompt] if args._prompt else None)))
     return 0
 
 
@@ -417,7 +410,7 @@ def _run_bench(cfg: Config, args: argparse.Namespace) -> int:
         repeats=args._repeats,
         out_dir=args._out_dir,
         verdicts=args._verdicts,
-        personas=args._personas,
+        personas=args._num_personas,
         judge_delay=args._judge_delay,
         threads=args._threads,
         stages=False if args._no_stages else None,
@@ -429,24 +422,19 @@ def _run_bench(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _run_export_gguf(cfg: Config, args: argparse.Namespace) -> int:
-    from persona_steering.export import DEFAULT_OUT_DIR, export_persona
+    from persona_steering.export import export_persona
 
-    traits = [t.strip() for t in args._traits.split(",") if t.strip()] if args._traits else None
-    weight = 1.0 if args._weight is None else args._weight
-    out_dir = args._out_dir or DEFAULT_OUT_DIR
-    for path in export_persona(cfg, cfg.optimize.persona_id, traits, weight, args._out, out_dir):
+    traits = [t.strip() for t in args._single_traits.split(",") if t.strip()] if args._single_traits else None
+    options = _given(weight=args._weight, out=args._out, out_dir=args._out_dir)
+    for path in export_persona(cfg, cfg.optimize.persona_id, traits, **options):
         print(f"wrote {path}")
     return 0
 
 
 def _run_import_gguf(cfg: Config, args: argparse.Namespace) -> int:
-    from persona_steering.export import read_control_vector_file
+    from persona_steering.export import describe_control_vector
 
-    vectors, meta = read_control_vector_file(args._file)
-    print(f"{args._file}: control vector for {meta['model_hint']!r}, {len(vectors)} direction(s)")
-    for row, vec in vectors.items():
-        head = " ".join(f"{x:+.4f}" for x in vec[:4].tolist())
-        print(f"  layer {row} (llama.cpp direction.{row - 1}): [{vec.numel()}] |v| {vec.norm():.4f}  {head}")
+    print(describe_control_vector(args._file))
     return 0
 
 
@@ -499,16 +487,12 @@ def _run_monitor(cfg: Config, args: argparse.Namespace) -> int:
     settings = monitor.MonitorSettings(
         args._trait or "",
         args._prompt or "",
-        args._layer,
+        args._read_layer,
         parse_weights(args._weights),
         args._system,
-        args._out_dir or monitor.DEFAULT_OUT_DIR,
+        **_given(out_dir=args._out_dir),
     )
-    result = monitor.run_monitor(cfg, settings)
-    color = sys.stdout.isatty()
-    if color:
-        print(monitor.legend(result))
-    print(monitor.render_tokens(result.tokens, result.values, color))
+    print(monitor.render(monitor.run_monitor(cfg, settings), color=sys.stdout.isatty()))
     return 0
 
 
@@ -532,8 +516,8 @@ def _run_build_persona(cfg: Config, args: argparse.Namespace) -> int:
         args._speaker or "",
         cfg.optimize.persona_id or "",
         cfg.optimize.persona_dir,
-        15 if args._num_samples is None else args._num_samples,
-        args._overwrite,
+        overwrite=args._overwrite,
+        **_given(num_samples=args._num_samples),
     )
     persona = run_build_persona(request)
     print(f"{persona.id}: {len(persona.samples)} samples\n\n{persona.profile}")
@@ -541,13 +525,9 @@ def _run_build_persona(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _run_report(cfg: Config, args: argparse.Namespace) -> int:
-    from persona_steering.html_report import DEFAULT_OUT_DIR, MAX_EXAMPLES, run_report
+    from persona_steering.html_report import run_report
 
-    run_report(
-        cfg,
-        args._out_dir or DEFAULT_OUT_DIR,
-        MAX_EXAMPLES if args._max_examples is None else args._max_examples,
-    )
+    run_report(cfg, **_given(out_dir=args._out_dir, max_examples=args._max_examples))
     return 0
 
 
@@ -555,7 +535,7 @@ def _run_evaluate_models(cfg: Config, args: argparse.Namespace) -> int:
     from persona_steering.evaluate.models import ModelsSettings, run_models
 
     settings = ModelsSettings.parse(
-        args._models or cfg.model.name, args._num_questions, args._base_url, args._out_dir
+        args._models or cfg.model.name, args._num_questions, args._models_base_url, args._out_dir
     )
     result = run_models(cfg, settings)
     print(f"{result.markdown}\nwrote {result.folder}/models.json, models.md, models.png")

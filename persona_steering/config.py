@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,11 +15,23 @@ import yaml
 from persona_steering.cache import digest
 
 DEFAULT_TRAITS = ["R1", "R2", "R3", "R4", "R5"]
+PERSONA_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+"""A persona id: a plain folder and file-name stem, never a path."""
 PRECISIONS = ("auto", "32-true", "bf16-true", "16-true", "bf16-mixed", "16-mixed", "64-true")
 
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the option."""
+
+
+def check_persona_id(persona_id: str, option: str = "optimize.persona_id") -> str:
+    """``persona_id`` unchanged, or ConfigError: file names are built from it, so no paths."""
+    if not PERSONA_ID.fullmatch(persona_id):
+        raise ConfigError(
+            f"{option} {persona_id!r} is not a usable persona id: letters, digits, '_' or '-', "
+            "starting with a letter or digit, at most 64 characters"
+        )
+    return persona_id
 
 
 @dataclass
@@ -135,7 +148,8 @@ class JudgeConfig:
     use_logprobs: bool = True
     """Ask for top_logprobs and take the probability-weighted score; falls back to text."""
     coherence: bool = False
-    """Also score coherence of each steered answer (one more judge call per answer)."""
+    """Also score coherence of each steered answer (one more judge call per answer); it is recorded,
+    and it changes the optimisation only through optimize.coherence_penalty."""
     calibration_dir: str = "tests/data/judge_calibration"
     """Hand-written answers per persona (in voice, assistant, degenerate) that judge-check scores."""
     check_dir: str = "runs/judge_check"
@@ -193,7 +207,7 @@ class OptimizeConfig:
     bound: float = 3.0
     """Weights are kept within [-bound, bound]."""
     coherence_penalty: float = 0.0
-    """Subtract penalty * (1 - coherence/100) from the fit (needs judge.coherence)."""
+    """Subtract penalty * (1 - coherence/100) from the fit; needs judge.coherence (refused without)."""
     save_dir: str = "runs/optimize"
     """Output folder."""
     restart: bool = False
@@ -204,6 +218,10 @@ class OptimizeConfig:
     """Several persona ids optimised in lockstep (one batched generate per iteration for all)."""
 
     def __post_init__(self) -> None:
+        if self.persona_id is not None:
+            check_persona_id(self.persona_id)
+        for pid in self.personas or []:
+            check_persona_id(pid, "optimize.personas")
         if self.num_prompts < 1:
             raise ConfigError(f"optimize.num_prompts must be >= 1, got {self.num_prompts}")
         if self.max_iterations < 1:
@@ -322,6 +340,13 @@ class Config:
     traits: list[str] = field(default_factory=lambda: list(DEFAULT_TRAITS))
     """Traits combined by steering and optimisation."""
 
+    def __post_init__(self) -> None:
+        if self.optimize.coherence_penalty and not self.judge.coherence:
+            raise ConfigError(
+                "optimize.coherence_penalty needs judge.coherence (--coherence): without coherence "
+                "verdicts there is nothing to penalise"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -333,8 +358,14 @@ class Config:
         return digest(data, 16)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file, then ``key.sub=value`` overrides (values parsed as YAML)."""
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    values: dict[str, Any] | None = None,
+) -> Config:
+    """Defaults, then the YAML file, then ``key.sub=value`` overrides (values parsed as YAML), then
+    ``values``: dotted key to a value already typed (command-line flags), never re-parsed as YAML,
+    so ``--persona-id 007`` stays "007" and ``#`` is no comment."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -352,6 +383,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
         _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    for key, value in (values or {}).items():
+        _set_dotted(data, key, value)
     return _build(Config, data, "")
 
 

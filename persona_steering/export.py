@@ -38,6 +38,7 @@ from persona_steering.basis import TraitBasis, load_basis
 from persona_steering.cache import atomic_write_bytes
 from persona_steering.config import Config, ConfigError
 from persona_steering.layers import LayerError
+from persona_steering.record import PersonaFiles, PersonaRecord
 from persona_steering.runtime import ModelLoadError, identify
 from persona_steering.store import VectorFileError
 
@@ -73,25 +74,26 @@ def export_persona(
         The paths written.
     """
     if traits is None and not persona_id:
-        raise ConfigError("export-gguf needs --persona-id ID (or --traits R1,R2 for single traits)")
+        raise ConfigError("export-gguf needs --persona-id ID (or --single-traits R1,R2 for single traits)")
     if traits is not None and out is not None:
-        raise ConfigError("--out names one file; with --traits use --out-dir (one file per trait)")
-    result = _load_result(cfg, persona_id) if persona_id else None
-    basis = _basis(cfg, result)
+        raise ConfigError("--out names one file; with --single-traits use --out-dir (one file per trait)")
+    record = (
+        PersonaRecord.require(PersonaFiles(Path(cfg.optimize.save_dir), persona_id)) if persona_id else None
+    )
+    basis = _basis(cfg, record)
     unknown = [t for t in traits or [] if t not in basis.traits]
     if unknown:
-        owner = f"persona {persona_id}'s traits" if result else "the configured traits (--set traits=[...])"
+        owner = f"persona {persona_id}'s traits" if record else "the configured traits (--traits)"
         raise ConfigError(
-            f"--traits names {', '.join(unknown)}, not among {owner}: {', '.join(basis.traits)}"
+            f"--single-traits names {', '.join(unknown)}, not among {owner}: {', '.join(basis.traits)}"
         )
-    alpha = float(result["alpha"]) if result else cfg.steering.alpha
+    alpha = record.alpha if record else cfg.steering.alpha
     hint = model_hint(cfg)
     written = []
     if traits is None:
-        assert result is not None and persona_id is not None
-        w = torch.tensor([float(result["best_weights"][t]) for t in basis.traits])  # [k]
-        vector = basis.deltas(w, alpha)[0]  # [hidden]
-        path = Path(out) if out is not None else Path(out_dir) / f"{persona_id}.gguf"
+        assert record is not None
+        vector = basis.deltas(record.weights(basis.traits), alpha)[0]  # [hidden]
+        path = Path(out) if out is not None else Path(out_dir) / f"{record.persona_id}.gguf"
         written.append(write_control_vector(path, {basis.layer: vector}, hint))
     else:
         prefix = f"{persona_id}_" if persona_id else ""
@@ -104,6 +106,18 @@ def export_persona(
             path = Path(out_dir) / f"{prefix}{trait}.gguf"
             written.append(write_control_vector(path, {basis.layer: vector}, hint))
     return written
+
+
+def describe_control_vector(path: str | Path) -> str:
+    """What ``import-gguf`` prints: the model hint and one line per direction."""
+    vectors, meta = read_control_vector_file(path)
+    lines = [f"{path}: control vector for {meta['model_hint']!r}, {len(vectors)} direction(s)"]
+    for row, vec in vectors.items():
+        head = " ".join(f"{x:+.4f}" for x in vec[:4].tolist())
+        lines.append(
+            f"  layer {row} (llama.cpp direction.{row - 1}): [{vec.numel()}] |v| {vec.norm():.4f}  {head}"
+        )
+    return "\n".join(lines)
 
 
 def write_control_vector(path: str | Path, vectors: dict[int, torch.Tensor], model_hint: str) -> Path:
@@ -223,38 +237,13 @@ def model_hint(cfg: Config) -> str:
         raise ModelLoadError(f"cannot read the model type of {cfg.model.name!r}: {exc}") from None
 
 
-def _load_result(cfg: Config, persona_id: str) -> dict[str, Any]:
-    """The persona's ``_optimization.json``, checked for the fields the export needs."""
-    path = Path(cfg.optimize.save_dir) / f"{persona_id}_optimization.json"
-    if not path.is_file():
-        raise ConfigError(
-            f"no optimisation result {path}: run `make optimize PERSONA={persona_id}` first "
-            f"(or pass --save-dir where it was written)"
-        )
-    try:
-        result = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
-    missing = [k for k in ("layer", "alpha", "best_weights", "traits", "residual_scale") if k not in result]
-    if missing:
-        raise ConfigError(
-            f"{path} lacks {', '.join(missing)}: was it written by `persona-steering optimize`?"
-        )
-    if not isinstance(result["best_weights"], dict) or set(result["best_weights"]) != set(result["traits"]):
-        raise ConfigError(
-            f"{path}: best_weights must give one weight per trait ({', '.join(result['traits'])})"
-        )
-    return dict(result)
-
-
-def _basis(cfg: Config, result: dict[str, Any] | None) -> TraitBasis:
+def _basis(cfg: Config, record: PersonaRecord | None) -> TraitBasis:
     """The trait basis of the persona's optimisation (or of ``cfg`` without one), checked against it."""
     ident = identify(cfg.model)
-    steering = dict((result or {}).get("config", {}).get("steering", {}))
-    layer = int(result["layer"]) if result else cfg.steering.layer
-    method = str((result or {}).get("vector_method", cfg.steering.vector_method))
-    summary = str(steering.get("summary", cfg.steering.summary))
-    names = list(result["traits"]) if result else list(cfg.traits)
+    layer = record.layer if record else cfg.steering.layer
+    method = (record.vector_method if record else None) or cfg.steering.vector_method
+    summary = (record.summary if record else None) or cfg.steering.summary
+    names = list(record.traits) if record else list(cfg.traits)
     block_index(layer)  # refuse row 1 before reading any vector file
     basis = load_basis(
         cfg.steering.trait_vector_dir,
@@ -265,11 +254,8 @@ def _basis(cfg: Config, result: dict[str, Any] | None) -> TraitBasis:
         summary,
         fingerprint=ident.fingerprint,
     )
-    if result is not None and not np.isclose(basis.scale, float(result["residual_scale"]), rtol=1e-5):
-        raise VectorFileError(
-            f"the trait vectors changed since the optimisation (residual scale {basis.scale:.4g}, "
-            f"the result says {float(result['residual_scale']):.4g}): re-run the optimisation"
-        )
+    if record is not None:
+        record.check_basis(basis)
     return basis
 
 

@@ -53,6 +53,18 @@ class TraitResult:
     example: dict[str, str]
 
 
+def render_vectors(results: list[TraitResult]) -> str:
+    """Where the vectors went and one line per trait: pairs, a mid-layer norm, written or up to date."""
+    lines = [f"vectors in {results[0].path.rsplit('/', 1)[0]}/"] if results else []
+    for r in results:
+        state = "up to date" if r.skipped else "written"
+        lines.append(
+            f"  {r.trait}: {r.pairs} pairs from {r.questions} questions, "
+            f"|mean_diff| at layer {r.mid_layer} = {r.mid_norm:.2f} ({state})"
+        )
+    return "\n".join(lines)
+
+
 def run_vectors(cfg: Config, rt: Runtime | None = None, log: Any = print) -> list[TraitResult]:
     """Extract and save vectors for every configured trait; skip traits whose file is up to date."""
     traits = load_traits(cfg.vectors.trait_dir, cfg.vectors.traits)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from jinja2 import TemplateError
 from tqdm.auto import tqdm
 
 from persona_steering.cache import Cache, bytes_digest, digest
@@ -40,15 +41,25 @@ class Answer:
 
 
 def chat_text(tokenizer: Any, request: Request) -> str:
-    """The prompt text in the tokenizer's chat template, ready for the assistant's turn."""
-    messages = []
+    """The prompt text in the tokenizer's chat template, ready for the assistant's turn.
+
+    A template without a system role (Gemma's raises on one) gets the system text at the start of
+    the user turn instead: vectors and the prompt baseline depend on system prompts.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        system = f"{request.system}\n\n" if request.system else ""
+        return f"{system}User: {request.user}\nAssistant:"
+    user = {"role": "user", "content": request.user}
     if request.system:
-        messages.append({"role": "system", "content": request.system})
-    messages.append({"role": "user", "content": request.user})
-    if getattr(tokenizer, "chat_template", None):
-        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-    system = f"{request.system}\n\n" if request.system else ""
-    return f"{system}User: {request.user}\nAssistant:"
+        try:
+            return _templated(tokenizer, [{"role": "system", "content": request.system}, user])
+        except TemplateError:
+            user = {"role": "user", "content": f"{request.system}\n\n{request.user}"}
+    return _templated(tokenizer, [user])
+
+
+def _templated(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
 
 def vector_digest(vector: torch.Tensor) -> str:
@@ -174,7 +185,8 @@ def _row_key(
     i: int,
 ) -> dict[str, Any]:
     """Everything that determines a row's answer. max_batch is left out: in float32 it does not
-    change greedy tokens (padding numerics in bf16 can, see FACTS); the seed only matters when sampling."""
+    change greedy tokens (padding numerics in bf16 can, see docs/FACTS.md); the seed only matters
+    when sampling."""
     settings = {k: v for k, v in dataclasses.asdict(gen).items() if k != "max_batch"}
     steering = None
     if deltas is not None and bool(deltas[i].abs().max() > 0):

@@ -22,6 +22,7 @@ from persona_steering import __version__
 from persona_steering.cache import atomic_write_text
 from persona_steering.config import Config, ConfigError
 from persona_steering.judges.base import PARTS as FIT_PARTS
+from persona_steering.record import PersonaFiles, PersonaRecord
 from persona_steering.report import NA, fmt_interval, fmt_number, fmt_test
 
 DEFAULT_OUT_DIR = "runs/report"
@@ -64,28 +65,26 @@ def run_report(
         raise ConfigError("optimize.persona_id is required (--persona-id ID, or make report PERSONA=ID)")
     if max_examples < 1:
         raise ConfigError(f"--max-examples must be >= 1, got {max_examples}")
-    save = Path(cfg.optimize.save_dir)
-    result_path = save / f"{persona_id}_optimization.json"
-    result = _read_json(result_path, required=True)
-    assert result is not None
-    evaluation = _read_json(save / f"{persona_id}_evaluation.json", required=False)
+    files = PersonaFiles(Path(cfg.optimize.save_dir), persona_id)
+    record = PersonaRecord.require(files)
+    evaluation = _read_json(files.evaluation("json"))
     profile_path = Path(cfg.optimize.persona_dir) / persona_id / "persona_profile.txt"
     page = render_report(
-        result,
+        record,
         evaluation,
-        convergence_png=_read_bytes(save / f"{persona_id}_convergence.png"),
-        evaluation_png=_read_bytes(save / f"{persona_id}_evaluation.png"),
+        convergence_png=_read_bytes(files.convergence),
+        evaluation_png=_read_bytes(files.evaluation("png")),
         profile=profile_path.read_text(encoding="utf-8").strip() if profile_path.is_file() else None,
         max_examples=max_examples,
-        source=str(save),
+        source=str(files.save_dir),
     )
-    path = atomic_write_text(Path(out_dir) / f"{persona_id}.html", page)
+    path = atomic_write_text(files.page(out_dir), page)
     log(f"wrote {path}")
     return path
 
 
 def render_report(
-    result: dict[str, Any],
+    record: PersonaRecord,
     evaluation: dict[str, Any] | None,
     convergence_png: bytes | None = None,
     evaluation_png: bytes | None = None,
@@ -94,7 +93,7 @@ def render_report(
     source: str = "",
 ) -> str:
     """The page as a string: pure, so tests check its structure without files or a browser."""
-    pid = str(result.get("persona_id", "?"))
+    pid, result = record.persona_id, record.data
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -108,7 +107,7 @@ def render_report(
             if profile
             else _note("No persona_profile.txt found for this persona."),
         ),
-        _section("configuration", "Configuration", _configuration(result)),
+        _section("configuration", "Configuration", _configuration(record)),
         _section("convergence", "Convergence", _convergence(result, convergence_png)),
         _section(
             "weights", "Weight trajectories", _image(_weights_png(result), "trait weights per iteration")
@@ -122,18 +121,19 @@ def render_report(
     return "\n".join(parts) + "\n"
 
 
-def _configuration(result: dict[str, Any]) -> str:
+def _configuration(record: PersonaRecord) -> str:
+    result = record.data
     cfg = result.get("config") or {}
-    steering, optimize = cfg.get("steering", {}), cfg.get("optimize", {})
+    optimize = cfg.get("optimize", {})
     rows = [
         ("model", cfg.get("model", {}).get("name", NA)),
-        ("layer (hidden_states row)", result.get("layer")),
-        ("alpha", result.get("alpha")),
-        ("positions", steering.get("positions", NA)),
-        ("vector method", result.get("vector_method", NA)),
-        ("traits", ", ".join(result.get("traits", []))),
-        ("judge", result.get("judge", NA)),
-        ("iterations / evaluations", f"{result.get('num_iterations')} / {result.get('num_evaluations')}"),
+        ("layer (hidden_states row)", record.layer),
+        ("alpha", record.alpha),
+        ("positions", record.positions or NA),
+        ("vector method", record.vector_method or NA),
+        ("traits", ", ".join(record.traits)),
+        ("judge", record.judge or NA),
+        ("iterations / evaluations", f"{result.get('num_iterations')} / {record.num_evaluations}"),
         (
             "population, sigma0, prompts",
             f"{optimize.get('population_size')}, {optimize.get('sigma0')}, {optimize.get('num_prompts')}",
@@ -148,10 +148,10 @@ def _configuration(result: dict[str, Any]) -> str:
         ),
         ("style classifier AUC (5-fold)", (result.get("style_classifier") or {}).get("auc", NA)),
         ("missing verdicts", result.get("missing_verdicts", NA)),
-        ("config digest", result.get("config_digest", NA)),
+        ("config digest", record.config_digest or NA),
     ]
     table = _table(["setting", "value"], [[k, v] for k, v in rows])
-    best, mean = result.get("best_weights", {}), result.get("mean_weights", {})
+    best, mean = record.best_weights, result.get("mean_weights", {})
     weights = _table(
         ["trait", "best weights", "distribution mean"],
         [[t, _num(best.get(t), "+.3f"), _num(mean.get(t), "+.3f")] for t in best],
@@ -313,12 +313,8 @@ def _e(value: Any) -> str:
     return html.escape(NA if value is None else str(value), quote=True)
 
 
-def _read_json(path: Path, required: bool) -> dict[str, Any] | None:
+def _read_json(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
-        if required:
-            raise ConfigError(
-                f"no optimisation result at {path}: run make optimize (with this --save-dir) first"
-            )
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

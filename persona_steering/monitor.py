@@ -156,6 +156,12 @@ def record_last_states(model: torch.nn.Module, row: int) -> Iterator[list[tuple[
         handle.remove()
 
 
+def render(result: MonitorResult, color: bool) -> str:
+    """The monitored answer: with colour, a legend line and the coloured tokens; else values per token."""
+    tokens = render_tokens(result.tokens, result.values, color)
+    return f"{legend(result)}\n{tokens}" if color else tokens
+
+
 def render_tokens(tokens: list[str], values: list[float], color: bool) -> str:
     """The answer as one line with an ANSI background per token, or plain text with values.
 

@@ -23,10 +23,11 @@ import numpy as np
 import torch
 
 from persona_steering import __version__
-from persona_steering.basis import TraitBasis, configured_basis, parse_weights
+from persona_steering.basis import TraitBasis, configured_basis
 from persona_steering.cache import Cache, atomic_write_bytes, atomic_write_json, digest
 from persona_steering.config import Config, ConfigError
 from persona_steering.contrast import FitContext, fit_context, other_personas
+from persona_steering.convergence import plot_convergence, plot_layers
 from persona_steering.distributed import (
     check_same,
     is_main,
@@ -38,6 +39,7 @@ from persona_steering.distributed import (
 )
 from persona_steering.generation import Request, generate, generate_population
 from persona_steering.judges import Judge, Query, build_judge, judge_versions
+from persona_steering.record import PersonaFiles, PersonaRecord
 from persona_steering.runtime import Runtime, identify, load_runtime
 from persona_steering.traits import Persona, load_persona, load_prompts
 
@@ -348,9 +350,7 @@ def _finish(run: _Run, log: Any) -> dict[str, Any]:
         result["style_classifier"] = objective.judge.style_report(fit.samples, fit.contrast)
     if not is_main(objective.rt.fabric):
         return result
-    keys = ("persona_id", "layer", "alpha", "best_weights", "best_score", "config_digest")
-    atomic_write_json(run.paths["best"], {k: result[k] for k in keys})
-    atomic_write_json(run.paths["result"], result)
+    PersonaRecord.from_dict(result).save(PersonaFiles(Path(run.cfg.optimize.save_dir), run.id))
     plot_convergence(result, run.paths["plot"])
     parts = "  ".join(f"{k} {v:.2f}" for k, v in result["best_parts"].items())
     log(
@@ -403,23 +403,10 @@ def run_layers(cfg: Config, layers: list[int], log: Any = print) -> dict[str, An
     }
     if not is_main_process():
         return summary
-    base = Path(cfg.optimize.save_dir) / f"{cfg.optimize.persona_id}_layers"
-    atomic_write_json(base.with_suffix(".json"), summary)
-    _plot_layers(summary, base.with_suffix(".png"))
+    files = PersonaFiles(Path(cfg.optimize.save_dir), str(cfg.optimize.persona_id))
+    atomic_write_json(files.layers("json"), summary)
+    plot_layers(summary, files.layers("png"))
     return summary
-
-
-def _plot_layers(summary: dict[str, Any], path: Path) -> Path:
-    from persona_steering.report import save_figure, subplots
-
-    rows = summary["layers"]
-    fig, ax = subplots(figsize=(6, 3.5))
-    ax.plot([r["layer"] for r in rows], [r["best_score"] for r in rows], "o-", label="best")
-    ax.plot([r["layer"] for r in rows], [r["mean_score"] for r in rows], "s--", label="search mean")
-    ax.axhline(rows[0]["baseline_score"], color="grey", lw=1, label="unsteered")
-    ax.set(xlabel="layer", ylabel="persona fit (1-5)", title=f"{summary['persona_id']}: fit by layer")
-    ax.legend(fontsize=8)
-    return save_figure(fig, path)
 
 
 def _initial_weights(cfg: Config) -> np.ndarray:
@@ -481,11 +468,12 @@ def _run_digest(
 
 
 def _paths(save_dir: Path, persona_id: str) -> dict[str, Path]:
+    files = PersonaFiles(save_dir, persona_id)
     return {
-        "result": save_dir / f"{persona_id}_optimization.json",
-        "best": save_dir / f"{persona_id}_best_weights.json",
+        "result": files.result,
+        "best": files.best_weights,
         "checkpoint": save_dir / f"{persona_id}_checkpoint.pkl",
-        "plot": save_dir / f"{persona_id}_convergence.png",
+        "plot": files.convergence,
     }
 
 
@@ -635,58 +623,3 @@ def _result(
         "config": cfg.to_dict(),
         "version": __version__,
     }
-
-
-def plot_convergence(result: dict[str, Any], path: Path) -> Path:
-    """Best-so-far, generation best and mean fit per iteration, and the weights' trajectories."""
-    from matplotlib.ticker import MaxNLocator
-
-    from persona_steering.report import save_figure, subplots
-
-    h = result["optimization_history"]
-    extra = result["history"]
-    fig, (ax1, ax2) = subplots(1, 2, figsize=(11, 4))
-    ax1.plot(h["iterations"], h["best_scores"], "o-", label="best so far")
-    ax1.plot(h["iterations"], extra["generation_best"], "s--", alpha=0.7, label="generation best")
-    ax1.plot(h["iterations"], extra["generation_mean"], "^:", alpha=0.7, label="generation mean")
-    ax1.axhline(result["baseline_score"], color="grey", lw=1, label="unsteered")
-    ax1.set(xlabel="iteration", ylabel="persona fit (1-5)", title=f"{result['persona_id']}: convergence")
-    ax1.legend(fontsize=8)
-    means = np.asarray(extra["mean_weights"])
-    for j, trait in enumerate(result["traits"]):
-        ax2.plot(h["iterations"], means[:, j], label=trait)
-    ax2.axhline(0, color="grey", lw=0.5)
-    ax2.set(xlabel="iteration", ylabel="weight (distribution mean)", title="trait weights")
-    ax2.legend(fontsize=8)
-    for ax in (ax1, ax2):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    return save_figure(fig, path)
-
-
-def steered_examples(
-    cfg: Config, weights: dict[str, float], prompts: list[str] | None = None, rt: Runtime | None = None
-) -> list[dict[str, str]]:
-    """Unsteered and steered answers for one weight setting (the ``steer`` command)."""
-    parse_weights(",".join(f"{k}={v}" for k, v in weights.items()), cfg.traits)  # unknown names
-    prompts = prompts or load_prompts(cfg.optimize.prompts_file, "train")[:3]
-    ident = identify(cfg.model)
-    basis = configured_basis(cfg.steering, cfg.traits, ident.slug, ident.fingerprint)
-    rt = rt or load_runtime(cfg.model, cfg.cache_dir, cfg.seed)
-    w = torch.tensor([[weights.get(t, 0.0) for t in cfg.traits]])
-    with Cache(cfg.cache_dir) as cache:
-        base = generate(rt, [Request(p) for p in prompts], cfg.generation, cache=cache, seed=cfg.seed)
-        deltas = basis.deltas(w, cfg.steering.alpha).repeat(len(prompts), 1)
-        steered = generate(
-            rt,
-            [Request(p) for p in prompts],
-            cfg.generation,
-            deltas=deltas,
-            layer=basis.layer,
-            positions=cfg.steering.positions,
-            cache=cache,
-            seed=cfg.seed,
-        )
-    return [
-        {"prompt": p, "baseline": b.text, "steered": s.text}
-        for p, b, s in zip(prompts, base, steered, strict=True)
-    ]

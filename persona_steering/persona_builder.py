@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -37,11 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from persona_steering.cache import atomic_write_bytes, atomic_write_json, atomic_write_text
-from persona_steering.config import ConfigError
+from persona_steering.config import ConfigError, check_persona_id
 from persona_steering.style import describe_style, style_features, words
 from persona_steering.traits import DefinitionError, Persona, build_judge_prompt, load_persona
 
-ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 MIN_SAMPLE_WORDS = 4
 """Shorter turns ("Yes.", "Oh really?") say little about a voice; used only when nothing longer exists."""
 STOPWORDS = frozenset(
@@ -174,11 +172,7 @@ def _check(request: PersonaRequest) -> Path:
     """The target folder, after checking the id, the sample count and an existing persona."""
     if not request.conversations or not request.speaker or not request.persona_id:
         raise ConfigError("build-persona needs --conversations FILE, --speaker NAME and --persona-id ID")
-    if not ID_PATTERN.fullmatch(request.persona_id):
-        raise ConfigError(
-            f"--persona-id {request.persona_id!r} is not a usable folder name: letters, digits, '_' or '-', "
-            "starting with a letter or digit, at most 64 characters"
-        )
+    check_persona_id(request.persona_id, "--persona-id")
     if request.num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {request.num_samples}")
     if not Path(request.conversations).is_file():

@@ -202,6 +202,10 @@ def load_runtime(cfg: ModelConfig, cache_dir: str | Path = "cache", seed: int = 
     # Loaded on every rank and placed by Fabric but not setup(): the model is frozen and
     # inference-only, setup() refuses a frozen model under ddp, and generate() needs the plain module.
     placed = fabric.to_device(model)
+    if source == cfg.name and not Path(source).expanduser().exists():
+        # A hub id: before the first download only the id was known; now the snapshot is local,
+        # so take the fingerprint every later identify() gives, or these artefacts would not match it.
+        ident = identify(cfg)
     return Runtime(
         fabric=fabric,
         model=placed,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_extraction import write_trait
+from tests_helpers import write_trait
 
 from persona_steering.basis import load_basis
 from persona_steering.cli import main
@@ -279,7 +279,7 @@ def test_monitor_bad_input(project, tmp_path, capsys):
         (["--trait", "T1", "--prompt", "hi", "--weights", "T9=1"], "--weights names T9"),
         (["--trait", "T1", "--prompt", "hi", "--weights", "T1=x"], "must look like R2=1.0"),
         (["--trait", "T1"], "needs --trait NAME and --prompt TEXT"),
-        (["--trait", "T1", "--prompt", "hi", "--layer", "7"], "layer 7 is out of range"),
+        (["--trait", "T1", "--prompt", "hi", "--read-layer", "7"], "layer 7 is out of range"),
     ]
     for args, message in cases:
         assert cli(overrides, "monitor", *args, "--out-dir", str(tmp_path / "m")) == 2

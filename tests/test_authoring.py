@@ -240,7 +240,7 @@ def test_build_persona_bad_input_lists_speakers_and_writes_nothing(tmp_path, cap
     assert main([*base, "--speaker", "A", "--persona-id", "w"]) == 2
     assert "turn [0][1] must be an object" in one_error_line(capsys)
     assert main([*base, "--speaker", "A", "--persona-id", "bad/id"]) == 2
-    assert "not a usable folder name" in one_error_line(capsys)
+    assert "not a usable persona id" in one_error_line(capsys)
     assert main([*base, "--speaker", "A"]) == 2
     assert "needs --conversations FILE, --speaker NAME and --persona-id ID" in one_error_line(capsys)
     assert not (tmp_path / "personas").exists()

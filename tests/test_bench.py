@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_export import write_fake_vectors
+from tests_helpers import write_fake_vectors
 
 from persona_steering import bench
 from persona_steering.bench import METHODS, BenchSettings, run_bench

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from openai_server import FakeOpenAI
-from test_optimize import project  # noqa: F401  (fixture: tiny model, traits, vectors, persona)
 
 from persona_steering.cache import Cache
 from persona_steering.config import load_config
@@ -54,7 +53,7 @@ def _files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
-def test_vectors_on_two_ranks_equal_one_process(project):  # noqa: F811
+def test_vectors_on_two_ranks_equal_one_process(project):
     tmp_path, overrides = project  # the fixture ran the vectors stage in this one process
     two = tmp_path / "vectors-2"
     done = _run(
@@ -64,7 +63,7 @@ def test_vectors_on_two_ranks_equal_one_process(project):  # noqa: F811
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "fabric run"])
-def test_vectors_started_by_an_outside_launcher_equal_one_process(project, launcher):  # noqa: F811
+def test_vectors_started_by_an_outside_launcher_equal_one_process(project, launcher):
     """torchrun and `fabric run` start both processes themselves; Fabric must join, not launch again."""
     if launcher == "fabric run":
         pytest.importorskip("click", reason="`fabric run` needs click")
@@ -115,7 +114,7 @@ def _same_result(a: dict, b: dict) -> None:
 
 
 @pytest.fixture()
-def reference(project):  # noqa: F811
+def reference(project):
     """The one-process result of the optimisation the two-process runs repeat."""
     tmp_path, overrides = project
     overrides = [o for o in overrides if not o.startswith(("optimize.max_iterations", "optimize.save_dir"))]
@@ -157,7 +156,7 @@ def _state_lines(stderr: str) -> dict[int, list[str]]:
     return found
 
 
-def test_two_ranks_ask_the_judge_once_per_verdict(project):  # noqa: F811
+def test_two_ranks_ask_the_judge_once_per_verdict(project):
     """Rank 0 alone calls the judge (here a real OpenAI-compatible server) and broadcasts verdicts."""
     tmp_path, overrides = project
     cache = tmp_path / "c-judge"

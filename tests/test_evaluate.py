@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_extraction import write_trait
-from tests_helpers import private_copy
+from tests_helpers import HELDOUT, build_project, private_copy
 
 from persona_steering.cache import Cache
 from persona_steering.cli import main
@@ -25,13 +24,12 @@ from persona_steering.evaluate import Context, MethodSkipped, registry
 from persona_steering.evaluate.scoring import FIT, LOOP, PARTS, JudgeScores, score_answers, summarise
 from persona_steering.evaluate.search import Start, coordinate_search
 from persona_steering.evaluate.stats import bootstrap_interval, holm, ranks, sign_flip_test, spearman
-from persona_steering.extraction import run_vectors
 from persona_steering.judges import Judge, Query, Verdict
 from persona_steering.optimize import Scored
+from persona_steering.record import PersonaRecord
 from persona_steering.style import loops
 from persona_steering.traits import DefinitionError, load_persona
 
-HELDOUT = ["how are you today ?", "what should we eat for dinner ?", "tell me about your family"]
 ALL_METHODS = [
     "base",
     "prompt",
@@ -130,57 +128,6 @@ def test_spearman_against_a_reference_with_ties():
 
 
 # --- the stage on the tiny model ---------------------------------------------------------------------
-
-
-def build_project(root: Path, tiny_model_dir: Path) -> list[str]:
-    """Two traits with vectors, a persona, train and held-out prompts; returns config overrides."""
-    traits = root / "traits"
-    write_trait(
-        traits,
-        "T1",
-        "be formal and warm",
-        "be casual and cold",
-        ["how was your weekend ?", "what should i cook ?"],
-    )
-    write_trait(traits, "T2", "talk about me", "talk about you", ["hello !", "how was work today ?"])
-    persona = root / "personas" / "p1"
-    persona.mkdir(parents=True)
-    (persona / "persona_profile.txt").write_text("A warm friend who tells stories about the weekend.")
-    samples = [
-        "i love my weekend with family",
-        "i remember a trip once",
-        "the food was good",
-        "thanks friend",
-    ]
-    (persona / "persona_samples.json").write_text(json.dumps(samples))
-    prompts = root / "prompts.yaml"
-    train = ["how was your day ?", "what should i cook ?", "tell me about a trip"]
-    prompts.write_text(yaml.safe_dump({"train": train, "heldout": HELDOUT}))
-    overrides = [
-        f"model.name={tiny_model_dir}",
-        "model.accelerator=cpu",
-        "judge.backend=embedding",  # mechanics on a 4-sample persona; the offline judge has its own tests
-        "evaluate.judges=[embedding]",
-        f"cache_dir={root / 'cache'}",
-        f"vectors.trait_dir={traits}",
-        f"vectors.out_dir={root / 'vectors'}",
-        "vectors.traits=[T1, T2]",
-        "traits=[T1, T2]",
-        f"steering.trait_vector_dir={root / 'vectors'}",
-        "steering.layer=2",
-        "steering.alpha=2.0",
-        "generation.max_new_tokens=6",
-        f"optimize.persona_dir={root / 'personas'}",
-        f"optimize.prompts_file={prompts}",
-        "optimize.persona_id=p1",
-        "optimize.num_prompts=2",
-        f"optimize.save_dir={root / 'runs'}",
-        f"sweep.out_dir={root / 'sweep'}",
-        f"similarity.out_dir={root / 'similarity'}",
-        "evaluate.bootstrap=500",
-    ]
-    run_vectors(load_config(None, overrides), log=lambda *_: None)
-    return overrides
 
 
 @pytest.fixture(scope="module")
@@ -540,7 +487,7 @@ def fake_context(weights: list[float] | None, budget: int, **optimize) -> Contex
     )
     persona = types.SimpleNamespace(profile="A plain speaker. Says little.", short_prompt=None)
     rt = types.SimpleNamespace(hidden_size=4)
-    result = {"num_evaluations": budget, "best_score": 3.0}
+    result = PersonaRecord("p1", ["A", "B"], {"A": 0.0, "B": 0.0}, 20, 0.1, budget, best_score=3.0)
     return Context(cfg, rt, None, basis, persona, None, ["t0"], result)
 
 

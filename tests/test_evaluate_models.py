@@ -254,8 +254,3 @@ def test_rejected_key_stops_with_one_line_without_the_key(root, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "openai:chat at" in err[0] and "401" in err[0], err
     assert SECRET not in err[0] and not (root / "out").exists()
-
-
-def test_make_target_passes_args_to_the_cli():
-    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
-    assert "evaluate-models: $(STAMP)" in makefile and "$(CLI) evaluate-models $(ARGS)" in makefile

@@ -9,6 +9,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from tests_helpers import write_fake_vectors
 
 from persona_steering.basis import load_basis
 from persona_steering.cli import main
@@ -17,23 +18,9 @@ from persona_steering.export import block_index, read_control_vector, write_cont
 from persona_steering.layers import LayerError
 from persona_steering.runtime import identify
 from persona_steering.steering import steer
-from persona_steering.store import VectorFileError, save_vectors
+from persona_steering.store import VectorFileError
 
 TRAITS = ["T1", "T2"]
-
-
-def write_fake_vectors(
-    folder: Path, fingerprint: str, model_id: str, traits: list[str], seed: int = 3
-) -> None:
-    """Random vector files for the tiny model (3 layers, hidden 32), as ``run_vectors`` would lay them out."""
-    g = torch.Generator().manual_seed(seed)
-    meta = {"fingerprint": fingerprint, "model_id": model_id, "num_layers": 3, "hidden_size": 32}
-    for trait in traits:
-        tensors = {
-            "mean_diff.response_avg": torch.randn(4, 32, generator=g),  # [L+1, hidden]
-            "norm.response_avg": 5 + torch.rand(4, generator=g),  # [L+1]
-        }
-        save_vectors(folder / f"{trait}.safetensors", tensors, meta)
 
 
 @pytest.fixture()
@@ -58,6 +45,7 @@ def exported(tmp_path: Path, tiny_model_dir: Path) -> tuple[list[str], Path]:
         "alpha": 0.75,
         "best_weights": {"T1": 1.25, "T2": -0.5},
         "traits": TRAITS,
+        "num_evaluations": 16,
         "residual_scale": basis.scale,
         "vector_method": "mean_diff",
         "config": cfg.to_dict(),
@@ -146,18 +134,31 @@ def test_export_persona_and_steering_parity(exported: tuple[list[str], Path], ti
     assert torch.equal(vector, original)
 
     ids = tiny_rt.tokenizer(["hello how was your day ?"], return_tensors="pt")["input_ids"]
+    # What llama.cpp does with the file, done by hand: add direction.N to the output of block N at
+    # every position. It must equal our steering at the optimised layer with positions "all".
+    tensors = {t.name: np.array(t.data, dtype=np.float32).reshape(-1) for t in gguf.GGUFReader(path).tensors}
+    ((name, direction),) = tensors.items()
+    block = int(name.split(".")[1])
 
-    def logits(layer: int, delta: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), steer(tiny_rt.model, layer, delta[None], positions="all"):
-            return tiny_rt.model(input_ids=ids).logits
+    def add_direction(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        moved = hidden + torch.from_numpy(direction).to(hidden.dtype)
+        return (moved, *output[1:]) if isinstance(output, tuple) else moved
 
-    steered = logits(row, vector)
-    torch.testing.assert_close(steered, logits(basis.layer, original), rtol=0, atol=0)
+    handle = tiny_rt.model.model.layers[block].register_forward_hook(add_direction)
+    try:
+        with torch.no_grad():
+            by_hand = tiny_rt.model(input_ids=ids).logits
+    finally:
+        handle.remove()
+    with torch.no_grad(), steer(tiny_rt.model, basis.layer, original[None], positions="all"):
+        ours = tiny_rt.model(input_ids=ids).logits
+    torch.testing.assert_close(by_hand, ours, rtol=0, atol=0)
     with torch.no_grad():
-        assert not torch.allclose(steered, tiny_rt.model(input_ids=ids).logits)  # the vector does something
+        assert not torch.allclose(ours, tiny_rt.model(input_ids=ids).logits)  # the vector does something
 
     # Single traits: one file each, weight times the one-hot delta of the same basis.
-    assert main([*args, "--traits", "T2", "--weight", "2"]) == 0
+    assert main([*args, "--single-traits", "T2", "--weight", "2"]) == 0
     single = read_control_vector(out / "p1_T2.gguf")[2]
     torch.testing.assert_close(single, basis.deltas(torch.tensor([0.0, 2.0]), 0.75)[0], rtol=0, atol=0)
 
@@ -165,9 +166,9 @@ def test_export_persona_and_steering_parity(exported: tuple[list[str], Path], ti
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--layer", "1", "--traits", "T1"], "cannot be exported: llama.cpp refuses direction.0"),
+        (["--layer", "1", "--single-traits", "T1"], "cannot be exported: llama.cpp refuses direction.0"),
         (["--persona-id", "nobody"], "no optimisation result"),
-        (["--persona-id", "p1", "--traits", "T9"], "--traits names T9"),
+        (["--persona-id", "p1", "--single-traits", "T9"], "--single-traits names T9"),
         ([], "needs --persona-id"),
     ],
 )
@@ -178,4 +179,21 @@ def test_export_user_errors_one_line(exported, capsys, extra, message) -> None:
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_refuses_a_result_whose_vectors_changed(exported, capsys) -> None:
+    overrides, tmp_path = exported
+    path = tmp_path / "runs" / "p1_optimization.json"
+    result = json.loads(path.read_text())
+    path.write_text(json.dumps({**result, "residual_scale": result["residual_scale"] * 1.01}))
+    args = ["export-gguf", *sum((["--set", o] for o in overrides), []), "--out-dir", str(tmp_path / "x")]
+    assert main([*args, "--persona-id", "p1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1 and "trait vectors or the model changed since" in err[0] and "residual scale" in err[0]
+    )
+    path.write_text(json.dumps({k: v for k, v in result.items() if k != "num_evaluations"}))
+    assert main([*args, "--persona-id", "p1"]) == 2
+    assert "missing field 'num_evaluations'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

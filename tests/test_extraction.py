@@ -4,30 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from tests_helpers import write_trait
 
 from persona_steering.config import load_config
 from persona_steering.extraction import run_vectors
 from persona_steering.store import load_vectors
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def write_trait(folder: Path, name: str, pos: str, neg: str, questions: list[str]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    data = {
-        "name": name,
-        "title": name,
-        "description": "test trait",
-        "pos_label": "p",
-        "neg_label": "n",
-        "instruction": [{"pos": pos, "neg": neg}, {"pos": pos + " !", "neg": neg + " ."}],
-        "questions": {"extract": questions, "eval": questions[:1]},
-        "eval_prompt": "score {question} {answer} 0 to 100",
-    }
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 @pytest.fixture()
@@ -125,3 +108,34 @@ def test_shipped_traits_are_valid():
         assert len(t.instructions) >= 5
         assert len(t.extract_questions) == 20 and len(t.eval_questions) == 20
         assert not set(t.extract_questions) & set(t.eval_questions)
+
+
+def test_hub_model_fingerprint_is_the_same_before_and_after_its_first_download(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """Artefacts of a first run (which downloads) must match every later identify()."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    from persona_steering import runtime
+    from persona_steering.config import ModelConfig
+
+    hub = tmp_path / "hub"
+    snapshot = hub / "models--org--tiny" / "snapshots" / ("a" * 40)
+    shutil.copytree(tiny_model_dir, snapshot, ignore=shutil.ignore_patterns("cache"))
+    (hub / "models--org--tiny" / "refs").mkdir()
+    (hub / "models--org--tiny" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    real = runtime._hub_fingerprint
+    calls = []
+
+    def first_not_yet_downloaded(name, cfg):
+        calls.append(name)
+        return runtime.digest([name, cfg.revision, cfg.gguf_file]) if len(calls) == 1 else real(name, cfg)
+
+    monkeypatch.setattr(runtime, "_hub_fingerprint", first_not_yet_downloaded)
+    cfg = ModelConfig(name="org/tiny", accelerator="cpu")
+    rt = runtime.load_runtime(cfg, cache_dir=tmp_path / "cache")
+    assert rt.fingerprint == runtime.identify(cfg).fingerprint == real("org/tiny", cfg)
+    assert len(calls) >= 2

@@ -9,13 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-from test_extraction import write_trait
 
 from persona_steering.cache import Cache
 from persona_steering.cli import main
 from persona_steering.config import load_config
-from persona_steering.extraction import run_vectors
 from persona_steering.optimize import run_optimize
 
 SEED_000_FIELDS = {
@@ -28,58 +25,6 @@ SEED_000_FIELDS = {
     "num_evaluations",
     "optimization_history",
 }
-
-
-@pytest.fixture()
-def project(tmp_path, tiny_model_dir):
-    """A tiny project: two traits with vectors, a persona, prompts; returns CLI options."""
-    traits = tmp_path / "traits"
-    write_trait(
-        traits,
-        "T1",
-        "be formal and warm",
-        "be casual and cold",
-        ["how was your weekend ?", "what should i cook ?"],
-    )
-    write_trait(traits, "T2", "talk about me", "talk about you", ["hello !", "how was work today ?"])
-    persona = tmp_path / "personas" / "p1"
-    persona.mkdir(parents=True)
-    (persona / "persona_profile.txt").write_text("A warm friend who tells stories about the weekend.")
-    (persona / "persona_samples.json").write_text(
-        json.dumps(["i love my weekend with family", "i remember a trip once", "the food was good"])
-    )
-    prompts = tmp_path / "prompts.yaml"
-    prompts.write_text(
-        yaml.safe_dump(
-            {
-                "train": ["how was your day ?", "what should i cook ?", "tell me about a trip"],
-                "heldout": ["hello !"],
-            }
-        )
-    )
-    overrides = [
-        f"model.name={tiny_model_dir}",
-        "model.accelerator=cpu",
-        "judge.backend=embedding",  # mechanics on a 4-sample persona; the offline judge has its own tests
-        f"cache_dir={tmp_path / 'cache'}",
-        f"vectors.trait_dir={traits}",
-        f"vectors.out_dir={tmp_path / 'vectors'}",
-        "vectors.traits=[T1, T2]",
-        "traits=[T1, T2]",
-        f"steering.trait_vector_dir={tmp_path / 'vectors'}",
-        "steering.layer=2",
-        "steering.alpha=2.0",
-        "generation.max_new_tokens=6",
-        f"optimize.persona_dir={tmp_path / 'personas'}",
-        f"optimize.prompts_file={prompts}",
-        "optimize.persona_id=p1",
-        "optimize.num_prompts=2",
-        "optimize.max_iterations=4",
-        "optimize.population_size=4",
-        f"optimize.save_dir={tmp_path / 'runs'}",
-    ]
-    run_vectors(load_config(None, overrides), log=lambda *_: None)
-    return tmp_path, overrides
 
 
 def test_optimize_writes_seed_000_outputs_and_rerun_does_no_work(project, monkeypatch):
@@ -260,8 +205,10 @@ def test_layer_sweep_loads_once_and_reports_best_layer(project, monkeypatch):
     cfg = load_config(None, overrides + ["optimize.max_iterations=2", "optimize.layers=1,3"])
     summary = optimize.run_layers(cfg, cfg.optimize.layers, log=lambda *_: None)
     assert [r["layer"] for r in summary["layers"]] == [1, 3] and len(loads) == 1
-    assert summary["best_score"] == max(r["best_score"] for r in summary["layers"])
-    assert summary["best_layer"] in (1, 3)
+    best = max(summary["layers"], key=lambda r: r["best_score"])
+    assert summary["best_layer"] == best["layer"] and summary["best_score"] == best["best_score"]
+    # each layer's row is that layer's own result file, and the summary file holds the same rows
+    assert json.loads((tmp_path / "runs" / "p1_layers.json").read_text())["layers"] == summary["layers"]
     for r in summary["layers"]:
         assert json.loads(Path(r["result"]).read_text())["layer"] == r["layer"]
     assert (tmp_path / "runs" / "p1_layers.png").is_file()

@@ -8,17 +8,17 @@ import copy
 import json
 import shutil
 from html.parser import HTMLParser
-from pathlib import Path
 
 import pytest
 import torch
-from test_evaluate import build_project
+from tests_helpers import build_project
 
 from persona_steering.cli import main
-from persona_steering.config import load_config
+from persona_steering.config import ConfigError, load_config
 from persona_steering.evaluate.run import run_evaluate
 from persona_steering.html_report import render_report
 from persona_steering.optimize import run_optimize
+from persona_steering.record import PersonaRecord
 from persona_steering.report import fmt_interval
 
 SECTIONS = ["persona", "configuration", "convergence", "weights", "evaluation", "answers"]
@@ -121,13 +121,18 @@ def test_text_is_escaped_and_missing_files_leave_notes(finished):
     evaluation = json.loads((root / "runs" / "p1_evaluation.json").read_text())
     bad_eval = copy.deepcopy(evaluation)
     bad_eval["methods"]["proposed"]["answers"][0] = NASTY
-    text = render_report({**result, "persona_id": "<p1>"}, bad_eval, profile=NASTY)
+    text = render_report(PersonaRecord.from_dict(result), bad_eval, profile=NASTY)
     page = Page(text)
     assert page.balanced and "script" not in page.tags and "b" not in page.tags
     assert text.count("&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &lt;b&gt;bold&lt;/b&gt;") == 2
-    assert NASTY in page.cells and "Persona report: &lt;p1&gt;" in text
+    assert NASTY in page.cells
+    nasty_trait = {**result, "traits": ["<T1>"], "best_weights": {"<T1>": 1.0}}
+    assert "&lt;T1&gt;" in render_report(PersonaRecord.from_dict(nasty_trait), None)
+    with pytest.raises(ConfigError, match="not a usable persona id"):
+        PersonaRecord.from_dict({**result, "persona_id": "<p1>"})
 
-    bare = render_report({**result, "examples": [{"prompt": "hi", "baseline": "b0", "best": NASTY}]}, None)
+    examples = [{"prompt": "hi", "baseline": "b0", "best": NASTY}]
+    bare = render_report(PersonaRecord.from_dict({**result, "examples": examples}), None)
     page = Page(bare)
     assert page.balanced and page.sections == SECTIONS and len(page.images) == 1  # the weights, drawn here
     assert "No evaluation yet: run make evaluate PERSONA=p1" in bare
@@ -149,8 +154,3 @@ def test_report_bad_input_is_one_line_and_writes_nothing(finished, tmp_path, cap
     assert report_cli(overrides, "--out-dir", str(out), "--save-dir", str(runs)) == 2
     assert "p1_evaluation.json is not valid JSON" in capsys.readouterr().err
     assert not out.exists()
-
-
-def test_make_report_target_calls_the_cli():
-    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
-    assert "report: $(STAMP)" in makefile and "$(CLI) report --persona-id $(PERSONA)" in makefile

@@ -287,3 +287,38 @@ def test_repetition_penalty_below_one_is_refused():
 
     with pytest.raises(ConfigError, match="repetition_penalty must be >= 1"):
         GenerationConfig(repetition_penalty=0.9)
+
+
+NO_SYSTEM_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+)
+
+
+def test_template_without_system_role_gets_system_text_in_the_user_turn(tiny_rt):
+    from conftest import build_tokenizer
+
+    tok = build_tokenizer()
+    tok.chat_template = NO_SYSTEM_TEMPLATE
+    text = chat_text(tok, Request("how was your day ?", "answer formally"))
+    assert (
+        text == "<|im_start|> user answer formally\n\nhow was your day ? <|im_end|> <|im_start|> assistant "
+    )
+    assert (
+        chat_text(tok, Request("hello !")) == "<|im_start|> user hello ! <|im_end|> <|im_start|> assistant "
+    )
+    # a template that takes a system role still gets one
+    with_system = chat_text(tiny_rt.tokenizer, Request("hello !", "answer formally"))
+    assert with_system.startswith("<|im_start|> system answer formally <|im_end|>")
+    # and generate runs through it: a system prompt changes the prompt the model sees
+    tiny_rt.tokenizer.chat_template = NO_SYSTEM_TEMPLATE
+    try:
+        gen = GenerationConfig(max_new_tokens=3)
+        plain, instructed = generate(tiny_rt, [Request("hello !"), Request("hello !", "be warm")], gen)
+    finally:
+        tiny_rt.tokenizer.chat_template = build_tokenizer().chat_template
+    assert (
+        instructed.prompt.startswith("<|im_start|> user be warm\n\nhello !")
+        and plain.prompt != instructed.prompt
+    )

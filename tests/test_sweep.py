@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_evaluate import build_project
-from tests_helpers import private_copy
+from tests_helpers import build_project, private_copy
 
 from persona_steering.cache import Cache
 from persona_steering.cli import main

@@ -1,11 +1,19 @@
-"""Small helpers shared by tests (importable because pytest puts tests/ on sys.path)."""
+"""Helpers shared by tests (importable because pytest puts tests/ on sys.path); fixtures live in conftest.py."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import torch
+import yaml
+
+from persona_steering.config import load_config
+from persona_steering.extraction import run_vectors
+from persona_steering.store import save_vectors
+
+HELDOUT = ["how are you today ?", "what should we eat for dinner ?", "tell me about your family"]
 
 
 def perturbed_copy(src: Path, dst: Path) -> Path:
@@ -26,3 +34,85 @@ def private_copy(root: Path, overrides: list[str], dst: Path) -> tuple[Path, lis
     so tests sharing one module-scoped build cannot disturb each other."""
     shutil.copytree(root, dst)
     return dst, [o.replace(str(root), str(dst)) for o in overrides]
+
+
+def write_trait(folder: Path, name: str, pos: str, neg: str, questions: list[str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {
+        "name": name,
+        "title": name,
+        "description": "test trait",
+        "pos_label": "p",
+        "neg_label": "n",
+        "instruction": [{"pos": pos, "neg": neg}, {"pos": pos + " !", "neg": neg + " ."}],
+        "questions": {"extract": questions, "eval": questions[:1]},
+        "eval_prompt": "score {question} {answer} 0 to 100",
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def write_fake_vectors(
+    folder: Path, fingerprint: str, model_id: str, traits: list[str], seed: int = 3
+) -> None:
+    """Random vector files for the tiny model (3 layers, hidden 32), as ``run_vectors`` would lay them out."""
+    g = torch.Generator().manual_seed(seed)
+    meta = {"fingerprint": fingerprint, "model_id": model_id, "num_layers": 3, "hidden_size": 32}
+    for trait in traits:
+        tensors = {
+            "mean_diff.response_avg": torch.randn(4, 32, generator=g),  # [L+1, hidden]
+            "norm.response_avg": 5 + torch.rand(4, generator=g),  # [L+1]
+        }
+        save_vectors(folder / f"{trait}.safetensors", tensors, meta)
+
+
+def build_project(root: Path, tiny_model_dir: Path) -> list[str]:
+    """Two traits with vectors, a persona, train and held-out prompts; returns config overrides."""
+    traits = root / "traits"
+    write_trait(
+        traits,
+        "T1",
+        "be formal and warm",
+        "be casual and cold",
+        ["how was your weekend ?", "what should i cook ?"],
+    )
+    write_trait(traits, "T2", "talk about me", "talk about you", ["hello !", "how was work today ?"])
+    persona = root / "personas" / "p1"
+    persona.mkdir(parents=True)
+    (persona / "persona_profile.txt").write_text("A warm friend who tells stories about the weekend.")
+    samples = [
+        "i love my weekend with family",
+        "i remember a trip once",
+        "the food was good",
+        "thanks friend",
+    ]
+    (persona / "persona_samples.json").write_text(json.dumps(samples))
+    prompts = root / "prompts.yaml"
+    train = ["how was your day ?", "what should i cook ?", "tell me about a trip"]
+    prompts.write_text(yaml.safe_dump({"train": train, "heldout": HELDOUT}))
+    overrides = [
+        f"model.name={tiny_model_dir}",
+        "model.accelerator=cpu",
+        "judge.backend=embedding",  # mechanics on a 4-sample persona; the offline judge has its own tests
+        "evaluate.judges=[embedding]",
+        f"cache_dir={root / 'cache'}",
+        f"vectors.trait_dir={traits}",
+        f"vectors.out_dir={root / 'vectors'}",
+        "vectors.traits=[T1, T2]",
+        "traits=[T1, T2]",
+        f"steering.trait_vector_dir={root / 'vectors'}",
+        "steering.layer=2",
+        "steering.alpha=2.0",
+        "generation.max_new_tokens=6",
+        f"optimize.persona_dir={root / 'personas'}",
+        f"optimize.prompts_file={prompts}",
+        "optimize.persona_id=p1",
+        "optimize.num_prompts=2",
+        f"optimize.save_dir={root / 'runs'}",
+        f"sweep.out_dir={root / 'sweep'}",
+        f"similarity.out_dir={root / 'similarity'}",
+        "evaluate.bootstrap=500",
+    ]
+    run_vectors(load_config(None, overrides), log=lambda *_: None)
+    return overrides

@@ -25,6 +25,7 @@ from persona_steering.cache import Cache
 from persona_steering.config import Config
 from persona_steering.generation import Request
 from persona_steering.judges import Judge
+from persona_steering.record import PersonaRecord
 from persona_steering.runtime import Runtime
 from persona_steering.traits import Persona
 
@@ -67,7 +68,7 @@ class Context:
     persona: Persona
     judge: Judge  # the first configured judge: random_search and grid optimise what the optimiser did
     train_prompts: list[str]  # the optimiser's training prompts (first optimize.num_prompts)
-    result: dict[str, Any] | None  # <save_dir>/<persona>_optimization.json, None when absent
+    result: PersonaRecord | None  # the optimisation result, None when absent
     log: Callable[[str], None] = print
     memo: dict[str, Any] = field(default_factory=dict)  # shared work between methods (persona contrast)
 
@@ -79,8 +80,7 @@ class Context:
         """The CMA-ES best weights in basis order, [k]; None without an optimisation result."""
         if self.result is None:
             return None
-        best = self.result["best_weights"]
-        return torch.tensor([float(best[t]) for t in self.basis.traits])
+        return self.result.weights(self.basis.traits)
 
     def weight_deltas(self, weights: torch.Tensor, n: int) -> torch.Tensor:
         """The steering vector of trait weights [k], repeated for n rows: [n, hidden]."""

@@ -241,7 +241,7 @@ def _tokenizer_digest(folder: Path) -> str:
 
 
 def messages(request: Request) -> list[dict[str, str]]:
-    """The chat messages of a request, as ``generation.chat_text`` templates them."""
+    """The chat messages of a request for an endpoint (its server applies the template)."""
     system = [{"role": "system", "content": request.system}] if request.system else []
     return [*system, {"role": "user", "content": request.user}]
 

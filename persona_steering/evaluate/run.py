@@ -9,7 +9,6 @@ judge them with every configured judge, and write ``<save_dir>/<persona>_evaluat
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,11 +33,11 @@ from persona_steering.evaluate.scoring import (
 from persona_steering.generation import generate
 from persona_steering.judges import build_judge
 from persona_steering.optimize import _initial_weights
+from persona_steering.record import PersonaFiles, PersonaRecord
 from persona_steering.runtime import Runtime, identify, load_runtime
 from persona_steering.store import VectorFileError
 from persona_steering.traits import Persona, Trait, load_persona, load_prompts, load_traits
 
-RESULT_FIELDS = ("best_weights", "num_evaluations", "layer", "alpha", "traits")
 SEARCHES = ("random_search", "grid")
 """Methods that search with the first judge, starting where CMA-ES started."""
 
@@ -55,8 +54,8 @@ class Setup:
     traits: list[Trait]
     basis: TraitBasis
     judges: list[str]
-    result: dict[str, Any] | None
-    result_path: Path
+    result: PersonaRecord | None
+    files: PersonaFiles
     skipped: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -118,11 +117,11 @@ def prepare(cfg: Config) -> Setup:
         raise ConfigError("optimize.persona_id is required (--persona-id ID, or make evaluate PERSONA=ID)")
     persona = load_persona(cfg.optimize.persona_dir, persona_id)
     prompts = load_prompts(cfg.optimize.prompts_file, "heldout")[: cfg.evaluate.num_prompts or None]
-    result_path = Path(cfg.optimize.save_dir) / f"{persona_id}_optimization.json"
-    result = read_result(result_path)
+    files = PersonaFiles(Path(cfg.optimize.save_dir), persona_id)
+    result = PersonaRecord.load(files)
     notes: list[str] = []
     eff = effective_config(cfg, result, notes)
-    methods, skipped = select_methods(cfg.evaluate.methods, result is not None, result_path)
+    methods, skipped = select_methods(cfg.evaluate.methods, result is not None, files.result)
     traits = load_traits(eff.vectors.trait_dir, eff.traits)
     ident = identify(eff.model)
     s = eff.steering
@@ -135,53 +134,23 @@ def prepare(cfg: Config) -> Setup:
         s.summary,
         fingerprint=ident.fingerprint,
     )
-    if (
-        result is not None
-        and "residual_scale" in result
-        and abs(float(result["residual_scale"]) - basis.scale) > 1e-4 * basis.scale
-    ):
-        notes.append(
-            f"the trait vectors changed since the optimisation (residual scale {basis.scale:.4g}, "
-            f"was {result['residual_scale']:.4g})"
-        )
+    if result is not None:
+        result.check_basis(basis)
     judges = list(dict.fromkeys(cfg.evaluate.judges or default_judges(cfg.judge.backend)))
     searches = [m.name for m in methods if m.name in SEARCHES]
     if searches:
         _initial_weights(eff)  # a start that does not fit the traits fails here, before the model loads
-    if result is not None and searches and result.get("judge") not in (None, judges[0]):
+    if result is not None and searches and result.judge not in (None, judges[0]):
         notes.append(
-            f"{' and '.join(searches)} optimise with the {judges[0]} judge; "
-            f"the optimiser used {result['judge']}"
+            f"{' and '.join(searches)} optimise with the {judges[0]} judge; the optimiser used {result.judge}"
         )
     train = load_prompts(eff.optimize.prompts_file, "train")[: eff.optimize.num_prompts]
     for name, reason in skipped.items():
         notes.append(f"{name} skipped: {reason}")
-    return Setup(
-        eff, persona, prompts, train, methods, traits, basis, judges, result, result_path, skipped, notes
-    )
+    return Setup(eff, persona, prompts, train, methods, traits, basis, judges, result, files, skipped, notes)
 
 
-def read_result(path: Path) -> dict[str, Any] | None:
-    """The optimisation result, None when absent; ConfigError when it is not one."""
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ConfigError(f"{path} is not valid JSON ({exc}); rerun make optimize or delete it") from None
-    missing = [k for k in RESULT_FIELDS if not isinstance(data, dict) or k not in data]
-    if missing:
-        raise ConfigError(f"{path} is not an optimisation result: missing field {missing[0]!r}")
-    absent = [t for t in data["traits"] if t not in data["best_weights"]]
-    if absent:
-        raise ConfigError(f"{path}: best_weights has no weight for trait {absent[0]}")
-    numbers = [data["layer"], data["alpha"], data["num_evaluations"], *data["best_weights"].values()]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
-        raise ConfigError(f"{path}: layer, alpha, num_evaluations and best_weights must be numbers")
-    return data  # type: ignore[no-any-return]
-
-
-def effective_config(cfg: Config, result: dict[str, Any] | None, notes: list[str]) -> Config:
+def effective_config(cfg: Config, result: PersonaRecord | None, notes: list[str]) -> Config:
     """``cfg`` with steering, traits and search settings taken from the optimisation result.
 
     The proposed weights only mean something at the layer, strength, positions and vectors they
@@ -190,18 +159,15 @@ def effective_config(cfg: Config, result: dict[str, Any] | None, notes: list[str
     """
     if result is None:
         return cfg
-    saved = result.get("config") or {}
-    steer_saved = saved.get("steering", {})
+    saved = result.data.get("config") or {}
     opt_saved = saved.get("optimize", {})
     steering = replace(
         cfg.steering,
-        layer=int(result["layer"]),
-        alpha=float(result["alpha"]),
-        vector_method=str(
-            result.get("vector_method", steer_saved.get("vector_method", cfg.steering.vector_method))
-        ),
-        positions=str(steer_saved.get("positions", cfg.steering.positions)),
-        summary=str(steer_saved.get("summary", cfg.steering.summary)),
+        layer=result.layer,
+        alpha=result.alpha,
+        vector_method=result.vector_method or cfg.steering.vector_method,
+        positions=result.positions or cfg.steering.positions,
+        summary=result.summary or cfg.steering.summary,
     )
     for name in ("layer", "alpha", "vector_method", "positions", "summary"):
         if getattr(steering, name) != getattr(cfg.steering, name):
@@ -209,9 +175,9 @@ def effective_config(cfg: Config, result: dict[str, Any] | None, notes: list[str
                 f"steering.{name} = {getattr(steering, name)} from the optimisation result "
                 f"(config says {getattr(cfg.steering, name)})"
             )
-    if list(result["traits"]) != list(cfg.traits):
+    if list(result.traits) != list(cfg.traits):
         notes.append(
-            f"traits {', '.join(result['traits'])} from the optimisation result "
+            f"traits {', '.join(result.traits)} from the optimisation result "
             f"(config says {', '.join(cfg.traits)})"
         )
     optimize = replace(
@@ -223,7 +189,7 @@ def effective_config(cfg: Config, result: dict[str, Any] | None, notes: list[str
         coherence_penalty=float(opt_saved.get("coherence_penalty", cfg.optimize.coherence_penalty)),
     )
     judge = replace(cfg.judge, coherence=bool(saved.get("judge", {}).get("coherence", cfg.judge.coherence)))
-    return replace(cfg, steering=steering, optimize=optimize, judge=judge, traits=list(result["traits"]))
+    return replace(cfg, steering=steering, optimize=optimize, judge=judge, traits=list(result.traits))
 
 
 def select_methods(
@@ -322,7 +288,7 @@ def _summary(
         "prompts": setup.prompts,
         "judges": setup.judges,
         "optimised_judge": setup.judges[0],
-        "optimizer_judge": setup.result.get("judge") if setup.result is not None else None,
+        "optimizer_judge": setup.result.judge if setup.result is not None else None,
         "answers_per_prompt": 1 + ev.samples,
         "sampling": {
             "samples": ev.samples,
@@ -353,7 +319,7 @@ def _summary(
             "correction": "Holm over the methods tested on each metric against each reference (p_holm)",
             "agreement": "Spearman rank correlation of per-prompt persona fit",
         },
-        "optimization_file": str(setup.result_path) if setup.result is not None else None,
+        "optimization_file": str(setup.files.result) if setup.result is not None else None,
         "notes": setup.notes,
         "config": cfg.to_dict(),
         "config_digest": cfg.digest(),
@@ -362,12 +328,7 @@ def _summary(
 
 
 def _write(setup: Setup, summary: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
-    base = Path(setup.cfg.optimize.save_dir) / f"{setup.persona.id}_evaluation"
-    files = {
-        "json": base.with_suffix(".json"),
-        "md": base.with_suffix(".md"),
-        "png": base.with_suffix(".png"),
-    }
+    files = {ext: setup.files.evaluation(ext) for ext in ("json", "md", "png")}
     atomic_write_json(files["json"], summary)
     atomic_write_text(files["md"], render_markdown(summary))
     plot_evaluation(summary, files["png"])

@@ -36,7 +36,7 @@ def search_start(ctx: Context) -> Start:
     """The optimiser's start and budget, read from the effective config and the optimisation result."""
     assert ctx.result is not None, "the stage skips methods that need an optimisation result"
     opt = ctx.cfg.optimize
-    return Start(_initial_weights(ctx.cfg), opt.sigma0, opt.bound, int(ctx.result["num_evaluations"]))
+    return Start(_initial_weights(ctx.cfg), opt.sigma0, opt.bound, ctx.result.num_evaluations)
 
 
 def training_objective(ctx: Context) -> Objective:

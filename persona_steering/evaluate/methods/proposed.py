@@ -22,7 +22,7 @@ def _plan(ctx: Context, prompts: list[str], system: str | None) -> Plan:
     deltas = ctx.weight_deltas(weights, len(prompts))  # [prompts, hidden]
     info = {
         # From the file, not the float32 tensor: the report shows the weights exactly as found.
-        "weights": {t: float(ctx.result["best_weights"][t]) for t in ctx.basis.traits} if ctx.result else {},
+        "weights": {t: ctx.result.best_weights[t] for t in ctx.basis.traits} if ctx.result else {},
         "norm": float(deltas[0].norm()) if prompts else 0.0,
     }
     return Plan([Request(p, system=system) for p in prompts], deltas, info)

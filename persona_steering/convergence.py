@@ -1,0 +1,81 @@
+"""What an optimisation shows: convergence and per-layer plots, and the text tables ``optimize`` prints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def plot_convergence(result: dict[str, Any], path: Path) -> Path:
+    """Best-so-far, generation best and mean fit per iteration, and the weights' trajectories."""
+    from matplotlib.ticker import MaxNLocator
+
+    from persona_steering.report import save_figure, subplots
+
+    h = result["optimization_history"]
+    extra = result["history"]
+    fig, (ax1, ax2) = subplots(1, 2, figsize=(11, 4))
+    ax1.plot(h["iterations"], h["best_scores"], "o-", label="best so far")
+    ax1.plot(h["iterations"], extra["generation_best"], "s--", alpha=0.7, label="generation best")
+    ax1.plot(h["iterations"], extra["generation_mean"], "^:", alpha=0.7, label="generation mean")
+    ax1.axhline(result["baseline_score"], color="grey", lw=1, label="unsteered")
+    ax1.set(xlabel="iteration", ylabel="persona fit (1-5)", title=f"{result['persona_id']}: convergence")
+    ax1.legend(fontsize=8)
+    means = np.asarray(extra["mean_weights"])
+    for j, trait in enumerate(result["traits"]):
+        ax2.plot(h["iterations"], means[:, j], label=trait)
+    ax2.axhline(0, color="grey", lw=0.5)
+    ax2.set(xlabel="iteration", ylabel="weight (distribution mean)", title="trait weights")
+    ax2.legend(fontsize=8)
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return save_figure(fig, path)
+
+
+def plot_layers(summary: dict[str, Any], path: Path) -> Path:
+    from persona_steering.report import save_figure, subplots
+
+    rows = summary["layers"]
+    fig, ax = subplots(figsize=(6, 3.5))
+    ax.plot([r["layer"] for r in rows], [r["best_score"] for r in rows], "o-", label="best")
+    ax.plot([r["layer"] for r in rows], [r["mean_score"] for r in rows], "s--", label="search mean")
+    ax.axhline(rows[0]["baseline_score"], color="grey", lw=1, label="unsteered")
+    ax.set(xlabel="layer", ylabel="persona fit (1-5)", title=f"{summary['persona_id']}: fit by layer")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def render_result(result: dict[str, Any]) -> str:
+    """Two lines: the best weights and the persona fit of best, search mean and unsteered."""
+    weights = "  ".join(f"{k}={v:+.2f}" for k, v in result["best_weights"].items())
+    return (
+        f"best weights  {weights}\n"
+        f"persona fit   best {result['best_score']:.3f}   mean-of-search {result['mean_score']:.3f}   "
+        f"unsteered {result['baseline_score']:.3f}"
+    )
+
+
+def render_personas(results: dict[str, dict[str, Any]]) -> str:
+    """A Markdown table: one row per persona optimised in lockstep."""
+    lines = [
+        "| persona | best fit | search mean | unsteered | best weights |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    for pid, r in results.items():
+        weights = " ".join(f"{k}={v:+.2f}" for k, v in r["best_weights"].items())
+        scores = " | ".join(f"{r[k]:.3f}" for k in ("best_score", "mean_score", "baseline_score"))
+        lines.append(f"| {pid} | {scores} | {weights} |")
+    return "\n".join(lines)
+
+
+def render_layers(summary: dict[str, Any]) -> str:
+    """A Markdown table: one row per layer, then the best layer."""
+    lines = ["| layer | best fit | search mean | unsteered |", "| ---: | ---: | ---: | ---: |"]
+    for r in summary["layers"]:
+        scores = " | ".join(f"{r[k]:.3f}" for k in ("best_score", "mean_score", "baseline_score"))
+        lines.append(f"| {r['layer']} | {scores} |")
+    best = f"{summary['best_layer']} (fit {summary['best_score']:.3f})"
+    lines.append(f"best layer for {summary['persona_id']}: {best}")
+    return "\n".join(lines)

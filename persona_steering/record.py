@@ -1,0 +1,193 @@
+"""An optimised persona: its files, its typed record, and the checks every reader shares.
+
+``optimize`` writes the record (``save``); evaluate, export and the report start from ``load``.
+File names built from a persona id live here alone (the checkpoint's name stays with the
+checkpoint code in ``optimize``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from persona_steering.basis import TraitBasis
+from persona_steering.cache import atomic_write_json
+from persona_steering.config import ConfigError, check_persona_id
+from persona_steering.store import VectorFileError
+
+REQUIRED = ("persona_id", "best_weights", "num_evaluations", "layer", "alpha", "traits")
+BEST_WEIGHTS_KEYS = ("persona_id", "layer", "alpha", "best_weights", "best_score", "config_digest")
+SCALE_RTOL = 1e-5
+"""Relative difference of the residual scale above which the vectors count as changed."""
+
+
+@dataclass(frozen=True)
+class PersonaFiles:
+    """Where a persona's results live under a save folder; the id is checked once, here."""
+
+    save_dir: Path
+    persona_id: str
+
+    def __post_init__(self) -> None:
+        check_persona_id(self.persona_id)
+        object.__setattr__(self, "save_dir", Path(self.save_dir))
+
+    def _file(self, suffix: str) -> Path:
+        return self.save_dir / f"{self.persona_id}{suffix}"
+
+    @property
+    def result(self) -> Path:
+        return self._file("_optimization.json")
+
+    @property
+    def best_weights(self) -> Path:
+        return self._file("_best_weights.json")
+
+    @property
+    def convergence(self) -> Path:
+        return self._file("_convergence.png")
+
+    def evaluation(self, ext: str) -> Path:
+        """``<id>_evaluation.<ext>``: json, md or png."""
+        return self._file(f"_evaluation.{ext}")
+
+    def layers(self, ext: str) -> Path:
+        """``<id>_layers.<ext>``: the per-layer summary of ``optimize --layers``."""
+        return self._file(f"_layers.{ext}")
+
+    def page(self, out_dir: str | Path) -> Path:
+        """The HTML report's path in ``out_dir``."""
+        return Path(out_dir) / f"{self.persona_id}.html"
+
+
+@dataclass
+class PersonaRecord:
+    """The result of one optimisation: what was steered where, with which weights, and how it scored.
+
+    ``data`` is the whole JSON as written (history, examples, parts, the full config); the typed
+    fields are the ones readers act on, checked when loaded.
+    """
+
+    persona_id: str
+    traits: list[str]
+    best_weights: dict[str, float]
+    layer: int  # hidden_states row
+    alpha: float
+    num_evaluations: int
+    vector_method: str | None = None
+    positions: str | None = None
+    summary: str | None = None
+    residual_scale: float | None = None
+    fingerprint: str | None = None
+    judge: str | None = None
+    best_score: float | None = None
+    config_digest: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    source: Path | None = None  # the file it was read from
+
+    @classmethod
+    def from_dict(cls, data: Any, source: Path | None = None) -> PersonaRecord:
+        """A checked record; ConfigError naming ``source`` and the field when ``data`` is not one."""
+        where = str(source) if source is not None else "optimisation result"
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where} is not an optimisation result: not a JSON object")
+        missing = [k for k in REQUIRED if k not in data]
+        if missing:
+            raise ConfigError(
+                f"{where} is not an optimisation result: missing field {missing[0]!r} "
+                "(was it written by `persona-steering optimize`?)"
+            )
+        traits, best = data["traits"], data["best_weights"]
+        if not isinstance(traits, list) or not isinstance(best, dict):
+            raise ConfigError(f"{where}: traits must be a list and best_weights a mapping")
+        absent = [t for t in traits if t not in best]
+        if absent:
+            raise ConfigError(f"{where}: best_weights has no weight for trait {absent[0]}")
+        extra = [t for t in best if t not in traits]
+        if extra:
+            raise ConfigError(f"{where}: best_weights names {extra[0]}, which is not among traits {traits}")
+        numbers = [data["layer"], data["alpha"], data["num_evaluations"], *best.values()]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+            raise ConfigError(f"{where}: layer, alpha, num_evaluations and best_weights must be numbers")
+        steering = (data.get("config") or {}).get("steering") or {}
+        return cls(
+            persona_id=check_persona_id(str(data["persona_id"]), f"{where}: persona_id"),
+            traits=[str(t) for t in traits],
+            best_weights={str(k): float(v) for k, v in best.items()},
+            layer=int(data["layer"]),
+            alpha=float(data["alpha"]),
+            num_evaluations=int(data["num_evaluations"]),
+            vector_method=_str(data.get("vector_method", steering.get("vector_method"))),
+            positions=_str(steering.get("positions")),
+            summary=_str(steering.get("summary")),
+            residual_scale=_float(data.get("residual_scale")),
+            fingerprint=_str(data.get("fingerprint")),
+            judge=_str(data.get("judge")),
+            best_score=_float(data.get("best_score")),
+            config_digest=_str(data.get("config_digest")),
+            data=data,
+            source=source,
+        )
+
+    @classmethod
+    def load(cls, files: PersonaFiles) -> PersonaRecord | None:
+        """The persona's record, None when there is none; ConfigError when the file is not one."""
+        path = files.result
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as exc:
+            raise ConfigError(f"{path} is not valid JSON ({exc}); rerun make optimize or delete it") from None
+        record = cls.from_dict(data, path)
+        if record.persona_id != files.persona_id:
+            raise ConfigError(f"{path} holds persona {record.persona_id!r}, not {files.persona_id!r}")
+        return record
+
+    @classmethod
+    def require(cls, files: PersonaFiles) -> PersonaRecord:
+        """``load``, with a missing result as a user error that says what to run."""
+        record = cls.load(files)
+        if record is None:
+            raise ConfigError(
+                f"no optimisation result at {files.result}: run `make optimize PERSONA={files.persona_id}` "
+                "first (or pass --save-dir where it was written)"
+            )
+        return record
+
+    def save(self, files: PersonaFiles) -> Path:
+        """Write the result JSON and the short best-weights file; returns the result's path."""
+        atomic_write_json(files.best_weights, {k: self.data.get(k) for k in BEST_WEIGHTS_KEYS})
+        return atomic_write_json(files.result, self.data)
+
+    def weights(self, traits: list[str]) -> torch.Tensor:
+        """The best weights in the order of ``traits``: [k]."""
+        return torch.tensor([self.best_weights[t] for t in traits])
+
+    def check_basis(self, basis: TraitBasis) -> None:
+        """Refuse a basis whose vectors or model differ from those this record was optimised with."""
+        changed = []
+        if self.fingerprint is not None and basis.fingerprint != self.fingerprint:
+            changed.append(f"model fingerprint {basis.fingerprint[:12]}, was {self.fingerprint[:12]}")
+        if self.residual_scale is not None and not math.isclose(
+            basis.scale, self.residual_scale, rel_tol=SCALE_RTOL
+        ):
+            changed.append(f"residual scale {basis.scale:.6g}, was {self.residual_scale:.6g}")
+        if changed:
+            raise VectorFileError(
+                f"the trait vectors or the model changed since {self.source or 'the optimisation'} was "
+                f"written ({'; '.join(changed)}): re-run make optimize PERSONA={self.persona_id}"
+            )
+
+
+def _str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)

@@ -1,0 +1,49 @@
+"""The ``steer`` command: unsteered and steered answers for one weight setting, side by side."""
+
+from __future__ import annotations
+
+import torch
+
+from persona_steering.basis import configured_basis, parse_weights
+from persona_steering.cache import Cache
+from persona_steering.config import Config
+from persona_steering.generation import Request, generate
+from persona_steering.runtime import Runtime, identify, load_runtime
+from persona_steering.traits import load_prompts
+
+
+def steered_examples(
+    cfg: Config, weights: dict[str, float], prompts: list[str] | None = None, rt: Runtime | None = None
+) -> list[dict[str, str]]:
+    """Unsteered and steered answers for one weight setting (the ``steer`` command)."""
+    parse_weights(",".join(f"{k}={v}" for k, v in weights.items()), cfg.traits)  # unknown names
+    prompts = prompts or load_prompts(cfg.optimize.prompts_file, "train")[:3]
+    ident = identify(cfg.model)
+    basis = configured_basis(cfg.steering, cfg.traits, ident.slug, ident.fingerprint)
+    rt = rt or load_runtime(cfg.model, cfg.cache_dir, cfg.seed)
+    w = torch.tensor([[weights.get(t, 0.0) for t in cfg.traits]])
+    with Cache(cfg.cache_dir) as cache:
+        base = generate(rt, [Request(p) for p in prompts], cfg.generation, cache=cache, seed=cfg.seed)
+        deltas = basis.deltas(w, cfg.steering.alpha).repeat(len(prompts), 1)
+        steered = generate(
+            rt,
+            [Request(p) for p in prompts],
+            cfg.generation,
+            deltas=deltas,
+            layer=basis.layer,
+            positions=cfg.steering.positions,
+            cache=cache,
+            seed=cfg.seed,
+        )
+    return [
+        {"prompt": p, "baseline": b.text, "steered": s.text}
+        for p, b, s in zip(prompts, base, steered, strict=True)
+    ]
+
+
+def render_examples(examples: list[dict[str, str]]) -> str:
+    """Each prompt with its unsteered and steered answer, a blank line between prompts."""
+    return "\n".join(
+        f"user:      {ex['prompt']}\nunsteered: {ex['baseline']}\nsteered:   {ex['steered']}\n"
+        for ex in examples
+    )
