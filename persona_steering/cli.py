@@ -273,6 +273,19 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
             ("--bootstrap", "evaluate.bootstrap", int, "bootstrap resamples for the intervals"),
         ],
     ),
+    "serve": (
+        "serve the personas: OpenAI- and Ollama-compatible API and a chat page, one batched decode loop",
+        [
+            ("--host", "serve.host", str, "address to bind (default 127.0.0.1: this machine only)"),
+            ("--port", "serve.port", int, "TCP port"),
+            ("--api-key-env", "serve.api_key_env", str, "environment variable whose key clients must send"),
+            ("--max-queue", "serve.max_queue", int, "waiting requests before 429"),
+            ("--max-rows", "serve.max_rows", int, "rows decoded together"),
+            ("--max-tokens", "serve.max_tokens", int, "new tokens when a request names none"),
+            ("--save-dir", "serve.save_dir", str, "folder of optimised personas (default optimize.save_dir)"),
+            ("--trait-vector-dir", "steering.trait_vector_dir", str, "root of vector files"),
+        ],
+    ),
 }
 
 
@@ -542,6 +555,16 @@ def _run_evaluate_models(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_serve(cfg: Config, args: argparse.Namespace) -> int:
+    try:
+        from persona_steering.serve import run_serve
+    except ImportError as exc:
+        missing = f"{exc.name} is missing"
+        raise ConfigError(f"serve needs the serve extra ({missing}): pip install -e '.[serve]'") from None
+    run_serve(cfg)
+    return 0
+
+
 _STAGES: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "vectors": _run_vectors,
     "optimize": _run_optimize,
@@ -559,6 +582,7 @@ _STAGES: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "build-persona": _run_build_persona,
     "report": _run_report,
     "evaluate-models": _run_evaluate_models,
+    "serve": _run_serve,
 }
 
 

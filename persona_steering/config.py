@@ -323,6 +323,33 @@ class SimilarityConfig:
 
 
 @dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    """Address to bind; 127.0.0.1 keeps the server on this machine (0.0.0.0 opens it to the network)."""
+    port: int = 8000
+    """TCP port of the OpenAI- and Ollama-compatible API and the chat page."""
+    api_key_env: str = "PERSONA_STEERING_API_KEY"
+    """Environment variable holding the API key; when it is set, every API call needs
+    ``Authorization: Bearer <key>``. The key itself is never stored, printed or logged."""
+    max_queue: int = 64
+    """Requests waiting for a row; one more is refused with 429 and Retry-After."""
+    max_rows: int = 32
+    """Rows decoded together in the shared loop (each request's ``n`` answers are rows)."""
+    max_tokens: int = 256
+    """New tokens of an answer when the request names no max_tokens."""
+    save_dir: str | None = None
+    """Folder of optimised personas (``<id>_optimization.json``); None = optimize.save_dir."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"serve.port must be in 0..65535, got {self.port}")
+        if self.max_queue < 1 or self.max_rows < 1:
+            raise ConfigError("serve.max_queue and serve.max_rows must be >= 1")
+        if self.max_tokens < 1:
+            raise ConfigError(f"serve.max_tokens must be >= 1, got {self.max_tokens}")
+
+
+@dataclass
 class Config:
     seed: int = 0
     """Seed for sampling, CMA-ES and every random choice."""
@@ -337,6 +364,7 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     traits: list[str] = field(default_factory=lambda: list(DEFAULT_TRAITS))
     """Traits combined by steering and optimisation."""
 

@@ -58,6 +58,24 @@ def chat_text(tokenizer: Any, request: Request) -> str:
     return _templated(tokenizer, [user])
 
 
+def messages_text(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
+    """A whole conversation (system, user and assistant turns) in the chat template, ready for the
+    assistant's next turn; ``chat_text`` is the one-turn case. System turns go into the first user
+    turn where the template has no system role, as in ``chat_text``."""
+    msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+    if not getattr(tokenizer, "chat_template", None):
+        names = {"system": "", "user": "User: ", "assistant": "Assistant: "}
+        return "\n".join(f"{names.get(m['role'], '')}{m['content']}" for m in msgs) + "\nAssistant:"
+    try:
+        return _templated(tokenizer, msgs)
+    except TemplateError:
+        system = "\n\n".join(m["content"] for m in msgs if m["role"] == "system")
+        rest = [m for m in msgs if m["role"] != "system"]
+        if system and rest and rest[0]["role"] == "user":
+            rest[0] = {"role": "user", "content": f"{system}\n\n{rest[0]['content']}"}
+        return _templated(tokenizer, rest)
+
+
 def _templated(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 

@@ -1,0 +1,398 @@
+"""The persona server through the real openai SDK, on 127.0.0.1, with a tiny random model."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
+uvicorn = pytest.importorskip("uvicorn", reason="the serve extra is not installed: pip install -e '.[serve]'")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx2")  # the HTTP client the openai SDK brings
+
+from tests_helpers import write_fake_vectors  # noqa: E402
+
+from persona_steering.config import load_config  # noqa: E402
+from persona_steering.runtime import identify, load_runtime  # noqa: E402
+
+TRAITS = ["T1", "T2"]
+KEY = "test-key-123"
+PERSONAS = {
+    "grandpa": {"T1": 1.0, "T2": -0.5},
+    "pirate": {"T1": -1.0, "T2": 1.0},
+    "calm": {"T1": 0.3, "T2": 0.8},
+}
+
+
+def write_persona(save_dir: Path, persona_id: str, weights: dict[str, float], layer: int = 2) -> Path:
+    """A persona record as ``optimize`` writes it (the fields the server reads)."""
+    save_dir.mkdir(parents=True, exist_ok=True)
+    data = {
+        "persona_id": persona_id,
+        "traits": TRAITS,
+        "best_weights": weights,
+        "num_evaluations": 8,
+        "layer": layer,
+        "alpha": 2.0,
+        "judge": "embedding",
+        "best_score": 0.42,
+        "best_parts": {"style": 0.5, "relevance": 0.3},
+    }
+    path = save_dir / f"{persona_id}_optimization.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """uvicorn in a thread on a free port of 127.0.0.1."""
+
+    def __init__(self, cfg, rt, api_key: str | None) -> None:
+        from persona_steering.serve import build_app
+
+        self.app = build_app(cfg, rt, api_key)
+        self.port = free_port()
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def scheduler(self):
+        return self.app.state.scheduler
+
+
+def serve_config(root: Path, model_dir: Path, *extra: str):
+    return load_config(
+        None,
+        [
+            f"model.name={model_dir}",
+            "model.accelerator=cpu",
+            f"cache_dir={root / 'cache'}",
+            "traits=[T1, T2]",
+            f"steering.trait_vector_dir={root / 'vectors'}",
+            "steering.layer=2",
+            "steering.alpha=2.0",
+            f"optimize.save_dir={root / 'runs'}",
+            "serve.max_tokens=12",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_model_dir):
+    """A running server over the tiny model with three personas; yields (server, root, cfg)."""
+    import torch
+
+    torch.set_num_threads(1)  # tiny model: a second thread only spin-waits on this shared machine
+    root = tmp_path_factory.mktemp("serve")
+    cfg = serve_config(root, tiny_model_dir)
+    ident = identify(cfg.model)
+    write_fake_vectors(root / "vectors" / ident.slug, ident.fingerprint, ident.model_id, TRAITS)
+    for pid, weights in PERSONAS.items():
+        write_persona(root / "runs", pid, weights)
+    rt = load_runtime(cfg.model, cfg.cache_dir)
+    with Server(cfg, rt, KEY) as server:
+        yield server, root, cfg
+
+
+@pytest.fixture()
+def client(served):
+    server, _, _ = served
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def ask(client, model: str, text: str = "how was your weekend ?", **kw) -> str:
+    out = client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}], **kw)
+    return out.choices[0].message.content
+
+
+def test_models_lists_base_and_personas_with_metadata(client):
+    models = {m.id: m for m in client.models.list().data}
+    assert {"base", *PERSONAS} <= set(models)
+    meta = models["grandpa"].model_extra["metadata"]
+    assert meta["weights"] == PERSONAS["grandpa"]
+    assert meta["layer"] == 2 and meta["alpha"] == 2.0 and meta["best_score"] == 0.42
+    assert meta["scores"] == {"style": 0.5, "relevance": 0.3}
+
+
+def test_completion_with_usage_system_and_multi_turn(client):
+    messages = [
+        {"role": "system", "content": "be warm"},
+        {"role": "user", "content": "hello !"},
+        {"role": "assistant", "content": "hi friend"},
+        {"role": "user", "content": "how was your day ?"},
+    ]
+    out = client.chat.completions.create(model="grandpa", messages=messages, max_tokens=5)
+    assert out.object == "chat.completion" and out.model == "grandpa"
+    choice = out.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert out.usage.prompt_tokens > 10
+    assert 1 <= out.usage.completion_tokens <= 5
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+
+
+def test_steering_changes_the_answer_and_adhoc_weights_equal_the_persona(client):
+    base, grandpa = ask(client, "base"), ask(client, "grandpa")
+    assert base != grandpa
+    adhoc = ask(
+        client, "base", extra_body={"steering": {"weights": PERSONAS["grandpa"], "alpha": 2.0, "layer": 2}}
+    )
+    assert adhoc == grandpa
+
+
+def test_streaming_chunks_add_up_to_the_whole_answer(client):
+    whole = ask(client, "pirate", max_tokens=10)
+    stream = client.chat.completions.create(
+        model="pirate",
+        messages=[{"role": "user", "content": "how was your weekend ?"}],
+        max_tokens=10,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes in (["stop"], ["length"])
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+
+
+def test_stream_ends_with_done(served):
+    server, _, _ = served
+    body = {
+        "model": "base",
+        "messages": [{"role": "user", "content": "hello !"}],
+        "stream": True,
+        "max_tokens": 3,
+    }
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    events = [line for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+
+
+def test_sampling_n_seed_and_stop(client):
+    kw = {"temperature": 1.5, "top_p": 0.9, "seed": 7, "n": 3, "max_tokens": 8}
+    first = client.chat.completions.create(model="calm", messages=[{"role": "user", "content": "hi"}], **kw)
+    again = client.chat.completions.create(model="calm", messages=[{"role": "user", "content": "hi"}], **kw)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
+    whole = ask(client, "base", max_tokens=12)
+    words = whole.split()
+    if len(words) >= 3:
+        cut = ask(client, "base", max_tokens=12, stop=[words[2]])
+        assert words[2] not in cut and whole.startswith(cut)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"model": "nobody", "messages": [{"role": "user", "content": "hi"}]}, 404, "model_not_found"),
+        ({"model": "base", "messages": []}, 400, "invalid_messages"),
+        ({"model": "base", "messages": [{"role": "robot", "content": "hi"}]}, 400, "invalid_messages"),
+        (
+            {"model": "base", "messages": [{"role": "user", "content": "hi"}], "temperature": -1},
+            400,
+            "invalid_temperature",
+        ),
+        (
+            {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
+            400,
+            "invalid_max_tokens",
+        ),
+        (
+            {"model": "base", "messages": [{"role": "user", "content": "hi " * 600}]},
+            400,
+            "context_length_exceeded",
+        ),
+        (
+            {
+                "model": "base",
+                "messages": [{"role": "user", "content": "hi"}],
+                "steering": {"weights": {"R9": 1}},
+            },
+            400,
+            "invalid_steering",
+        ),
+    ],
+)
+def test_errors_have_openai_shape(served, body, status, code):
+    server, _, _ = served
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code and err["message"] and err["type"]
+
+
+def test_sdk_raises_on_unknown_persona_and_wrong_key(served, client):
+    server, _, _ = served
+    with pytest.raises(openai.NotFoundError, match="nobody"):
+        ask(client, "nobody")
+    wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=b"{not json")
+    assert r.status_code == 401  # the key is checked first
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"}
+    )
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
+def test_full_queue_answers_429_with_retry_after(served):
+    from persona_steering.scheduler import QueueFull
+
+    server, _, _ = served
+    scheduler = server.scheduler
+    original = scheduler.submit
+
+    def full(job):
+        raise QueueFull("64 requests are waiting (serve.max_queue)")
+
+    scheduler.submit = full
+    try:
+        body = {"model": "base", "messages": [{"role": "user", "content": "hi"}]}
+        r = httpx.post(
+            f"{server.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+        )
+    finally:
+        scheduler.submit = original
+    assert r.status_code == 429 and r.headers["Retry-After"] == "1"
+    assert r.json()["error"]["code"] == "queue_full"
+
+
+def test_ollama_chat_and_tags(served):
+    server, _, _ = served
+    auth = {"Authorization": f"Bearer {KEY}"}
+    tags = httpx.get(f"{server.url}/api/tags", headers=auth).json()
+    assert {"base", *PERSONAS} <= {m["name"] for m in tags["models"]}
+    body = {
+        "model": "grandpa:latest",
+        "messages": [{"role": "user", "content": "how was your weekend ?"}],
+        "stream": False,
+        "options": {"num_predict": 12},
+    }
+    whole = httpx.post(f"{server.url}/api/chat", json=body, headers=auth).json()
+    assert whole["done"] is True and whole["message"]["role"] == "assistant"
+    body["stream"] = True
+    lines = [
+        json.loads(x) for x in httpx.post(f"{server.url}/api/chat", json=body, headers=auth).text.splitlines()
+    ]
+    assert lines[-1]["done"] is True and lines[-1]["eval_count"] >= 1
+    assert "".join(x["message"]["content"] for x in lines) == whole["message"]["content"]
+
+
+def test_disconnect_mid_stream_frees_the_row(served, monkeypatch):
+    server, _, _ = served
+    scheduler = server.scheduler
+    step = scheduler._step
+
+    def slow_step():  # the tiny model would finish 480 tokens before the client reads 4 lines
+        time.sleep(0.02)
+        step()
+
+    monkeypatch.setattr(scheduler, "_step", slow_step)
+    before = scheduler.cancelled
+    body = {
+        "model": "pirate",
+        "messages": [{"role": "user", "content": "tell me a story"}],
+        "stream": True,
+        "max_tokens": 480,
+    }
+    with httpx.stream(
+        "POST", f"{server.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+    ) as r:
+        lines = r.iter_lines()
+        for _ in range(4):
+            next(lines)
+        assert scheduler.load["rows"] == 1
+    deadline = time.time() + 5
+    while scheduler.load["rows"] and time.time() < deadline:
+        time.sleep(0.01)
+    assert scheduler.load["rows"] == 0
+    assert scheduler.cancelled == before + 1
+
+
+def test_concurrent_requests_equal_their_answers_alone(served, client, monkeypatch):
+    """16 requests, different personas and prompts, decoded together: each equals its answer alone."""
+    scheduler = served[0].scheduler
+    step = scheduler._step
+
+    def slow_step():  # so that all 16 are in flight together, not one after another
+        time.sleep(0.005)
+        step()
+
+    monkeypatch.setattr(scheduler, "_step", slow_step)
+    prompts = [
+        "how was your weekend ?",
+        "what should i cook ?",
+        "hello !",
+        "tell me about a trip",
+        "how was work today ?",
+        "what do you remember ?",
+        "i feel sad today",
+        "do you like music ?",
+    ]
+    models = ["base", *PERSONAS]
+    jobs = [(models[i % len(models)], prompts[i % len(prompts)], 6 + i % 7) for i in range(16)]
+    alone = [ask(client, m, p, max_tokens=k) for m, p, k in jobs]
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda j: ask(client, j[0], j[1], max_tokens=j[2]), jobs))
+    assert together == alone
+    assert scheduler.peak >= 12  # they did share the batch
+    assert len(set(alone)) > 4  # the personas really answer differently
+
+
+def test_a_persona_saved_while_serving_appears(served, client):
+    _, root, _ = served
+    assert "late" not in {m.id for m in client.models.list().data}
+    write_persona(root / "runs", "late", {"T1": 0.5, "T2": 0.5})
+    assert "late" in {m.id for m in client.models.list().data}
+    assert isinstance(ask(client, "late", max_tokens=3), str)
+
+
+def test_a_restart_loses_nothing(served, tiny_model_dir):
+    """A second server over the same folders lists the same personas and answers the same."""
+    server, root, cfg = served
+    first = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+    before = (sorted(m.id for m in first.models.list().data), ask(first, "grandpa"))
+    rt = load_runtime(cfg.model, cfg.cache_dir)
+    with Server(cfg, rt, None) as again:
+        second = openai.OpenAI(base_url=f"{again.url}/v1", api_key="unused", max_retries=0)
+        after = (sorted(m.id for m in second.models.list().data), ask(second, "grandpa"))
+    assert after == before
+
+
+def test_page_is_self_contained(served):
+    server, _, _ = served
+    html = httpx.get(server.url).text
+    assert "<script" in html and "http://" not in html and "https://" not in html
