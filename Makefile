@@ -68,6 +68,10 @@ similarity: $(STAMP)  ## cosine between trait vectors, extraction methods and la
 judge-check: $(STAMP)  ## vet a judge on the hand-written calibration answers (ARGS="--judge openai")
 	$(CLI) judge-check $(MODEL_ARG) $(ARGS)
 
+.PHONY: serve
+serve: $(STAMP)  ## OpenAI/Ollama-compatible server of the optimised personas + chat page on 127.0.0.1:8000
+	$(CLI) serve $(MODEL_ARG) $(ARGS)
+
 .PHONY: report
 report: $(STAMP)  ## self-contained HTML page for PERSONA=<id> in runs/report/ (after make optimize)
 	$(CLI) report --persona-id $(PERSONA) $(MODEL_ARG) $(ARGS)
