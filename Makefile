@@ -47,9 +47,13 @@ steer: $(STAMP)  ## vectors, then unsteered vs steered answers: make steer ARGS=
 	$(VECTORS)
 	$(CLI) steer $(MODEL_ARG) $(ARGS)
 
-.PHONY: bench export-gguf
-bench: $(STAMP)  ## time loop vs batched vs per-row generation, extraction, judge fan-out (ARGS="--quick")
+.PHONY: bench bench-serve export-gguf
+bench: $(STAMP)  ## time loop vs batched vs per-row generation, extraction, judge fan-out (ARGS="--quick"); then the server
 	$(CLI) bench $(MODEL_ARG) $(ARGS)
+	$(CLI) bench-serve $(MODEL_ARG)
+
+bench-serve: $(STAMP)  ## time the persona server: 32 SDK requests at once vs one at a time, first token, vs offline
+	$(CLI) bench-serve $(MODEL_ARG) $(ARGS)
 
 export-gguf: $(STAMP)  ## llama.cpp control vector of PERSONA=<id> into runs/export/ (after make optimize)
 	$(CLI) export-gguf --persona-id $(PERSONA) $(MODEL_ARG) $(ARGS)

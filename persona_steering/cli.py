@@ -273,6 +273,16 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
             ("--bootstrap", "evaluate.bootstrap", int, "bootstrap resamples for the intervals"),
         ],
     ),
+    "bench-serve": (
+        "time the persona server: concurrent vs one-at-a-time requests, time to first token, vs offline",
+        [
+            ("--requests", "_requests", int, "requests in the throughput measurement (default 32)"),
+            ("--personas", "_personas", int, "scratch personas they are spread over (default 4)"),
+            ("--background", "_background", int, "requests decoding during the first-token probe (16)"),
+            ("--probes", "_probes", int, "first-token measurements, median reported (default 3)"),
+            ("--out-dir", "_out_dir", str, "output folder (default runs/bench)"),
+        ],
+    ),
     "serve": (
         "serve the personas: OpenAI- and Ollama-compatible API and a chat page, one batched decode loop",
         [
@@ -555,6 +565,23 @@ def _run_evaluate_models(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bench_serve(cfg: Config, args: argparse.Namespace) -> int:
+    from persona_steering.serve_bench import ServeBenchSettings, run_serve_bench
+
+    settings = ServeBenchSettings(
+        **_given(
+            requests=args._requests,
+            personas=args._personas,
+            max_tokens=vars(args)["generation.max_new_tokens"],
+            background=args._background,
+            probes=args._probes,
+            out_dir=args._out_dir,
+        )
+    )
+    run_serve_bench(cfg, settings)
+    return 0
+
+
 def _run_serve(cfg: Config, args: argparse.Namespace) -> int:
     try:
         from persona_steering.serve import run_serve
@@ -583,6 +610,7 @@ _STAGES: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "report": _run_report,
     "evaluate-models": _run_evaluate_models,
     "serve": _run_serve,
+    "bench-serve": _run_bench_serve,
 }
 
 

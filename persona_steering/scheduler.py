@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from persona_steering.generation import eos_ids, kv_cache, last_logits_only, penalise_repeats
+from persona_steering.generation import eos_ids, kv_cache, last_logits_only, penalise_repeats, shared_prefix
 from persona_steering.runtime import Runtime
 from persona_steering.steering import steer
 
@@ -161,8 +161,8 @@ class Scheduler:
                     if self._stopping:
                         return
                     joining = self._admit()
-                for job in joining:
-                    self._guarded(lambda job=job: self._prefill(job), [job], reset=False)
+                if joining:
+                    self._guarded(lambda: self._prefill(joining), joining, reset=False)
                 if self.rows:
                     self._guarded(
                         self._step, list({id(r.job): r.job for r in self.rows}.values()), reset=True
@@ -198,33 +198,52 @@ class Scheduler:
             free -= job.n
         return joining
 
-    def _prefill(self, job: Job) -> None:
-        """Run the prompt alone, pick each row's first token, and join the rows to the batch."""
-        if job.cancelled.is_set():
-            return
+    def _prefill(self, jobs: list[Job]) -> None:
+        """Prefill the joining jobs together, pick each row's first token, join the rows to the batch.
+
+        Rows steered on response positions only (and unsteered rows) take ``generate``'s path: the
+        prompt but its last token runs unsteered once per distinct prompt, then the last token runs
+        per row, steered; rows that steer the prompt run their whole prompt steered.
+        """
+        jobs = [j for j in jobs if not j.cancelled.is_set()]
+        shared = [j for j in jobs if j.steering.delta is None or j.steering.positions == "response"]
+        for group in (shared, [j for j in jobs if j not in shared]):
+            if group:
+                self._prefill_group(group, share_prefix=group is shared)
+
+    def _prefill_group(self, jobs: list[Job], share_prefix: bool) -> None:
         model, device = self.rt.model, self.rt.device
-        ids = torch.tensor([job.prompt_ids], device=device)  # [1, prompt_len]
-        mask = torch.ones_like(ids)
-        s = job.steering
-        ctx: Any = contextlib.nullcontext()
-        if s.delta is not None and s.layer is not None:
-            ctx = steer(model, s.layer, s.delta[None], s.positions, attention_mask=mask)
-        with ctx, self.rt.autocast():
+        rows = [
+            _Row(j, i, _generator(j.sampling, i), position=len(j.prompt_ids))
+            for j in jobs
+            for i in range(j.n)
+        ]
+        width = max(len(r.job.prompt_ids) for r in rows)
+        pad = int(self.rt.tokenizer.pad_token_id or 0)
+        ids = torch.tensor([[pad] * (width - r.position) + r.job.prompt_ids for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - r.position) + [1] * r.position for r in rows], device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [rows, width]
+        past: dict[str, Any] = {}
+        if share_prefix and width > 1:
+            with self.rt.autocast():
+                past = shared_prefix(self.rt, ids[:, :-1], mask[:, :-1], positions[:, :-1], self._extra)
+            ids, positions = ids[:, -1:], positions[:, -1:]
+        with contextlib.ExitStack() as stack, self.rt.autocast():
+            for (layer, where), deltas in _deltas(rows, lambda s: s.positions).items():
+                stack.enter_context(steer(model, layer, deltas, where, attention_mask=mask))
             out = model(
                 input_ids=ids,
                 attention_mask=mask,
-                position_ids=torch.arange(ids.shape[1], device=device)[None],
+                position_ids=positions,
                 use_cache=True,
                 **self._extra,
+                **past,
             )
-        rows = [_Row(job, i, _generator(job.sampling, i), position=ids.shape[1]) for i in range(job.n)]
-        logits = out.logits[:, -1, :].float().expand(job.n, -1)  # [n, vocab]
-        cache = next(iter(kv_cache(model, out).values()))
+        found = kv_cache(model, out)
+        self._keyword = next(iter(found))  # the forward's name for a cache to continue
+        cache = found[self._keyword]
         _check_layout(cache)
-        if job.n > 1:
-            cache.batch_repeat_interleave(job.n)
-        self._keyword = next(iter(kv_cache(model, out)))  # the forward's name for a cache to continue
-        self._join(rows, self._advance(rows, logits), cache, mask)
+        self._join(rows, self._advance(rows, out.logits[:, -1, :].float()), cache, mask)
 
     def _step(self) -> None:
         """One decode step for every row in the batch."""
@@ -239,7 +258,10 @@ class Scheduler:
         tokens = torch.tensor(self._next, device=device)[:, None]  # [rows, 1]
         positions = torch.tensor([r.position for r in self.rows], device=device)[:, None]  # [rows, 1]
         with contextlib.ExitStack() as stack, self.rt.autocast():
-            for layer, deltas in self._decode_deltas().items():
+            # one token per row: steered unless the row steers its prompt only
+            for (layer, _), deltas in _deltas(
+                self.rows, lambda s: None if s.positions == "prompt" else "response"
+            ).items():
                 stack.enter_context(steer(model, layer, deltas, "response"))
             out = model(
                 input_ids=tokens,
@@ -255,19 +277,6 @@ class Scheduler:
         nxt = self._advance(self.rows, out.logits[:, -1, :].float())
         self._next = [0 if t is None else t for t in nxt]
         self._drop([r for r, t in zip(self.rows, nxt, strict=True) if t is None])
-
-    def _decode_deltas(self) -> dict[int, torch.Tensor]:
-        """{layer: [rows, hidden]}: each row's vector at its layer, zero elsewhere; prompt-only
-        steering adds nothing while decoding."""
-        out: dict[int, torch.Tensor] = {}
-        for b, r in enumerate(self.rows):
-            s = r.job.steering
-            if s.delta is None or s.layer is None or s.positions == "prompt":
-                continue
-            if s.layer not in out:
-                out[s.layer] = torch.zeros(len(self.rows), s.delta.shape[-1])
-            out[s.layer][b] = s.delta
-        return out
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> list[int | None]:
         """Pick each row's next token from ``logits`` [rows, vocab] and emit its text; returns the
@@ -312,13 +321,13 @@ class Scheduler:
 
     def _join(self, rows: list[_Row], first: list[int | None], cache: Any, mask: torch.Tensor) -> None:
         """Add the prefilled ``rows`` that go on (``first`` token not None) to the batch; ``cache``
-        holds one row per entry of ``rows``, ``mask`` [1, prompt_len]."""
+        and ``mask`` [rows, prompt_len] hold one row per entry of ``rows``."""
         index = [i for i, t in enumerate(first) if t is not None]
         if not index:
             return
         if len(index) < len(rows):
             cache.batch_select_indices(torch.tensor(index, device=mask.device))
-        mask = mask.expand(len(index), -1)
+        mask = mask[torch.tensor(index, device=mask.device)]
         if self._cache is None or self._mask is None:
             self._cache, self._mask = cache, mask
         else:
@@ -350,6 +359,22 @@ class Scheduler:
             layer.values = layer.values[keep, :, start:]
         self.rows = [self.rows[b] for b in index]
         self._next = [self._next[b] for b in index]
+
+
+def _deltas(rows: list[_Row], where: Any) -> dict[tuple[int, str], torch.Tensor]:
+    """{(layer, positions): [rows, hidden]}: each row's vector in its group, zero in the others.
+    ``where(steering)`` gives the positions a row steers now (None: nothing)."""
+    out: dict[tuple[int, str], torch.Tensor] = {}
+    for b, r in enumerate(rows):
+        s = r.job.steering
+        positions = where(s)
+        if s.delta is None or s.layer is None or positions is None:
+            continue
+        key = (s.layer, positions)
+        if key not in out:
+            out[key] = torch.zeros(len(rows), s.delta.shape[-1])
+        out[key][b] = s.delta
+    return out
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:

@@ -12,10 +12,12 @@ import hmac
 import json
 import logging
 import os
+import socket
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -64,6 +66,30 @@ def run_serve(cfg: Config) -> None:
     auth = f"; Bearer key from ${cfg.serve.api_key_env}" if os.environ.get(cfg.serve.api_key_env) else ""
     print(f"serving {rt.model_id} at http://{cfg.serve.host}:{cfg.serve.port}/ (OpenAI API at /v1{auth})")
     uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="warning")
+
+
+@contextmanager
+def serving(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Run ``app`` under uvicorn in a thread for the block (port 0: a free one); yields its URL."""
+    import uvicorn
+
+    if port == 0:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="persona-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def build_app(cfg: Config, rt: Runtime, api_key: str | None = None) -> FastAPI:

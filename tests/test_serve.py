@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import threading
@@ -321,6 +322,7 @@ def test_disconnect_mid_stream_frees_the_row(served, monkeypatch):
         step()
 
     monkeypatch.setattr(scheduler, "_step", slow_step)
+    monkeypatch.setattr(scheduler, "eos", set())  # no end of turn: the answer would run to max_tokens
     before = scheduler.cancelled
     body = {
         "model": "pirate",
@@ -363,13 +365,37 @@ def test_concurrent_requests_equal_their_answers_alone(served, client, monkeypat
         "do you like music ?",
     ]
     models = ["base", *PERSONAS]
-    jobs = [(models[i % len(models)], prompts[i % len(prompts)], 6 + i % 7) for i in range(16)]
-    alone = [ask(client, m, p, max_tokens=k) for m, p, k in jobs]
+    other_layers = [  # ad-hoc rows at other layers and positions share the batch too
+        {"steering": {"weights": {"T1": 1.0}, "layer": 1, "positions": "all"}},
+        {"steering": {"weights": {"T2": -1.0}, "layer": 3, "positions": "prompt"}},
+        None,
+        None,
+    ]
+    jobs = [(models[i % 4], prompts[i % 8], 6 + i % 7, other_layers[(i // 4) % 4]) for i in range(16)]
+
+    def run(job):
+        model, prompt, tokens, extra = job
+        return ask(client, model, prompt, max_tokens=tokens, extra_body=extra)
+
+    alone = [run(j) for j in jobs]
     with ThreadPoolExecutor(16) as pool:
-        together = list(pool.map(lambda j: ask(client, j[0], j[1], max_tokens=j[2]), jobs))
+        together = list(pool.map(run, jobs))
     assert together == alone
     assert scheduler.peak >= 12  # they did share the batch
     assert len(set(alone)) > 4  # the personas really answer differently
+
+
+def test_server_answer_equals_the_offline_generate_path(served, client):
+    from persona_steering.generation import Request, generate
+
+    server, _, cfg = served
+    rt = server.scheduler.rt
+    persona = server.app.state.catalog.get("grandpa")
+    gen = dataclasses.replace(cfg.generation, max_new_tokens=12)
+    offline = generate(
+        rt, [Request("how was your weekend ?")], gen, deltas=persona.steering.delta[None], layer=2
+    )
+    assert ask(client, "grandpa", max_tokens=12).strip() == offline[0].text
 
 
 def test_a_persona_saved_while_serving_appears(served, client):
