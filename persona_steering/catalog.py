@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from persona_steering.basis import TraitBasis, load_basis
-from persona_steering.config import Config, ConfigError
+from persona_steering.config import PERSONA_ID, Config, ConfigError
 from persona_steering.record import PersonaFiles, PersonaRecord
 from persona_steering.scheduler import Steering
 from persona_steering.store import VectorFileError
@@ -64,6 +64,10 @@ class Catalog:
         """The persona of that id; UnknownPersona with what to do when there is none."""
         if persona_id == BASE:
             return self.personas()[0]
+        if not PERSONA_ID.fullmatch(persona_id):  # never a path
+            raise UnknownPersona(
+                f"{persona_id!r} is not a persona id (models: {', '.join(p.id for p in self.personas())})"
+            )
         path = self.save_dir / f"{persona_id}{RESULT_SUFFIX}"
         entry = self._read(path) if path.is_file() else None
         if isinstance(entry, Persona):

@@ -280,6 +280,8 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
             ("--personas", "_personas", int, "scratch personas they are spread over (default 4)"),
             ("--background", "_background", int, "requests decoding during the first-token probe (16)"),
             ("--probes", "_probes", int, "first-token measurements, median reported (default 3)"),
+            ("--repeats", "_repeats", int, "runs of the concurrent and offline measurements (default 3)"),
+            ("--threads", "_threads", int, "torch CPU threads during the run (default: one per core)"),
             ("--out-dir", "_out_dir", str, "output folder (default runs/bench)"),
         ],
     ),
@@ -575,7 +577,9 @@ def _run_bench_serve(cfg: Config, args: argparse.Namespace) -> int:
             max_tokens=vars(args)["generation.max_new_tokens"],
             background=args._background,
             probes=args._probes,
+            repeats=args._repeats,
             out_dir=args._out_dir,
+            threads=args._threads,
         )
     )
     run_serve_bench(cfg, settings)

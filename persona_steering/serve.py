@@ -114,6 +114,15 @@ def build_app(cfg: Config, rt: Runtime, api_key: str | None = None) -> FastAPI:
         body = {"error": {"message": exc.message, "type": exc.type, "code": exc.code, "param": None}}
         return JSONResponse(body, status_code=exc.status, headers=headers)
 
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("request failed")  # the server goes on; the client gets OpenAI's error shape
+        message = f"internal error: {type(exc).__name__}: {exc}"
+        body = {
+            "error": {"message": message, "type": "server_error", "code": "internal_error", "param": None}
+        }
+        return JSONResponse(body, status_code=500)
+
     @app.middleware("http")
     async def check_key(request: Request, call_next: Any) -> Any:
         if api_key is not None and request.url.path.startswith(("/v1", "/api")):
@@ -375,6 +384,8 @@ async def _sse(chat: Chat, rt: Runtime) -> AsyncIterator[str]:
         error = {"message": exc.message, "type": exc.type, "code": exc.code}
         yield f"data: {json.dumps({'error': error})}\n\n"
         return
+    finally:  # a closed stream (client gone) frees the rows now, not when the generator is collected
+        chat.job.cancel()
     if chat.include_usage:
         yield chunk([], usage=_usage(chat.job, sum(tokens)))
     yield "data: [DONE]\n\n"
@@ -448,6 +459,8 @@ async def _ollama_lines(chat: Chat) -> AsyncIterator[str]:
                 )
     except ApiError as exc:
         yield json.dumps({"error": exc.message}) + "\n"
+    finally:
+        chat.job.cancel()
 
 
 async def _ollama_whole(chat: Chat, request: Any) -> dict[str, Any]:
