@@ -302,6 +302,28 @@ def test_full_queue_answers_429_with_retry_after(served):
     assert r.json()["error"]["code"] == "queue_full"
 
 
+def test_scheduler_bounds_its_queue(served):
+    import asyncio
+
+    from persona_steering.scheduler import Job, QueueFull, Sampling, Scheduler, Steering
+
+    server, _, _ = served
+    scheduler = Scheduler(
+        server.scheduler.rt, max_queue=2, max_rows=4
+    )  # not started: nothing leaves the queue
+
+    async def fill() -> None:
+        for _ in range(2):
+            scheduler.submit(Job([5, 6], Steering(), Sampling(max_tokens=2)))
+        with pytest.raises(QueueFull, match="max_queue"):
+            scheduler.submit(Job([5, 6], Steering(), Sampling(max_tokens=2)))
+        with pytest.raises(ValueError, match="max_rows"):
+            scheduler.submit(Job([5, 6], Steering(), Sampling(max_tokens=2), n=5))
+
+    asyncio.run(fill())
+    assert scheduler.load == {"rows": 0, "waiting": 2}
+
+
 def test_ollama_chat_and_tags(served):
     server, _, _ = served
     auth = {"Authorization": f"Bearer {KEY}"}
