@@ -25,6 +25,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
+from persona_steering import __version__
 from persona_steering.catalog import Catalog, UnknownPersona
 from persona_steering.config import Config, ConfigError
 from persona_steering.generation import messages_text
@@ -163,7 +164,7 @@ def build_app(cfg: Config, rt: Runtime, api_key: str | None = None) -> FastAPI:
 
     @app.get("/api/version")
     async def version() -> dict[str, str]:
-        return {"version": "0.1.0"}
+        return {"version": __version__}
 
     @app.post("/api/chat")
     async def ollama_chat(request: Request) -> Any:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +11,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
-uvicorn = pytest.importorskip("uvicorn", reason="the serve extra is not installed: pip install -e '.[serve]'")
+pytest.importorskip("uvicorn", reason="the serve extra is not installed: pip install -e '.[serve]'")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx2")  # the HTTP client the openai SDK brings
 
@@ -50,40 +48,21 @@ def write_persona(save_dir: Path, persona_id: str, weights: dict[str, float], la
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Server:
-    """uvicorn in a thread on a free port of 127.0.0.1."""
+    """The app of ``build_app`` under uvicorn in a thread, on a free port of 127.0.0.1."""
 
     def __init__(self, cfg, rt, api_key: str | None) -> None:
-        from persona_steering.serve import build_app
+        from persona_steering.serve import build_app, serving
 
         self.app = build_app(cfg, rt, api_key)
-        self.port = free_port()
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self._serving = serving(self.app)
 
     def __enter__(self) -> Server:
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            if time.time() > deadline:
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
+        self.url = self._serving.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        self._serving.__exit__(*exc)
 
     @property
     def scheduler(self):
