@@ -44,7 +44,7 @@ class Catalog:
 
     def __init__(self, cfg: Config, slug: str, fingerprint: str) -> None:
         self.cfg = cfg
-        self.save_dir = Path(cfg.serve.save_dir or cfg.optimize.save_dir)
+        self.save_dir = Path(cfg.optimize.save_dir)
         self.slug = slug
         self.fingerprint = fingerprint
         self._seen: dict[Path, tuple[float, Persona | str]] = {}  # file -> (mtime, persona or why not)

@@ -277,7 +277,7 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
         "time the persona server: concurrent vs one-at-a-time requests, time to first token, vs offline",
         [
             ("--requests", "_requests", int, "requests in the throughput measurement (default 32)"),
-            ("--personas", "_personas", int, "scratch personas they are spread over (default 4)"),
+            ("--num-personas", "_num_personas", int, "scratch personas they are spread over (default 4)"),
             ("--background", "_background", int, "requests decoding during the first-token probe (16)"),
             ("--probes", "_probes", int, "first-token measurements, median reported (default 3)"),
             ("--repeats", "_repeats", int, "runs of the concurrent and offline measurements (default 3)"),
@@ -294,7 +294,7 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
             ("--max-queue", "serve.max_queue", int, "waiting requests before 429"),
             ("--max-rows", "serve.max_rows", int, "rows decoded together"),
             ("--max-tokens", "serve.max_tokens", int, "new tokens when a request names none"),
-            ("--save-dir", "serve.save_dir", str, "folder of optimised personas (default optimize.save_dir)"),
+            ("--save-dir", "optimize.save_dir", str, "folder of optimised personas"),
             ("--trait-vector-dir", "steering.trait_vector_dir", str, "root of vector files"),
         ],
     ),
@@ -573,7 +573,7 @@ def _run_bench_serve(cfg: Config, args: argparse.Namespace) -> int:
     settings = ServeBenchSettings(
         **_given(
             requests=args._requests,
-            personas=args._personas,
+            personas=args._num_personas,
             max_tokens=vars(args)["generation.max_new_tokens"],
             background=args._background,
             probes=args._probes,

@@ -337,8 +337,6 @@ class ServeConfig:
     """Rows decoded together in the shared loop (each request's ``n`` answers are rows)."""
     max_tokens: int = 256
     """New tokens of an answer when the request names no max_tokens."""
-    save_dir: str | None = None
-    """Folder of optimised personas (``<id>_optimization.json``); None = optimize.save_dir."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:

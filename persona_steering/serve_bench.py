@@ -53,7 +53,7 @@ class ServeBenchSettings:
 
     def __post_init__(self) -> None:
         if self.requests < 1 or self.personas < 1 or self.requests % self.personas:
-            raise ConfigError("bench-serve: --requests must be a positive multiple of --personas")
+            raise ConfigError("bench-serve: --requests must be a positive multiple of --num-personas")
         if self.max_tokens < 1 or self.background < 0 or self.probes < 1 or self.repeats < 1:
             raise ConfigError(
                 "bench-serve: --max-tokens, --probes, --repeats must be >= 1, --background >= 0"
@@ -280,5 +280,6 @@ def _scratch_personas(cfg: Config, rt: Runtime, root: Path, count: int, rows: in
     return replace(
         cfg,
         steering=steering,
-        serve=replace(cfg.serve, save_dir=str(root / "runs"), max_rows=max(rows, cfg.serve.max_rows)),
+        optimize=replace(cfg.optimize, save_dir=str(root / "runs")),
+        serve=replace(cfg.serve, max_rows=max(rows, cfg.serve.max_rows)),
     )

@@ -444,3 +444,25 @@ def test_serve_config_is_checked_and_holds_no_key():
         load_config(None, ["serve.max_queue=0"])
     cfg = load_config(None, [])
     assert cfg.serve.host == "127.0.0.1" and "key" not in repr(cfg.serve).replace("api_key_env", "")
+
+
+def test_bench_serve_runs_end_to_end(tmp_path, tiny_model_dir):
+    from persona_steering.serve_bench import ServeBenchSettings, run_serve_bench
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = serve_config(tmp_path, tiny_model_dir, f"optimize.prompts_file={repo / 'configs' / 'prompts.yaml'}")
+    settings = ServeBenchSettings(
+        requests=4,
+        personas=2,
+        max_tokens=4,
+        background=0,
+        probes=1,
+        repeats=1,
+        out_dir=str(tmp_path / "bench"),
+    )
+    result = run_serve_bench(cfg, settings, log=lambda *_: None)
+    assert result["peak_rows"] >= 2 and result["same_answers"] == 4
+    assert result["speedup"] > 0 and result["ttft_median_s"] > 0
+    assert (tmp_path / "bench" / "serve.json").is_file() and "throughput ratio" in (
+        tmp_path / "bench" / "serve.md"
+    ).read_text()
