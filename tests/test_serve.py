@@ -185,6 +185,10 @@ def test_sampling_n_seed_and_stop(client):
     first = client.chat.completions.create(model="calm", messages=[{"role": "user", "content": "hi"}], **kw)
     again = client.chat.completions.create(model="calm", messages=[{"role": "user", "content": "hi"}], **kw)
     assert [c.index for c in first.choices] == [0, 1, 2]
+    short = client.chat.completions.create(
+        model="calm", messages=[{"role": "user", "content": "hi"}], max_completion_tokens=3
+    )
+    assert short.usage.completion_tokens <= 3
     assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
     whole = ask(client, "base", max_tokens=12)
     words = whole.split()
