@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from persona_steering import __version__
@@ -126,31 +126,26 @@ def build_app(cfg: Config, rt: Runtime, api_key: str | None = None) -> FastAPI:
         }
         return JSONResponse(body, status_code=500)
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next: Any) -> Any:
-        if api_key is not None and request.url.path.startswith(("/v1", "/api")):
+    async def check_key(request: Request) -> None:
+        """A dependency, not a middleware: Starlette's BaseHTTPMiddleware hides client disconnects."""
+        if api_key is not None:
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                body = {
-                    "error": {
-                        "message": "wrong or missing API key: send Authorization: Bearer <key>",
-                        "type": "invalid_request_error",
-                        "code": "invalid_api_key",
-                        "param": None,
-                    }
-                }
-                return JSONResponse(body, status_code=401)
-        return await call_next(request)
+                raise ApiError(
+                    401, "wrong or missing API key: send Authorization: Bearer <key>", code="invalid_api_key"
+                )
+
+    api = APIRouter(dependencies=[Depends(check_key)])
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
         return resources.files("persona_steering").joinpath("serve_page.html").read_text()
 
-    @app.get("/v1/models")
+    @api.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [_model_card(p, rt) for p in catalog.personas()]}
 
-    @app.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         chat = _chat(await _json(request), cfg, scheduler, catalog)
         _submit(scheduler, chat.job)
@@ -158,15 +153,15 @@ def build_app(cfg: Config, rt: Runtime, api_key: str | None = None) -> FastAPI:
             return StreamingResponse(_sse(chat, rt), media_type="text/event-stream")
         return JSONResponse(await _completion(chat, rt, request))
 
-    @app.get("/api/tags")
+    @api.get("/api/tags")
     async def tags() -> dict[str, Any]:
         return {"models": [_ollama_tag(p) for p in catalog.personas()]}
 
-    @app.get("/api/version")
+    @api.get("/api/version")
     async def version() -> dict[str, str]:
         return {"version": __version__}
 
-    @app.post("/api/chat")
+    @api.post("/api/chat")
     async def ollama_chat(request: Request) -> Any:
         body = await _json(request)
         chat = _chat(_from_ollama(body), cfg, scheduler, catalog)
@@ -175,6 +170,7 @@ def build_app(cfg: Config, rt: Runtime, api_key: str | None = None) -> FastAPI:
             return StreamingResponse(_ollama_lines(chat), media_type="application/x-ndjson")
         return JSONResponse(await _ollama_whole(chat, request))
 
+    app.include_router(api)
     return app
 
 
@@ -298,14 +294,18 @@ def _submit(scheduler: Scheduler, job: Job) -> None:
 async def _events(job: Job, request: Any = None) -> AsyncIterator[Event]:
     """The job's events until each of its answers has finished; a client that goes away (or an
     exception here, such as the stream being closed) cancels the job, freeing its rows."""
-    open_rows = job.n
+    open_rows, checked = job.n, time.monotonic()
     try:
         while open_rows:
             try:
                 event = await asyncio.wait_for(job.events.get(), POLL_S)
             except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
+                event = None
+            if request is not None and time.monotonic() - checked >= POLL_S:  # tokens may never pause
+                checked = time.monotonic()
+                if await request.is_disconnected():
                     return
+            if event is None:
                 continue
             if event.finish == "error":
                 raise ApiError(500, f"generation failed: {event.text}", "server_error", "generation_failed")

@@ -359,6 +359,32 @@ def test_disconnect_mid_stream_frees_the_row(served, monkeypatch):
     assert scheduler.cancelled == before + 1
 
 
+def test_disconnect_while_waiting_for_a_whole_answer_frees_the_row(served, monkeypatch):
+    server, _, _ = served
+    scheduler = server.scheduler
+    step = scheduler._step
+
+    def slow_step():
+        time.sleep(0.02)
+        step()
+
+    monkeypatch.setattr(scheduler, "_step", slow_step)
+    monkeypatch.setattr(scheduler, "eos", set())
+    before = scheduler.cancelled
+    body = {"model": "calm", "messages": [{"role": "user", "content": "tell me a story"}], "max_tokens": 480}
+    with pytest.raises(httpx.TimeoutException):  # the client gives up and closes the connection
+        httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=0.5,
+        )
+    deadline = time.time() + 5
+    while scheduler.load["rows"] and time.time() < deadline:
+        time.sleep(0.01)
+    assert scheduler.load["rows"] == 0 and scheduler.cancelled == before + 1
+
+
 def test_concurrent_requests_equal_their_answers_alone(served, client, monkeypatch):
     """16 requests, different personas and prompts, decoded together: each equals its answer alone."""
     scheduler = served[0].scheduler
