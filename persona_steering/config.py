@@ -15,6 +15,8 @@ import yaml
 from persona_steering.cache import digest
 
 DEFAULT_TRAITS = ["R1", "R2", "R3", "R4", "R5"]
+PERSONA_AXIS = "P"
+"""The persona's own direction's name among the basis axes (steering.persona_axis)."""
 PERSONA_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 """A persona id: a plain folder and file-name stem, never a path."""
 PRECISIONS = ("auto", "32-true", "bf16-true", "16-true", "bf16-mixed", "16-mixed", "64-true")
@@ -176,6 +178,8 @@ class SteeringConfig:
     """Which activation summary the vectors came from."""
     trait_vector_dir: str = "runs/vectors"
     """Root of vector files (<dir>/<model-slug>/<trait>.safetensors)."""
+    persona_axis: bool = False
+    """optimize: add the persona's own mean-difference direction as a sixth axis 'P' beside the traits."""
 
     def __post_init__(self) -> None:
         if self.positions not in ("response", "prompt", "all"):
@@ -340,7 +344,16 @@ class Config:
     traits: list[str] = field(default_factory=lambda: list(DEFAULT_TRAITS))
     """Traits combined by steering and optimisation."""
 
+    @property
+    def basis_traits(self) -> list[str]:
+        """The axes steering weighs: the traits, then the persona axis when ``steering.persona_axis``."""
+        return [*self.traits, PERSONA_AXIS] if self.steering.persona_axis else list(self.traits)
+
     def __post_init__(self) -> None:
+        if PERSONA_AXIS in self.traits:
+            raise ConfigError(
+                f"{PERSONA_AXIS!r} names the persona axis, not a trait: use steering.persona_axis=true"
+            )
         if self.optimize.coherence_penalty and not self.judge.coherence:
             raise ConfigError(
                 "optimize.coherence_penalty needs judge.coherence (--coherence): without coherence "

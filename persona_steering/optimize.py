@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from persona_steering import __version__
-from persona_steering.basis import TraitBasis, configured_basis
+from persona_steering.basis import TraitBasis, configured_basis, save_axis
 from persona_steering.cache import Cache, atomic_write_bytes, atomic_write_json, digest
 from persona_steering.config import Config, ConfigError
 from persona_steering.contrast import FitContext, fit_context, other_personas
@@ -39,9 +39,11 @@ from persona_steering.distributed import (
 )
 from persona_steering.generation import Request, generate, generate_population
 from persona_steering.judges import Judge, Query, build_judge, judge_versions
+from persona_steering.persona_axis import NoContrastError, persona_directions
 from persona_steering.record import PersonaFiles, PersonaRecord
 from persona_steering.runtime import Runtime, identify, load_runtime
 from persona_steering.traits import Persona, load_persona, load_prompts
+from persona_steering.vectors import unit
 
 CHECKPOINT_VERSION = 1
 
@@ -92,14 +94,22 @@ class Objective:
         """What the persona's voice is judged against (contrast answers generated once, memoised)."""
         return fit_context(self.rt, self.cfg, self.persona, self.cache)
 
+    def deltas(self, weights: np.ndarray) -> torch.Tensor:
+        """Steering vectors [candidates, hidden] of weights [candidates, k]."""
+        w = torch.as_tensor(np.asarray(weights, dtype=np.float64), dtype=torch.float32)
+        return self.basis.deltas(w, self.cfg.steering.alpha)
+
     def answers(self, weights: np.ndarray) -> list[list[str]]:
         """Steered answers [candidate][prompt] for weights [candidates, k], in one generate call."""
-        w = torch.as_tensor(np.asarray(weights, dtype=np.float64), dtype=torch.float32)
+        return self.steered(self.deltas(weights))
+
+    def steered(self, deltas: torch.Tensor) -> list[list[str]]:
+        """Answers [candidate][prompt] steered by ``deltas`` [candidates, hidden] at the basis layer."""
         out = generate_population(
             self.rt,
             self.prompts,
             self.cfg.generation,
-            self.basis.deltas(w, self.cfg.steering.alpha),  # [candidates, hidden]
+            deltas,
             self.basis.layer,
             self.cfg.steering.positions,
             cache=self.cache,
@@ -216,6 +226,8 @@ def run_personas(
     with main_cache(rt.fabric, cfg.cache_dir) as cache:
         judge = build_judge(cfg.judge, rt, cfg.cache_dir)
         for run in runs:
+            if run.cfg.steering.persona_axis:
+                _add_persona_axis(run, rt, cache, log)
             run.objective = Objective(rt, run.cfg, run.basis, run.persona, run.prompts, judge, cache)
             _start(run, log)
         while active := [r for r in runs if r.state and r.state["iteration"] < cfg.optimize.max_iterations]:
@@ -235,6 +247,22 @@ def run_personas(
         if cache is not None:
             log("cache: " + json.dumps({"hits": cache.hits, "misses": cache.misses}, sort_keys=True))
     return {pid: results[pid] for pid in persona_ids}
+
+
+def _add_persona_axis(run: _Run, rt: Runtime, cache: Cache | None, log: Any) -> None:
+    """Extend the run's basis by the persona's own direction 'P' and write it beside the result."""
+    try:
+        directions, pairs = persona_directions(rt, run.cfg, run.persona, cache, run.basis.layer)
+    except NoContrastError as exc:
+        raise ConfigError(f"{run.id}: steering.persona_axis: {exc}") from None
+    direction = directions["mean_diff"]
+    axis = unit(direction)
+    traits = zip(run.basis.traits, run.basis.directions, strict=True)
+    cosines = {t: round(float(u @ axis), 3) for t, u in traits}
+    run.basis = run.basis.with_axis(direction)
+    if is_main(rt.fabric):
+        save_axis(run.paths["axis"], axis, run.basis, persona_id=run.id, pairs=pairs)
+    log(f"{run.id}: persona axis P from {pairs} sample/answer pairs; cosine with the traits {cosines}")
 
 
 def _plan(cfg: Config) -> _Run:
@@ -278,7 +306,7 @@ def _start(run: _Run, log: Any) -> None:
         "best": None,
     }
     log(
-        f"{run.id}: starting CMA-ES over {', '.join(run.cfg.traits)} at layer {run.basis.layer}, "
+        f"{run.id}: starting CMA-ES over {', '.join(run.basis.traits)} at layer {run.basis.layer}, "
         f"alpha {run.cfg.steering.alpha}, population {es.popsize}"
     )
 
@@ -293,10 +321,11 @@ def _ask(run: _Run) -> np.ndarray:
 
 
 def _answers_together(runs: list[_Run], candidates: list[np.ndarray]) -> list[list[list[str]]]:
-    """Every run's steered answers from one generate call (runs share model, prompts and basis)."""
+    """Every run's steered answers from one generate call (runs share model, prompts and layer)."""
     first = runs[0].objective
     assert first is not None
-    texts = first.answers(np.concatenate(candidates))
+    deltas = [r.objective.deltas(c) for r, c in zip(runs, candidates, strict=True)]  # type: ignore[union-attr]
+    texts = first.steered(torch.cat(deltas))
     out, start = [], 0
     for cands in candidates:
         out.append(texts[start : start + len(cands)])
@@ -312,7 +341,7 @@ def _tell(
     assert state is not None
     np.random.set_state(state["numpy_rng"])
     state["es"].tell(candidates.tolist(), [s.objective for s in scored])
-    _record(state, candidates, scored, run.cfg.traits)
+    _record(state, candidates, scored, run.basis.traits)
     state["numpy_rng"] = np.random.get_state()
     held = state_digest(state)
     state["history"]["state_digest"].append(held)
@@ -410,13 +439,14 @@ def run_layers(cfg: Config, layers: list[int], log: Any = print) -> dict[str, An
 
 
 def _initial_weights(cfg: Config) -> np.ndarray:
-    k = len(cfg.traits)
+    traits = cfg.basis_traits
+    k = len(traits)
     init = cfg.optimize.initial_weights
     if init is None:
         return np.zeros(k)
     if len(init) != k:
         raise ConfigError(
-            f"optimize.initial_weights has {len(init)} values for {k} traits ({', '.join(cfg.traits)})"
+            f"optimize.initial_weights has {len(init)} values for {k} axes ({', '.join(traits)})"
         )
     arr = np.asarray(init, dtype=np.float64)
     if not np.all(np.isfinite(arr)):
@@ -433,6 +463,10 @@ def _run_digest(
     # Where inputs live and how runs are grouped do not change a persona's trajectory.
     where = ("save_dir", "restart", "persona_dir", "prompts_file", "layers", "personas")
     opt = {k: v for k, v in asdict(cfg.optimize).items() if k not in where}
+    # The persona axis contrasts the samples with answers to every training prompt, not just these.
+    axis = {}
+    if cfg.steering.persona_axis:
+        axis["axis_prompts"] = load_prompts(cfg.optimize.prompts_file, "train")
     return digest(
         {
             "v": CHECKPOINT_VERSION,
@@ -462,6 +496,7 @@ def _run_digest(
             "persona": persona.digest(),
             "prompts": prompts,
             "basis": basis.digest(),
+            **axis,
         },
         16,
     )
@@ -473,6 +508,7 @@ def _paths(save_dir: Path, persona_id: str) -> dict[str, Path]:
         "result": files.result,
         "best": files.best_weights,
         "checkpoint": save_dir / f"{persona_id}_checkpoint.pkl",
+        "axis": files.axis,
         "plot": files.convergence,
     }
 
@@ -579,7 +615,7 @@ def _result(
     zero_s: Scored,
     run_digest: str,
 ) -> dict[str, Any]:
-    traits = cfg.traits
+    traits = basis.traits
     h = state["history"]
     missing = sum(
         state["history"]["expected_verdicts"][i] * len(v) - sum(v) for i, v in enumerate(h["verdicts"])

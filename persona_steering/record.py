@@ -49,6 +49,11 @@ class PersonaFiles:
         return self._file("_best_weights.json")
 
     @property
+    def axis(self) -> Path:
+        """The persona axis 'P' of an optimisation with ``steering.persona_axis`` (safetensors)."""
+        return self._file("_axis.safetensors")
+
+    @property
     def convergence(self) -> Path:
         return self._file("_convergence.png")
 
@@ -89,6 +94,7 @@ class PersonaRecord:
     config_digest: str | None = None
     data: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None  # the file it was read from
+    files: PersonaFiles | None = None  # the persona's files, when loaded from a save folder
 
     @classmethod
     def from_dict(cls, data: Any, source: Path | None = None) -> PersonaRecord:
@@ -147,6 +153,7 @@ class PersonaRecord:
         record = cls.from_dict(data, path)
         if record.persona_id != files.persona_id:
             raise ConfigError(f"{path} holds persona {record.persona_id!r}, not {files.persona_id!r}")
+        record.files = files
         return record
 
     @classmethod

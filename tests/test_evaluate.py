@@ -225,7 +225,7 @@ def test_evaluate_end_to_end_then_warm_rerun_does_no_work(project, monkeypatch, 
         raise AssertionError("a warm re-run must not generate, read activations or judge")
 
     monkeypatch.setattr("persona_steering.generation._generate_batch", no_work)
-    monkeypatch.setattr("persona_steering.evaluate.persona_vector.record_activations", no_work)
+    monkeypatch.setattr("persona_steering.persona_axis.record_activations", no_work)
     monkeypatch.setattr("persona_steering.judges.embedding.EmbeddingJudge._judge", no_work)
     assert cli(overrides) == 0
     assert json.loads(out.with_suffix(".json").read_text()) == data

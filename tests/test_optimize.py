@@ -264,3 +264,63 @@ def test_lockstep_personas_equal_alone_and_share_generate_calls(project, monkeyp
     # Each persona's checkpoint stands alone: p2 finishes with the single-persona command too.
     cfg2 = load_config(None, base + ["optimize.persona_id=p2", f"optimize.save_dir={tmp_path / 'together'}"])
     assert run_optimize(cfg2, log=lambda *_: None) == together["p2"]
+
+
+def test_persona_axis_is_the_meandiff_direction_weighed_beside_the_traits(project, capsys):
+    """steering.persona_axis: CMA-ES weighs T1, T2 and P; P is the persona's mean difference, written
+    beside the result, and evaluate steers the proposed weights with it."""
+    import torch
+
+    from persona_steering.basis import load_basis
+    from persona_steering.config import ConfigError
+    from persona_steering.evaluate.run import run_evaluate
+    from persona_steering.persona_axis import persona_directions
+    from persona_steering.runtime import load_runtime
+    from persona_steering.store import VectorFileError
+    from persona_steering.traits import load_persona
+    from persona_steering.vectors import unit
+
+    tmp_path, overrides = project
+    cfg = load_config(None, [*overrides, "steering.persona_axis=true", "optimize.max_iterations=2"])
+    assert cfg.basis_traits == ["T1", "T2", "P"]
+    result = run_optimize(cfg, log=lambda *_: None)
+    assert result["traits"] == ["T1", "T2", "P"] and set(result["best_weights"]) == {"T1", "T2", "P"}
+    axis_file = tmp_path / "runs" / "p1_axis.safetensors"
+    basis = load_basis(tmp_path / "vectors", _slug(cfg), ["T1", "T2", "P"], 2, axis_file=axis_file)
+    rt = load_runtime(cfg.model, cfg.cache_dir, cfg.seed)
+    with Cache(cfg.cache_dir) as cache:
+        directions, pairs = persona_directions(rt, cfg, load_persona(tmp_path / "personas", "p1"), cache, 2)
+    assert pairs == 3
+    expected = unit(directions["mean_diff"]) * cfg.steering.alpha * basis.scale
+    assert torch.allclose(
+        basis.deltas(torch.tensor([0.0, 0.0, 1.0]), cfg.steering.alpha)[0], expected, atol=1e-6
+    )
+    with pytest.raises(VectorFileError, match="no persona axis for layer 1"):
+        load_basis(tmp_path / "vectors", _slug(cfg), ["T1", "T2", "P"], 1, axis_file=axis_file)
+    with pytest.raises(ConfigError, match="persona axis"):
+        load_config(None, [*overrides, "traits=[T1, P]"])
+
+    out = run_evaluate(
+        load_config(
+            None,
+            [
+                *overrides,
+                "evaluate.methods=[base, meandiff, proposed]",
+                "evaluate.samples=0",
+                "evaluate.judges=[embedding]",
+                "evaluate.bootstrap=100",
+                "evaluate.permutations=100",
+            ],
+        ),
+        log=lambda *_: None,
+    )
+    proposed = out["methods"]["proposed"]["info"]
+    assert proposed["weights"] == result["best_weights"]
+    assert out["methods"]["meandiff"]["info"]["cosine_with_traits"].keys() == {"T1", "T2", "P"}
+    assert out["methods"]["meandiff"]["info"]["cosine_with_traits"]["P"] == pytest.approx(1.0, abs=1e-5)
+
+
+def _slug(cfg):
+    from persona_steering.runtime import identify
+
+    return identify(cfg.model).slug
