@@ -446,7 +446,7 @@ def _initial_weights(cfg: Config) -> np.ndarray:
         return np.zeros(k)
     if len(init) != k:
         raise ConfigError(
-            f"optimize.initial_weights has {len(init)} values for {k} axes ({', '.join(traits)})"
+            f"optimize.initial_weights has {len(init)} values for {k} traits ({', '.join(traits)})"
         )
     arr = np.asarray(init, dtype=np.float64)
     if not np.all(np.isfinite(arr)):
