@@ -563,8 +563,8 @@ _STAGES: dict[str, Callable[[Config, argparse.Namespace], int]] = {
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from persona_steering.checkpoint import ResumeError
     from persona_steering.layers import LayerError
-    from persona_steering.optimize import ResumeError
     from persona_steering.runtime import ModelLoadError
     from persona_steering.store import VectorFileError
     from persona_steering.traits import DefinitionError

@@ -8,10 +8,8 @@ many verdicts it rests on; a missing verdict is never replaced by a made-up numb
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import pickle
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -24,7 +22,17 @@ import torch
 
 from persona_steering import __version__
 from persona_steering.basis import TraitBasis, configured_basis
-from persona_steering.cache import Cache, atomic_write_bytes, atomic_write_json, digest
+from persona_steering.cache import Cache, atomic_write_json, digest
+from persona_steering.checkpoint import (
+    ResumeError,
+    Start,
+    ask,
+    load_checkpoint,
+    new_state,
+    save_checkpoint,
+    state_digest,
+    tell,
+)
 from persona_steering.config import Config, ConfigError
 from persona_steering.contrast import FitContext, fit_context, other_personas
 from persona_steering.convergence import plot_convergence, plot_layers
@@ -43,11 +51,10 @@ from persona_steering.record import PersonaFiles, PersonaRecord
 from persona_steering.runtime import Runtime, identify, load_runtime
 from persona_steering.traits import Persona, load_persona, load_prompts
 
-CHECKPOINT_VERSION = 1
+RUN_VERSION = 1
+"""Part of every run digest: bump it when the same configuration would follow another trajectory."""
 
-
-class ResumeError(ValueError):
-    """An existing run does not match this configuration."""
+__all__ = ["ResumeError", "run_layers", "run_optimize", "run_personas", "state_digest"]
 
 
 @dataclass
@@ -202,7 +209,7 @@ def run_personas(
             log(f"{pid}: finished run found in {run.paths['result']} (config {run.digest}); nothing to do")
             results[pid] = finished
             continue
-        run.state = _load_checkpoint(run.paths["checkpoint"], run.digest, cfg.optimize.restart)
+        run.state = _load_checkpoint(run, log)
         runs.append(run)
     if not runs:
         return results
@@ -250,46 +257,32 @@ def _plan(cfg: Config) -> _Run:
 
 def _start(run: _Run, log: Any) -> None:
     """A fresh CMA-ES (seeded) unless a checkpoint was loaded."""
-    import cma
-
-    opt = run.cfg.optimize
     if run.state is not None:
         log(f"{run.id}: resuming after iteration {run.state['iteration']} from {run.paths['checkpoint']}")
         return
-    np.random.seed(run.cfg.seed)  # cma samples from numpy's global generator
-    es = cma.CMAEvolutionStrategy(
-        run.x0.tolist(),
-        opt.sigma0,
-        {
-            "popsize": opt.population_size or (4 + int(3 * math.log(len(run.x0)))),
-            "seed": run.cfg.seed + 1,
-            "bounds": [-opt.bound, opt.bound],
-            "verbose": -9,
-            "maxiter": opt.max_iterations,
-        },
-    )
-    run.state = {
-        "es": es,
-        "numpy_rng": np.random.get_state(),
-        "iteration": 0,
-        "history": _new_history(),
-        "digest": run.digest,
-        "evaluations": 0,
-        "best": None,
-    }
+    run.state = new_state(_strategy_start(run), run.digest)
     log(
         f"{run.id}: starting CMA-ES over {', '.join(run.cfg.traits)} at layer {run.basis.layer}, "
-        f"alpha {run.cfg.steering.alpha}, population {es.popsize}"
+        f"alpha {run.cfg.steering.alpha}, population {run.state['es'].popsize}"
+    )
+
+
+def _strategy_start(run: _Run) -> Start:
+    opt = run.cfg.optimize
+    return Start(
+        x0=run.x0.tolist(),
+        sigma0=opt.sigma0,
+        popsize=opt.population_size or (4 + int(3 * math.log(len(run.x0)))),
+        seed=run.cfg.seed,
+        bound=opt.bound,
+        max_iterations=opt.max_iterations,
     )
 
 
 def _ask(run: _Run) -> np.ndarray:
     """The next population, drawn from this run's own numpy RNG stream (so lockstep equals alone)."""
     assert run.state is not None
-    np.random.set_state(run.state["numpy_rng"])
-    candidates = np.asarray(run.state["es"].ask())
-    run.state["numpy_rng"] = np.random.get_state()
-    return candidates
+    return ask(run.state)
 
 
 def _answers_together(runs: list[_Run], candidates: list[np.ndarray]) -> list[list[list[str]]]:
@@ -310,10 +303,8 @@ def _tell(
     """Update CMA-ES, the history and the checkpoint; print the iteration's line."""
     state = run.state
     assert state is not None
-    np.random.set_state(state["numpy_rng"])
-    state["es"].tell(candidates.tolist(), [s.objective for s in scored])
+    tell(state, candidates, [s.objective for s in scored])
     _record(state, candidates, scored, run.cfg.traits)
-    state["numpy_rng"] = np.random.get_state()
     held = state_digest(state)
     state["history"]["state_digest"].append(held)
     fabric = run.objective.rt.fabric if run.objective is not None else None
@@ -322,7 +313,7 @@ def _tell(
     check_same(fabric, held, f"{run.id}'s CMA-ES state after iteration {state['iteration']}")
     rank_log(fabric, f"{run.id} iteration {state['iteration']} CMA-ES state {held}")
     if is_main(fabric):
-        _save_checkpoint(run.paths["checkpoint"], state)
+        save_checkpoint(run.paths["checkpoint"], state)
     h = state["history"]
     log(
         f"{run.id + ': ' if prefix else ''}"
@@ -435,7 +426,7 @@ def _run_digest(
     opt = {k: v for k, v in asdict(cfg.optimize).items() if k not in where}
     return digest(
         {
-            "v": CHECKPOINT_VERSION,
+            "v": RUN_VERSION,
             "model": fingerprint,
             "generation": asdict(cfg.generation) | {"max_batch": None},
             "steering": asdict(cfg.steering) | {"trait_vector_dir": None},
@@ -472,7 +463,8 @@ def _paths(save_dir: Path, persona_id: str) -> dict[str, Path]:
     return {
         "result": files.result,
         "best": files.best_weights,
-        "checkpoint": save_dir / f"{persona_id}_checkpoint.pkl",
+        "checkpoint": files.checkpoint,
+        "legacy_checkpoint": files.legacy_checkpoint,
         "plot": files.convergence,
     }
 
@@ -487,60 +479,20 @@ def _finished_result(path: Path, run_digest: str) -> dict[str, Any] | None:
     return data if data.get("config_digest") == run_digest else None
 
 
-def _load_checkpoint(path: Path, run_digest: str, restart: bool) -> dict[str, Any] | None:
-    if not path.is_file() or restart:
+def _load_checkpoint(run: _Run, log: Any) -> dict[str, Any] | None:
+    """The run's checkpoint with its strategy rebuilt, None to start fresh; a pickled checkpoint from
+    an older version is never loaded (unpickling a file can run any code)."""
+    path, legacy = run.paths["checkpoint"], run.paths["legacy_checkpoint"]
+    if run.cfg.optimize.restart:
         return None
-    try:
-        with open(path, "rb") as fh:
-            state = pickle.load(fh)
-    except Exception:
-        raise ResumeError(f"checkpoint {path} is unreadable; rerun with --restart to start over") from None
-    expected = {"es", "numpy_rng", "iteration", "history", "digest", "evaluations", "best", "version"}
-    if not isinstance(state, dict) or set(state) != expected:
-        raise ResumeError(f"checkpoint {path} has unexpected contents; rerun with --restart to start over")
-    if state["digest"] != run_digest:
+    if legacy.is_file() and not path.is_file():
         raise ResumeError(
-            f"an optimisation with another configuration ({state['digest']}, this one is {run_digest}) "
-            f"is in {path.parent}; use another --save-dir, or --restart to discard it"
+            f"{legacy} is a pickled checkpoint from an older version and is never loaded (a pickle "
+            "can run code); delete it, or rerun with --restart to start over"
         )
-    h = state["history"]  # checkpoints written before state digests were recorded
-    h.setdefault("state_digest", [None] * len(h["iterations"]))
-    return state
-
-
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    atomic_write_bytes(path, pickle.dumps({**state, "version": CHECKPOINT_VERSION}))
-
-
-def _new_history() -> dict[str, list[Any]]:
-    return {
-        "best_parts": [],
-        "iterations": [],
-        "best_scores": [],
-        "best_weights": [],
-        "generation_best": [],
-        "generation_mean": [],
-        "sigma": [],
-        "mean_weights": [],
-        "verdicts": [],
-        "expected_verdicts": [],
-        "candidates": [],
-        "state_digest": [],
-    }
-
-
-def state_digest(state: dict[str, Any]) -> str:
-    """Digest of the CMA-ES state that decides the next populations: mean, step size, covariance,
-    both evolution paths and the iteration count. (numpy's RNG position is left out: cma draws
-    numbers it throws away, so it differs between a resumed and an uninterrupted run whose
-    candidates are identical.)"""
-    es = state["es"]
-    parts = [np.asarray(es.mean), np.asarray(es.sigma), np.asarray(es.sm.C), np.asarray(es.pc)]
-    parts += [np.asarray(getattr(es.adapt_sigma, "ps", [])), np.asarray(es.countiter)]
-    h = hashlib.sha256()
-    for a in parts:
-        h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
-    return h.hexdigest()[:16]
+    if not path.is_file():
+        return None
+    return load_checkpoint(path, _strategy_start(run), run.digest)
 
 
 def _record(state: dict[str, Any], candidates: np.ndarray, scored: list[Scored], traits: list[str]) -> None:

@@ -133,7 +133,7 @@ def test_optimize_on_two_ranks_equals_one_process(reference):
     assert done.stdout.count("best weights") == 1 and done.stdout.count("cache: ") == 1
     assert _files(save) == [
         "p1_best_weights.json",
-        "p1_checkpoint.pkl",
+        "p1_checkpoint.json",
         "p1_convergence.png",
         "p1_optimization.json",
     ]
@@ -192,7 +192,7 @@ def test_killed_two_rank_run_resumes_to_the_same_result(reference):
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    ckpt = save / "p1_checkpoint.pkl"
+    ckpt = save / "p1_checkpoint.json"
     deadline = time.time() + 120
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)

@@ -57,7 +57,7 @@ def test_different_config_over_existing_run_is_refused(project, capsys):
     tmp_path, overrides = project
     cfg = load_config(None, overrides + ["optimize.max_iterations=1"])
     run_optimize(cfg, log=lambda *_: None)
-    ckpt = tmp_path / "runs" / "p1_checkpoint.pkl"
+    ckpt = tmp_path / "runs" / "p1_checkpoint.json"
     before = ckpt.read_bytes()
     capsys.readouterr()
     args = [
@@ -139,7 +139,7 @@ def test_sigkill_then_resume_equals_uninterrupted(project):
     )
     assert ref.returncode == 0, ref.stderr
     # Killed run: SIGKILL soon after its first checkpoint lands, then resume with the same command.
-    ckpt = tmp_path / "killed" / "p1_checkpoint.pkl"
+    ckpt = tmp_path / "killed" / "p1_checkpoint.json"
     proc = subprocess.Popen(
         _cli(overrides, tmp_path / "killed", tmp_path / "cache-k"),
         stdout=subprocess.PIPE,
