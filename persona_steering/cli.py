@@ -563,6 +563,7 @@ _STAGES: dict[str, Callable[[Config, argparse.Namespace], int]] = {
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from persona_steering.cache import CacheError
     from persona_steering.checkpoint import ResumeError
     from persona_steering.layers import LayerError
     from persona_steering.runtime import ModelLoadError
@@ -576,6 +577,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         VectorFileError,
         LayerError,
         ResumeError,
+        CacheError,
     ]
     try:
         from persona_steering.judges import JudgeError
