@@ -137,14 +137,17 @@ class JudgeConfig:
     """OpenAI-compatible endpoint; None = the SDK default (or OPENAI_BASE_URL)."""
     api_key_env: str = "OPENAI_API_KEY"
     """Environment variable (or .env entry) holding the key. The key itself is never stored."""
-    timeout: float = 60.0
-    """Seconds per HTTP request."""
+    timeout: float = 20.0
+    """Seconds per HTTP request (a reply is at most 5 tokens)."""
     max_attempts: int = 10
     """Attempts per call before giving up."""
     max_retry_seconds: float = 600.0
     """Total seconds of retrying per call before giving up."""
     concurrency: int = 8
     """Calls in flight at once."""
+    max_consecutive_failures: int = 30
+    """Failed requests in a row, across all calls in flight, after which the judge stops the run
+    (a dead endpoint) instead of retrying each call to its own limit."""
     use_logprobs: bool = True
     """Ask for top_logprobs and take the probability-weighted score; falls back to text."""
     coherence: bool = False
@@ -158,8 +161,10 @@ class JudgeConfig:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError(f"judge.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if self.max_attempts < 1 or self.concurrency < 1:
-            raise ConfigError("judge.max_attempts and judge.concurrency must be >= 1")
+        if self.max_attempts < 1 or self.concurrency < 1 or self.max_consecutive_failures < 1:
+            raise ConfigError(
+                "judge.max_attempts, judge.concurrency and judge.max_consecutive_failures must be >= 1"
+            )
 
 
 @dataclass

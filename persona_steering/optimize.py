@@ -439,6 +439,7 @@ def _run_digest(
                     "concurrency",
                     "max_attempts",
                     "max_retry_seconds",
+                    "max_consecutive_failures",
                     "calibration_dir",
                     "check_dir",
                 )

@@ -142,13 +142,41 @@ def test_429_waits_for_retry_after_then_succeeds(
     assert KEY not in caplog.text
 
 
-@pytest.mark.parametrize("fault", ["500", "503", "malformed-json"])
+@pytest.mark.parametrize("fault", ["500", "503", "malformed-json", "non-json", "non-utf8", "drop"])
 def test_transient_failure_is_retried(server: FakeOpenAI, fault: str) -> None:
     server.push(fault)
     judge = make_judge(server)
     [verdict] = judge.judge([ONE])
     assert verdict.score == 4.0
     assert judge.attempts == 2 and verdict.meta["attempts"] == 2
+
+
+def test_retry_after_pauses_every_thread(server: FakeOpenAI) -> None:
+    server.delay = 0.3
+    server.push(("429", 1))
+    judge = make_judge(server, concurrency=2)
+    verdicts = judge.judge([one(i) for i in range(4)])
+    assert all(v.score == 4.0 for v in verdicts)
+    first = server.requests[0].at  # the one that got the 429
+    # The other thread's next request waited for the pause too, not only the retry.
+    assert len(server.requests) == 5 and all(r.at - first >= 0.95 for r in server.requests[2:])
+
+
+def test_dead_endpoint_trips_the_breaker_across_threads(server: FakeOpenAI) -> None:
+    server.push(*["500"] * 100)
+    judge = make_judge(server, concurrency=4, max_attempts=10, max_consecutive_failures=6)
+    with pytest.raises(JudgeError, match="failed 6 times in a row"):
+        judge.judge([one(i) for i in range(20)])
+    assert len(server.requests) <= 6 + 4  # the limit, plus at most one request in flight per thread
+
+
+def test_each_verdict_is_cached_as_it_completes(server: FakeOpenAI, tmp_path: Path) -> None:
+    server.push("ok", "ok", "quota")
+    judge = make_judge(server, concurrency=1)
+    with Cache(tmp_path / "cache") as cache:
+        with pytest.raises(JudgeError, match="quota"):
+            judge.judge([one(i) for i in range(5)], cache)
+        assert cache.count("verdict") == 2  # the batch failed; the two verdicts it got are kept
 
 
 def test_hang_past_timeout_is_retried(server: FakeOpenAI) -> None:
