@@ -2,8 +2,9 @@
 every iteration, resume with nothing recomputed.
 
 Objective (minimised): minus the mean persona-fit verdict (1-5) of a candidate's steered answers
-against the unsteered ones, optionally minus a coherence penalty. A candidate's score records how
-many verdicts it rests on; a missing verdict is never replaced by a made-up number.
+against the unsteered ones, optionally minus a coherence penalty. Candidates are compared on the
+same prompts only: a missing verdict is re-asked, and if it is still missing the run stops before
+telling CMA-ES (the checkpoint stays as it was, and a re-run resumes).
 """
 
 from __future__ import annotations
@@ -46,11 +47,13 @@ from persona_steering.distributed import (
     rank_log,
 )
 from persona_steering.generation import Request, generate, generate_population
-from persona_steering.judges import Judge, Query, build_judge, judge_versions
+from persona_steering.judges import Judge, JudgeError, Query, Verdict, build_judge, judge_versions
 from persona_steering.record import PersonaFiles, PersonaRecord
 from persona_steering.runtime import Runtime, identify, load_runtime
 from persona_steering.traits import Persona, load_persona, load_prompts
 
+REASK_ROUNDS = 2
+"""Times the missing verdicts of a population are asked again before the run stops."""
 RUN_VERSION = 1
 """Part of every run digest: bump it when the same configuration would follow another trajectory."""
 
@@ -129,7 +132,7 @@ class Objective:
                 if self.cfg.judge.coherence:
                     queries.append(Query("coherence", prompt, ans))
         # Judged once, on rank 0; every rank gets the verdicts and so tells CMA-ES the same scores.
-        verdicts = on_main(self.rt.fabric, lambda: self.judge.judge(queries, self.cache))
+        verdicts = on_main(self.rt.fabric, lambda: self._every_verdict(queries))
         per = 2 if self.cfg.judge.coherence else 1
         n = len(self.prompts)
         scored = []
@@ -145,6 +148,24 @@ class Objective:
                 objective += self.cfg.optimize.coherence_penalty * (1 - coh / 100)
             scored.append(Scored(fit, coh, len(fits), n, objective, parts))
         return scored
+
+    def _every_verdict(self, queries: list[Query]) -> list[Verdict]:
+        """A verdict for every query, missing ones re-asked; JudgeError if some are still missing."""
+        verdicts = self.judge.judge(queries, self.cache)
+        for _ in range(REASK_ROUNDS):
+            missing = [i for i, v in enumerate(verdicts) if v.score is None]
+            if not missing:
+                return verdicts
+            again = self.judge.judge([queries[i] for i in missing], self.cache)
+            for i, verdict in zip(missing, again, strict=True):
+                verdicts[i] = verdict
+        missing = [i for i, v in enumerate(verdicts) if v.score is None]
+        if missing:
+            raise JudgeError(
+                f"{len(missing)} of {len(queries)} verdicts still missing after asking "
+                f"{REASK_ROUNDS + 1} times (first: {verdicts[missing[0]].detail})"
+            )
+        return verdicts
 
 
 def _mean_parts(verdicts: list[Any]) -> dict[str, float]:
@@ -225,23 +246,36 @@ def run_personas(
         for run in runs:
             run.objective = Objective(rt, run.cfg, run.basis, run.persona, run.prompts, judge, cache)
             _start(run, log)
-        while active := [r for r in runs if r.state and r.state["iteration"] < cfg.optimize.max_iterations]:
-            started = time.perf_counter()
-            candidates = [_ask(r) for r in active]  # [popsize, k] each
-            texts = _answers_together(active, candidates)
-            for run, cands, answers in zip(active, candidates, texts, strict=True):
-                assert run.objective is not None
-                scored = run.objective.judge_texts(answers)
-                if any(s.verdicts == 0 for s in scored):
-                    raise RuntimeError(
-                        "a candidate got no verdict at all after retries; see the log for the judge's errors"
-                    )
-                _tell(run, cands, scored, time.perf_counter() - started, log, prefix=len(runs) > 1)
-        for run in runs:
-            results[run.id] = _finish(run, log)
+        try:
+            _iterate(runs, cfg.optimize.max_iterations, log)
+            for run in runs:
+                results[run.id] = _finish(run, log)
+        except JudgeError as exc:
+            raise JudgeError(f"{exc}; {_resume_note(runs)}") from None
         if cache is not None:
             log("cache: " + json.dumps({"hits": cache.hits, "misses": cache.misses}, sort_keys=True))
     return {pid: results[pid] for pid in persona_ids}
+
+
+def _iterate(runs: list[_Run], max_iterations: int, log: Any) -> None:
+    """Ask, generate every run's rows together, judge, tell; until every run is done."""
+    while active := [r for r in runs if r.state and r.state["iteration"] < max_iterations]:
+        started = time.perf_counter()
+        candidates = [_ask(r) for r in active]  # [popsize, k] each
+        texts = _answers_together(active, candidates)
+        for run, cands, answers in zip(active, candidates, texts, strict=True):
+            assert run.objective is not None
+            scored = run.objective.judge_texts(answers)
+            _tell(run, cands, scored, time.perf_counter() - started, log, prefix=len(runs) > 1)
+
+
+def _resume_note(runs: list[_Run]) -> str:
+    """What a stopped run left behind: nothing half-told, and how to continue."""
+    done = ", ".join(f"{r.id} after iteration {r.state['iteration']}" for r in runs if r.state)
+    return (
+        f"stopped before telling CMA-ES; the checkpoints ({done}) and every verdict received are "
+        "kept: re-run the same command to resume"
+    )
 
 
 def _plan(cfg: Config) -> _Run:
