@@ -6,12 +6,15 @@ store therefore never unpickles (``JsonDisk``): a row holding a pickle, key or v
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import sqlite3
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,10 @@ def digest(obj: Any, length: int = 64) -> str:
 
 def bytes_digest(data: bytes, length: int = 64) -> str:
     return hashlib.sha256(data).hexdigest()[:length]
+
+
+class LockedError(RuntimeError):
+    """Another process holds the lock: the same work is already running."""
 
 
 class CacheError(RuntimeError):
@@ -174,3 +181,26 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+@contextmanager
+def exclusive_lock(path: str | Path, what: str) -> Iterator[None]:
+    """Hold an ``fcntl.flock`` on ``path`` (created if absent) for the block; LockedError at once
+    if another process holds it. The kernel releases the lock when the process dies, however."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise LockedError(
+                f"{what} is already running (process {holder} holds {path}); wait for it to finish, "
+                "or use another save dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)

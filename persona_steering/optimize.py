@@ -13,6 +13,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 
 from persona_steering import __version__
 from persona_steering.basis import TraitBasis, configured_basis
-from persona_steering.cache import Cache, atomic_write_json, digest
+from persona_steering.cache import Cache, atomic_write_json, digest, exclusive_lock
 from persona_steering.checkpoint import (
     ResumeError,
     Start,
@@ -41,6 +42,7 @@ from persona_steering.distributed import (
     check_same,
     is_main,
     is_main_process,
+    launched_as_main,
     main_cache,
     on_main,
     quiet_unless_main,
@@ -221,10 +223,24 @@ def run_personas(
     result as alone), but one batched ``generate`` per iteration carrying every persona's rows."""
     if len(set(persona_ids)) != len(persona_ids):
         raise ConfigError(f"persona ids repeat: {', '.join(persona_ids)}")
+    with ExitStack() as locks:
+        return _run_personas(cfg, persona_ids, rt, log, locks)
+
+
+def _run_personas(
+    cfg: Config,
+    persona_ids: list[str],
+    rt: Runtime | Callable[[], Runtime] | None,
+    log: Any,
+    locks: ExitStack,
+) -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
     runs: list[_Run] = []
-    for pid in persona_ids:  # everything checked before the model loads or anything is written
-        run = _plan(replace(cfg, optimize=replace(cfg.optimize, persona_id=pid)))
+    plans = [_plan(replace(cfg, optimize=replace(cfg.optimize, persona_id=p))) for p in persona_ids]
+    for pid, run in zip(persona_ids, plans, strict=True):  # all checked before anything is written
+        if launched_as_main():  # one run per persona and save dir: two would both pay the judge
+            what = f"an optimize of persona {pid} in {run.paths['lock'].parent}"
+            locks.enter_context(exclusive_lock(run.paths["lock"], what))
         finished = _finished_result(run.paths["result"], run.digest)
         if finished is not None and not cfg.optimize.restart:
             log(f"{pid}: finished run found in {run.paths['result']} (config {run.digest}); nothing to do")
@@ -500,6 +516,7 @@ def _paths(save_dir: Path, persona_id: str) -> dict[str, Path]:
         "best": files.best_weights,
         "checkpoint": files.checkpoint,
         "legacy_checkpoint": files.legacy_checkpoint,
+        "lock": files.lock,
         "plot": files.convergence,
     }
 

@@ -58,6 +58,11 @@ class PersonaFiles:
         return self._file("_checkpoint.pkl")
 
     @property
+    def lock(self) -> Path:
+        """Held by the ``optimize`` run writing this persona's files (``cache.exclusive_lock``)."""
+        return self._file(".lock")
+
+    @property
     def convergence(self) -> Path:
         return self._file("_convergence.png")
 

@@ -132,6 +132,7 @@ def test_optimize_on_two_ranks_equals_one_process(reference):
     )
     assert done.stdout.count("best weights") == 1 and done.stdout.count("cache: ") == 1
     assert _files(save) == [
+        "p1.lock",
         "p1_best_weights.json",
         "p1_checkpoint.json",
         "p1_convergence.png",

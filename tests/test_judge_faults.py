@@ -3,13 +3,13 @@ ends where the healthy run ends; a quota that runs out stops it cleanly, and a r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
 
 import pytest
 from openai_server import FakeOpenAI
+from tests_helpers import JUDGE_KEY, JUDGE_KEY_ENV, judge_score
 
 from persona_steering.cache import Cache
 from persona_steering.cli import main
@@ -17,8 +17,7 @@ from persona_steering.config import load_config
 from persona_steering.judges.openai import OpenAIJudge
 from persona_steering.optimize import run_optimize
 
-KEY_ENV = "PS_TEST_JUDGE_KEY"
-KEY = "sk-test-DO-NOT-LEAK-2b9e41c7d05a3f68"
+KEY_ENV, KEY = JUDGE_KEY_ENV, JUDGE_KEY
 FAULTS = {
     "429": 0.30,  # with Retry-After (0.05 s)
     "500": 0.05,
@@ -34,12 +33,6 @@ SAME = ("best_weights", "best_score", "optimization_history", "mean_weights", "h
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _score(request: dict) -> str:
-    """A judge that always says the same digit (1-5) for the same prompt."""
-    prompt = request["messages"][0]["content"]
-    return str(1 + hashlib.sha256(prompt.encode()).digest()[0] % 5)
-
-
 @pytest.fixture
 def server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     monkeypatch.chdir(tmp_path)  # no configs/default.yaml: the CLI and load_config(None) agree
@@ -52,7 +45,7 @@ def server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
         "persona_steering.optimize.build_judge", lambda cfg, rt, cache_dir: OpenAIJudge(cfg, backoff=0.01)
     )
     with FakeOpenAI(hang=0.6) as srv:
-        srv.content_fn = _score
+        srv.content_fn = judge_score
         yield srv
 
 
