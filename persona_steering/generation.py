@@ -24,6 +24,9 @@ from persona_steering.distributed import gather_objects, on_main, rank, world_si
 from persona_steering.runtime import Runtime
 from persona_steering.steering import steer
 
+GENERATION_VERSION = 2
+"""Part of every generation's cache key: bump it when this module would answer differently."""
+
 
 @dataclass(frozen=True)
 class Request:
@@ -194,6 +197,9 @@ def _row_key(
     return {
         "model": rt.fingerprint,
         "dtype": str(rt.model.dtype),
+        # bf16-mixed and 32-true hold float32 weights alike, but compute differently.
+        "precision": rt.precision,
+        "v": GENERATION_VERSION,
         "prompt": text,
         "gen": settings,
         "seed": seed if gen.temperature > 0 else None,

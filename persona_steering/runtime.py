@@ -60,6 +60,11 @@ class Runtime:
         return int(self.fabric.world_size)
 
     @property
+    def precision(self) -> str:
+        """Fabric's precision mode, e.g. '32-true' or 'bf16-mixed' (same weights dtype, other numerics)."""
+        return str(self.fabric.strategy.precision.precision)
+
+    @property
     def num_layers(self) -> int:
         return int(self.model.config.num_hidden_layers)
 
