@@ -159,7 +159,8 @@ class Cache:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to a temp file beside ``path``, fsync, then rename over it."""
+    """Write ``data`` to a temp file beside ``path``, fsync, rename over it, fsync the folder (so
+    the rename itself survives a power cut)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -172,7 +173,22 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
     return path
+
+
+def remove_stale_temps(path: str | Path) -> list[Path]:
+    """Delete the temp files ``atomic_write_bytes`` left beside ``path`` when a process was killed
+    mid-write. Only for a caller that owns ``path`` (holds its lock): a live writer's temp would go."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

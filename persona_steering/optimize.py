@@ -24,7 +24,7 @@ import torch
 
 from persona_steering import __version__
 from persona_steering.basis import TraitBasis, configured_basis
-from persona_steering.cache import Cache, atomic_write_json, digest, exclusive_lock
+from persona_steering.cache import Cache, atomic_write_json, digest, exclusive_lock, remove_stale_temps
 from persona_steering.checkpoint import (
     ResumeError,
     Start,
@@ -241,6 +241,8 @@ def _run_personas(
         if launched_as_main():  # one run per persona and save dir: two would both pay the judge
             what = f"an optimize of persona {pid} in {run.paths['lock'].parent}"
             locks.enter_context(exclusive_lock(run.paths["lock"], what))
+            for path in run.paths.values():  # ours now: temps a killed run left cannot be a live writer's
+                remove_stale_temps(path)
         finished = _finished_result(run.paths["result"], run.digest)
         if finished is not None and not cfg.optimize.restart:
             log(f"{pid}: finished run found in {run.paths['result']} (config {run.digest}); nothing to do")

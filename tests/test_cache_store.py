@@ -110,3 +110,20 @@ def test_corrupt_cache_db_is_an_error_naming_the_file(tmp_path):
     (tmp_path / "c" / "cache.db").write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(CacheError, match="cache.db is not a readable cache"):
         Cache(tmp_path / "c")
+
+
+def test_atomic_write_fsyncs_the_file_and_then_its_folder(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    synced = []
+    real = os.fsync
+
+    def recording(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    atomic_write_json(tmp_path / "sub" / "x.json", {"a": 1})
+    assert synced == [False, True]  # the data, then the rename
+    assert not [p for p in (tmp_path / "sub").iterdir() if p.name.endswith(".tmp")]
