@@ -80,6 +80,15 @@ class ModelConfig:
         if self.strategy not in ("auto", "ddp"):
             raise ConfigError(f"model.strategy must be auto or ddp, got {self.strategy!r}")
 
+    def require_one_process(self, stage: str) -> None:
+        """ConfigError for a stage that is not rank-aware: N processes would each call the judge."""
+        if self.devices * self.num_nodes > 1:
+            raise ConfigError(
+                f"{stage} runs in one process (with {self.devices * self.num_nodes} every process would "
+                "judge and pay for the same answers): drop --devices/--num-nodes; only vectors and "
+                "optimize share their work across processes"
+            )
+
 
 @dataclass
 class GenerationConfig:

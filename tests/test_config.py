@@ -65,3 +65,12 @@ def test_precision_mode_and_code_version_reach_the_generation_key(tiny_model_dir
     a, b = keys["32-true"], keys["bf16-mixed"]
     assert a["dtype"] == b["dtype"] and digest(a) != digest(b)
     assert a["precision"] == "32-true" and b["precision"] == "bf16-mixed" and a["v"] == GENERATION_VERSION
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "sweep", "evaluate-models"])
+def test_stages_that_do_not_share_work_refuse_several_processes(stage, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main([stage, "--devices", "2", "--accelerator", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{stage} runs in one process" in err[0], err
+    assert list(tmp_path.iterdir()) == []  # nothing written, nothing loaded
