@@ -208,6 +208,20 @@ def test_400_on_plain_request_too_is_not_blamed_on_logprobs(server: FakeOpenAI) 
     assert server.requests[-1].json.get("logprobs") is True
 
 
+def test_verdicts_are_cached_under_the_scoring_actually_used(server: FakeOpenAI, tmp_path: Path) -> None:
+    server.top_logprobs = {"4": ln(0.5), "2": ln(0.5)}  # weighted: 3.0; the reply's text says 4
+    server.push("nologprobs")  # one reply without logprobs: scored from its text
+    judge = make_judge(server)
+    with Cache(tmp_path / "cache") as cache:
+        assert judge.judge([ONE], cache)[0].score == 4.0
+        # Stored as a text-scored verdict, so a logprob-scoring judge does not take it for its own.
+        assert judge.judge([ONE], cache)[0].score == 3.0 and len(server.requests) == 2
+        assert judge.judge([ONE], cache)[0].score == 3.0 and len(server.requests) == 2  # now a hit
+        assert cache.count("verdict") == 2
+        text_judge = make_judge(server, use_logprobs=False)
+        assert text_judge.judge([ONE], cache)[0].score == 4.0 and len(server.requests) == 2
+
+
 def test_logprobs_rejected_falls_back_to_text_and_remembers(server: FakeOpenAI) -> None:
     server.push("400-logprobs")
     judge = make_judge(server)

@@ -236,6 +236,11 @@ class Judge(ABC):
     def identity(self) -> dict[str, Any]:
         """JSON-safe description of what determines this judge's verdicts. Never a secret."""
 
+    def scored_by(self, verdict: Verdict) -> dict[str, Any]:
+        """The identity ``verdict`` is stored under: how it was actually scored (``identity()``
+        unless a backend can score one query in more than one way)."""
+        return self.identity()
+
     @abstractmethod
     def _judge(self, queries: list[Query]) -> list[Verdict]:
         """Score every query (uncached). A failed query gets ``Verdict(None, reason)``."""
@@ -277,7 +282,8 @@ class Judge(ABC):
                 value = {"score": verdict.score, "detail": verdict.detail}
                 if "parts" in verdict.meta:
                     value["parts"] = verdict.meta["parts"]
-                cache.set("verdict", keys[i], value)
+                scored_by = {**self.scored_by(verdict), "template_version": TEMPLATE_VERSION}
+                cache.set("verdict", {"judge": scored_by, "query": queries[i].key()}, value)
 
         if todo:
             self._judge_each([queries[i] for i in todo], done)

@@ -109,9 +109,13 @@ class OpenAIJudge(Judge):
             "backend": self.backend,
             "model": self.cfg.model,
             "base_url": str(self._client.base_url),
-            # Weighted and text scores differ for the same query: keep them apart in the cache.
-            "scoring": "logprobs" if self.cfg.use_logprobs else "text",
+            # Weighted and text scores differ for the same query: keep them apart in the cache. This
+            # is how the next calls are scored; a verdict is stored under how it was (scored_by).
+            "scoring": "logprobs" if self._logprobs_supported else "text",
         }
+
+    def scored_by(self, verdict: Verdict) -> dict[str, Any]:
+        return {**self.identity(), "scoring": verdict.meta.get("source", "text")}
 
     def _judge(self, queries: list[Query]) -> list[Verdict]:
         out: dict[int, Verdict] = {}
@@ -139,13 +143,17 @@ class OpenAIJudge(Judge):
     def _judge_one(self, query: Query) -> Verdict:
         if query.kind == "persona_fit":
             # Six single-digit calls (three parts, both answer orders); any failure fails the verdict.
-            scores = {}
+            scores, sources = {}, set()
             for label, prompt in render_fit(query).items():
                 verdict = self._judge_prompt(prompt, query.kind)
                 if verdict.score is None:
                     return Verdict(None, f"{label[0]}, order {label[1]}: {verdict.detail}", verdict.meta)
                 scores[label] = verdict.score
-            return combine_fit(dict(scores))
+                sources.add(verdict.meta.get("source"))
+            fit = combine_fit(dict(scores))
+            # Weighted only if all six were: one text-scored part makes it a text-scored verdict.
+            source = "logprobs" if sources == {"logprobs"} else "text"
+            return Verdict(fit.score, fit.detail, {**fit.meta, "source": source})
         return self._judge_prompt(render(query), query.kind)
 
     def _judge_prompt(self, prompt: str, kind: Kind) -> Verdict:
