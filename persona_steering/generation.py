@@ -139,11 +139,21 @@ def _lookup(
         if kd in hits or kd in todo:
             continue
         hit = cache.get("generation", key) if cache is not None else None
-        if hit is not None:
+        if _usable(hit):
             hits[kd] = (hit, i)
         else:
             todo[kd] = i
     return hits, todo
+
+
+def _usable(hit: Any) -> bool:
+    """A cached answer of the shape ``generate`` writes; anything else (an edited row) is a miss."""
+    return (
+        isinstance(hit, dict)
+        and isinstance(hit.get("text"), str)
+        and isinstance(hit.get("ids"), list)
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in hit["ids"])
+    )
 
 
 def generate_population(

@@ -127,3 +127,17 @@ def test_atomic_write_fsyncs_the_file_and_then_its_folder(tmp_path, monkeypatch)
     atomic_write_json(tmp_path / "sub" / "x.json", {"a": 1})
     assert synced == [False, True]  # the data, then the rename
     assert not [p for p in (tmp_path / "sub").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_wrong_shaped_generation_entry_is_a_miss(tiny_rt, tmp_path):
+    from persona_steering.config import GenerationConfig
+    from persona_steering.generation import Request, generate
+
+    gen = GenerationConfig(max_new_tokens=4)
+    with Cache(tmp_path / "c") as cache:
+        [first] = generate(tiny_rt, [Request("hello !")], gen, cache=cache)
+        [row] = list(cache._store.iterkeys())
+        cache._store.set(row, json.dumps({"text": 5, "ids": "not a list"}))  # an edited row
+        [again] = generate(tiny_rt, [Request("hello !")], gen, cache=cache)
+        assert again.text == first.text and again.ids == first.ids  # generated again
+        assert json.loads(cache._store.get(row)) == {"text": first.text, "ids": first.ids}  # and repaired
