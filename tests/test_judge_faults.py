@@ -91,7 +91,7 @@ def _no_key_under(tmp_path: Path) -> None:
                 assert KEY.encode() not in path.read_bytes(), path
 
 
-def test_heavy_faults_lose_no_verdict_and_equal_the_healthy_run(project, server, capsys):
+def test_heavy_faults_lose_no_verdict_and_equal_the_healthy_run(project, server, capsys, caplog):
     tmp_path, _ = project
     _seed_caches(tmp_path)
     started = time.perf_counter()
@@ -116,7 +116,7 @@ def test_heavy_faults_lose_no_verdict_and_equal_the_healthy_run(project, server,
     )
     faulty_s = time.perf_counter() - started
     injected = {k: server.injected[k] for k in [*FAULTS, "ok"]}
-    print(
+    summary = (
         f"\nfault mix {json.dumps(injected)}; healthy {healthy_s:.1f} s ({healthy_requests} requests), "
         f"faulty {faulty_s:.1f} s ({sum(injected.values())} requests)"
     )
@@ -130,6 +130,11 @@ def test_heavy_faults_lose_no_verdict_and_equal_the_healthy_run(project, server,
     with Cache(tmp_path / "cache-healthy") as a, Cache(tmp_path / "cache-faulty") as b:
         assert a.count("verdict") == b.count("verdict") > 0
     _no_key_under(tmp_path)
+    captured = capsys.readouterr()
+    assert "RateLimitError" in caplog.text  # the retries were logged, and the key was not
+    assert KEY not in caplog.text + captured.out + captured.err
+    with capsys.disabled():
+        print(summary)
 
 
 def test_quota_running_out_stops_cleanly_and_a_rerun_equals_the_healthy_run(project, server, capsys):
