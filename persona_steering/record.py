@@ -1,8 +1,7 @@
 """An optimised persona: its files, its typed record, and the checks every reader shares.
 
 ``optimize`` writes the record (``save``); evaluate, export and the report start from ``load``.
-File names built from a persona id live here alone (the checkpoint's name stays with the
-checkpoint code in ``optimize``).
+File names built from a persona id live here alone.
 """
 
 from __future__ import annotations
@@ -52,6 +51,21 @@ class PersonaFiles:
     def axis(self) -> Path:
         """The persona axis 'P' of an optimisation with ``steering.persona_axis`` (safetensors)."""
         return self._file("_axis.safetensors")
+
+    @property
+    def checkpoint(self) -> Path:
+        """The optimiser's JSON checkpoint (see ``checkpoint``)."""
+        return self._file("_checkpoint.json")
+
+    @property
+    def legacy_checkpoint(self) -> Path:
+        """The pickled checkpoint older versions wrote: recognised, never loaded."""
+        return self._file("_checkpoint.pkl")
+
+    @property
+    def lock(self) -> Path:
+        """Held by the ``optimize`` run writing this persona's files (``cache.exclusive_lock``)."""
+        return self._file(".lock")
 
     @property
     def convergence(self) -> Path:

@@ -53,11 +53,24 @@ def test_optimize_writes_seed_000_outputs_and_rerun_does_no_work(project, monkey
     assert again == saved
 
 
+def test_stale_temp_files_of_a_killed_run_are_removed_at_start(project):
+    tmp_path, overrides = project
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    stale = [runs / ".p1_checkpoint.json.k1l2d3.tmp", runs / ".p1_optimization.json.x9y8z7.tmp"]
+    other = runs / ".p2_checkpoint.json.a1b2c3.tmp"  # another persona's: maybe a live writer's
+    for path in [*stale, other]:
+        path.write_text("half a file")
+    run_optimize(load_config(None, overrides + ["optimize.max_iterations=1"]), log=lambda *_: None)
+    assert not any(p.exists() for p in stale) and other.exists()
+    assert json.loads((runs / "p1_checkpoint.json").read_text())["iteration"] == 1
+
+
 def test_different_config_over_existing_run_is_refused(project, capsys):
     tmp_path, overrides = project
     cfg = load_config(None, overrides + ["optimize.max_iterations=1"])
     run_optimize(cfg, log=lambda *_: None)
-    ckpt = tmp_path / "runs" / "p1_checkpoint.pkl"
+    ckpt = tmp_path / "runs" / "p1_checkpoint.json"
     before = ckpt.read_bytes()
     capsys.readouterr()
     args = [
@@ -139,7 +152,7 @@ def test_sigkill_then_resume_equals_uninterrupted(project):
     )
     assert ref.returncode == 0, ref.stderr
     # Killed run: SIGKILL soon after its first checkpoint lands, then resume with the same command.
-    ckpt = tmp_path / "killed" / "p1_checkpoint.pkl"
+    ckpt = tmp_path / "killed" / "p1_checkpoint.json"
     proc = subprocess.Popen(
         _cli(overrides, tmp_path / "killed", tmp_path / "cache-k"),
         stdout=subprocess.PIPE,

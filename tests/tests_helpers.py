@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Sequence
@@ -13,6 +14,16 @@ import yaml
 from persona_steering.config import load_config
 from persona_steering.extraction import run_vectors
 from persona_steering.store import save_vectors
+
+JUDGE_KEY_ENV = "PS_TEST_JUDGE_KEY"
+JUDGE_KEY = "sk-test-DO-NOT-LEAK-2b9e41c7d05a3f68"
+
+
+def judge_score(request: dict) -> str:
+    """A test server's judge that always says the same digit (1-5) for the same prompt."""
+    prompt = request["messages"][0]["content"]
+    return str(1 + hashlib.sha256(prompt.encode()).digest()[0] % 5)
+
 
 HELDOUT = ["how are you today ?", "what should we eat for dinner ?", "tell me about your family"]
 SAMPLES = ["i love my weekend with family", "i remember a trip once", "the food was good", "thanks friend"]

@@ -166,6 +166,7 @@ def run_models(cfg: Config, settings: ModelsSettings, log: Callable[[str], None]
     Returns:
         The data written to ``models.json``, its Markdown rendering and the output folder.
     """
+    cfg.model.require_one_process("evaluate-models")
     setup = prepare_models(cfg, settings)
     # Several models and no single policy model: the offline judge's coherence and trait verdicts
     # need none, and are the embedding judge's (a repetition heuristic; traits n/a).

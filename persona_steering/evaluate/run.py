@@ -73,6 +73,7 @@ def run_evaluate(
     Returns:
         The evaluation summary as written to ``<persona>_evaluation.json``, plus ``files``.
     """
+    cfg.model.require_one_process("evaluate")
     setup = prepare(cfg)
     for note in setup.notes:
         log(f"note: {note}")

@@ -65,6 +65,7 @@ def run_sweep(cfg: Config, rt: Runtime | None = None, log: Callable[[str], None]
     Returns:
         The data written to ``sweep.json``.
     """
+    cfg.model.require_one_process("sweep")
     setup = prepare_sweep(cfg)
     rt = rt or load_runtime(cfg.model, cfg.cache_dir, cfg.seed)
     if rt.fingerprint != setup.vectors.meta.get("fingerprint"):
