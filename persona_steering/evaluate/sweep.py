@@ -32,7 +32,7 @@ from persona_steering.extraction import Pair, record_activations
 from persona_steering.generation import Answer, Request, generate, vector_digest
 from persona_steering.judges import Judge, Query, build_judge
 from persona_steering.layers import normalize_layer
-from persona_steering.report import fmt_number, markdown_table, plot_heatmaps
+from persona_steering.rendering import fmt_number, markdown_table, plot_heatmaps
 from persona_steering.runtime import Runtime, identify, load_runtime
 from persona_steering.store import VectorFile, VectorFileError, load_vectors
 from persona_steering.traits import Trait, load_traits
