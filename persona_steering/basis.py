@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from persona_steering.cache import bytes_digest, digest
-from persona_steering.config import ConfigError, SteeringConfig
+from persona_steering.config import PERSONA_AXIS, ConfigError, SteeringConfig
 from persona_steering.layers import normalize_layer
-from persona_steering.store import VectorFileError, load_vectors
+from persona_steering.store import VectorFileError, load_vectors, save_vectors
 from persona_steering.vectors import unit
 
 
@@ -40,6 +40,22 @@ class TraitBasis:
             )
         return alpha * self.scale * (w.reshape(-1, len(self.traits)) @ self.directions)
 
+    def with_axis(self, direction: torch.Tensor) -> TraitBasis:
+        """This basis plus the persona axis 'P' (``direction`` [hidden], normalised here), last."""
+        if PERSONA_AXIS in self.traits:
+            raise ValueError("the basis already has a persona axis")
+        row = unit(direction.float().reshape(1, -1))
+        return TraitBasis(
+            traits=[*self.traits, PERSONA_AXIS],
+            layer=self.layer,
+            directions=torch.cat([self.directions, row]),
+            scale=self.scale,
+            method=self.method,
+            summary=self.summary,
+            fingerprint=self.fingerprint,
+            num_layers=self.num_layers,
+        )
+
     def digest(self) -> str:
         data = self.directions.contiguous().numpy().tobytes()
         return digest(
@@ -56,9 +72,21 @@ def load_basis(
     summary: str = "response_avg",
     hidden_size: int | None = None,
     fingerprint: str | None = None,
+    axis_file: str | Path | None = None,
 ) -> TraitBasis:
-    """Load ``<vector_dir>/<slug>/<trait>.safetensors`` for each trait and take one layer."""
+    """Load ``<vector_dir>/<slug>/<trait>.safetensors`` for each trait and take one layer.
+
+    A persona axis 'P' among ``traits`` (it comes last) is read from ``axis_file``, which
+    ``optimize`` wrote beside the persona's result (see ``save_axis``).
+    """
     folder = Path(vector_dir) / slug
+    if PERSONA_AXIS in traits:
+        if traits[-1] != PERSONA_AXIS:
+            raise VectorFileError(f"the persona axis {PERSONA_AXIS} must come last among {traits}")
+        if axis_file is None:
+            raise VectorFileError("a persona axis needs the persona's axis file, written by optimize")
+        base = load_basis(vector_dir, slug, traits[:-1], layer, method, summary, hidden_size, fingerprint)
+        return base.with_axis(load_axis(axis_file, base))
     files = []
     for trait in traits:
         path = folder / f"{trait}.safetensors"
@@ -86,6 +114,25 @@ def load_basis(
         fingerprint=str(files[0].meta["fingerprint"]),
         num_layers=num_layers,
     )
+
+
+def save_axis(path: str | Path, direction: torch.Tensor, basis: TraitBasis, **meta: object) -> Path:
+    """Write a persona axis ([hidden], at ``basis.layer``) for readers of an optimised persona."""
+    info = {"fingerprint": basis.fingerprint, "layer": basis.layer, "hidden_size": direction.numel(), **meta}
+    return save_vectors(path, {"axis": direction.reshape(1, -1)}, info)
+
+
+def load_axis(path: str | Path, basis: TraitBasis) -> torch.Tensor:
+    """The persona axis [hidden] in ``path``; refused when written for another model or layer."""
+    file = load_vectors(path, hidden_size=basis.directions.shape[-1], fingerprint=basis.fingerprint)
+    if int(file.meta.get("layer", -1)) != basis.layer or "axis" not in file.tensors:
+        raise VectorFileError(
+            f"{path} holds no persona axis for layer {basis.layer}: re-run make optimize for this persona"
+        )
+    direction = file.tensors["axis"].reshape(-1).float()
+    if not torch.isfinite(direction).all() or float(direction.norm()) == 0:
+        raise VectorFileError(f"the persona axis in {path} is zero or not finite")
+    return direction
 
 
 def configured_basis(steering: SteeringConfig, traits: list[str], slug: str, fingerprint: str) -> TraitBasis:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -310,15 +313,36 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    handles_signals = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if handles_signals else None
     try:
         cfg = _config(args)
         return int(_STAGES[args.command](cfg, args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as exc:
+        # The stage has unwound: checkpoints and cache entries are written whole or not at all.
+        print(
+            "interrupted: finished iterations and every verdict received are kept; "
+            "run the same command to resume",
+            file=sys.stderr,
+        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # At once: judge calls still in flight would hold a normal exit for up to judge.timeout.
+        os._exit(143 if isinstance(exc, Terminated) else 130)
     except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if handles_signals:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread as KeyboardInterrupt is for SIGINT (exit code 143)."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -619,8 +643,9 @@ _STAGES: dict[str, Callable[[Config, argparse.Namespace], int]] = {
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from persona_steering.cache import CacheError, LockedError
+    from persona_steering.checkpoint import ResumeError
     from persona_steering.layers import LayerError
-    from persona_steering.optimize import ResumeError
     from persona_steering.runtime import ModelLoadError
     from persona_steering.store import VectorFileError
     from persona_steering.traits import DefinitionError
@@ -632,6 +657,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         VectorFileError,
         LayerError,
         ResumeError,
+        CacheError,
+        LockedError,
     ]
     try:
         from persona_steering.judges import JudgeError

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -15,6 +16,8 @@ import yaml
 from persona_steering.cache import digest
 
 DEFAULT_TRAITS = ["R1", "R2", "R3", "R4", "R5"]
+PERSONA_AXIS = "P"
+"""The persona's own direction's name among the basis axes (steering.persona_axis)."""
 PERSONA_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 """A persona id: a plain folder and file-name stem, never a path."""
 PRECISIONS = ("auto", "32-true", "bf16-true", "16-true", "bf16-mixed", "16-mixed", "64-true")
@@ -22,6 +25,17 @@ PRECISIONS = ("auto", "32-true", "bf16-true", "16-true", "bf16-mixed", "16-mixed
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the option."""
+
+
+MAX_ALPHA = 10.0
+"""Largest steering.alpha: ten residual norms already drown the model's own activations."""
+
+
+def check_finite(option: str, value: float) -> float:
+    """``value`` unchanged, or ConfigError naming ``option`` when it is NaN or infinite."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{option} must be a finite number, got {value}")
+    return value
 
 
 def check_persona_id(persona_id: str, option: str = "optimize.persona_id") -> str:
@@ -68,6 +82,15 @@ class ModelConfig:
         if self.strategy not in ("auto", "ddp"):
             raise ConfigError(f"model.strategy must be auto or ddp, got {self.strategy!r}")
 
+    def require_one_process(self, stage: str) -> None:
+        """ConfigError for a stage that is not rank-aware: N processes would each call the judge."""
+        if self.devices * self.num_nodes > 1:
+            raise ConfigError(
+                f"{stage} runs in one process (with {self.devices * self.num_nodes} every process would "
+                "judge and pay for the same answers): drop --devices/--num-nodes; only vectors and "
+                "optimize share their work across processes"
+            )
+
 
 @dataclass
 class GenerationConfig:
@@ -87,6 +110,8 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ConfigError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        check_finite("generation.temperature", self.temperature)
+        check_finite("generation.repetition_penalty", self.repetition_penalty)
         if self.temperature < 0:
             raise ConfigError(f"generation.temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -118,6 +143,7 @@ class VectorsConfig:
     def __post_init__(self) -> None:
         if not self.traits:
             raise ConfigError("vectors.traits must name at least one trait")
+        check_finite("vectors.filter_threshold", self.filter_threshold)
         if self.n_per_question < 1:
             raise ConfigError(f"vectors.n_per_question must be >= 1, got {self.n_per_question}")
 
@@ -137,14 +163,17 @@ class JudgeConfig:
     """OpenAI-compatible endpoint; None = the SDK default (or OPENAI_BASE_URL)."""
     api_key_env: str = "OPENAI_API_KEY"
     """Environment variable (or .env entry) holding the key. The key itself is never stored."""
-    timeout: float = 60.0
-    """Seconds per HTTP request."""
+    timeout: float = 20.0
+    """Seconds per HTTP request (a reply is at most 5 tokens)."""
     max_attempts: int = 10
     """Attempts per call before giving up."""
     max_retry_seconds: float = 600.0
     """Total seconds of retrying per call before giving up."""
     concurrency: int = 8
     """Calls in flight at once."""
+    max_consecutive_failures: int = 30
+    """Failed requests in a row, across all calls in flight, after which the judge stops the run
+    (a dead endpoint) instead of retrying each call to its own limit."""
     use_logprobs: bool = True
     """Ask for top_logprobs and take the probability-weighted score; falls back to text."""
     coherence: bool = False
@@ -158,8 +187,13 @@ class JudgeConfig:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError(f"judge.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if self.max_attempts < 1 or self.concurrency < 1:
-            raise ConfigError("judge.max_attempts and judge.concurrency must be >= 1")
+        for name in ("timeout", "max_retry_seconds"):
+            if not check_finite(f"judge.{name}", getattr(self, name)) > 0:
+                raise ConfigError(f"judge.{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.max_attempts < 1 or self.concurrency < 1 or self.max_consecutive_failures < 1:
+            raise ConfigError(
+                "judge.max_attempts, judge.concurrency and judge.max_consecutive_failures must be >= 1"
+            )
 
 
 @dataclass
@@ -176,8 +210,12 @@ class SteeringConfig:
     """Which activation summary the vectors came from."""
     trait_vector_dir: str = "runs/vectors"
     """Root of vector files (<dir>/<model-slug>/<trait>.safetensors)."""
+    persona_axis: bool = False
+    """optimize: add the persona's own mean-difference direction as a sixth axis 'P' beside the traits."""
 
     def __post_init__(self) -> None:
+        if not 0 < check_finite("steering.alpha", self.alpha) <= MAX_ALPHA:
+            raise ConfigError(f"steering.alpha must be in (0, {MAX_ALPHA:g}], got {self.alpha}")
         if self.positions not in ("response", "prompt", "all"):
             raise ConfigError(f"steering.positions must be response, prompt or all, got {self.positions!r}")
         if self.vector_method not in ("mean_diff", "svd", "pca"):
@@ -228,8 +266,12 @@ class OptimizeConfig:
             raise ConfigError(f"optimize.max_iterations must be >= 1, got {self.max_iterations}")
         if self.population_size is not None and self.population_size < 2:
             raise ConfigError(f"optimize.population_size must be >= 2, got {self.population_size}")
-        if not self.sigma0 > 0:
+        if not check_finite("optimize.sigma0", self.sigma0) > 0:
             raise ConfigError(f"optimize.sigma0 must be > 0, got {self.sigma0}")
+        if not check_finite("optimize.bound", self.bound) > 0:
+            raise ConfigError(f"optimize.bound must be > 0, got {self.bound}")
+        if not check_finite("optimize.coherence_penalty", self.coherence_penalty) >= 0:
+            raise ConfigError(f"optimize.coherence_penalty must be >= 0, got {self.coherence_penalty}")
         if self.personas and self.layers:
             raise ConfigError("optimize.personas and optimize.layers cannot be combined; run one at a time")
 
@@ -366,7 +408,16 @@ class Config:
     traits: list[str] = field(default_factory=lambda: list(DEFAULT_TRAITS))
     """Traits combined by steering and optimisation."""
 
+    @property
+    def basis_traits(self) -> list[str]:
+        """The axes steering weighs: the traits, then the persona axis when ``steering.persona_axis``."""
+        return [*self.traits, PERSONA_AXIS] if self.steering.persona_axis else list(self.traits)
+
     def __post_init__(self) -> None:
+        if PERSONA_AXIS in self.traits:
+            raise ConfigError(
+                f"{PERSONA_AXIS!r} names the persona axis, not a trait: use steering.persona_axis=true"
+            )
         if self.optimize.coherence_penalty and not self.judge.coherence:
             raise ConfigError(
                 "optimize.coherence_penalty needs judge.coherence (--coherence): without coherence "

@@ -12,7 +12,7 @@ def plot_convergence(result: dict[str, Any], path: Path) -> Path:
     """Best-so-far, generation best and mean fit per iteration, and the weights' trajectories."""
     from matplotlib.ticker import MaxNLocator
 
-    from persona_steering.report import save_figure, subplots
+    from persona_steering.rendering import save_figure, subplots
 
     h = result["optimization_history"]
     extra = result["history"]
@@ -35,7 +35,7 @@ def plot_convergence(result: dict[str, Any], path: Path) -> Path:
 
 
 def plot_layers(summary: dict[str, Any], path: Path) -> Path:
-    from persona_steering.report import save_figure, subplots
+    from persona_steering.rendering import save_figure, subplots
 
     rows = summary["layers"]
     fig, ax = subplots(figsize=(6, 3.5))

@@ -8,6 +8,7 @@ ranks (or take rank 0's decision through ``on_main``).
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,6 +35,12 @@ def rank(fabric: Fabric | None) -> int:
 
 def is_main(fabric: Fabric | None) -> bool:
     return rank(fabric) == 0
+
+
+def launched_as_main() -> bool:
+    """Before Fabric exists: whether this process will be rank 0 (torchrun sets RANK; Fabric's own
+    launcher gives the processes it starts LOCAL_RANK, and NODE_RANK on other machines)."""
+    return all(os.environ.get(v, "0") == "0" for v in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
 def is_main_process() -> bool:

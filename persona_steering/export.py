@@ -243,7 +243,7 @@ def _basis(cfg: Config, record: PersonaRecord | None) -> TraitBasis:
     layer = record.layer if record else cfg.steering.layer
     method = (record.vector_method if record else None) or cfg.steering.vector_method
     summary = (record.summary if record else None) or cfg.steering.summary
-    names = list(record.traits) if record else list(cfg.traits)
+    names = list(record.traits) if record else cfg.basis_traits
     block_index(layer)  # refuse row 1 before reading any vector file
     basis = load_basis(
         cfg.steering.trait_vector_dir,
@@ -253,6 +253,7 @@ def _basis(cfg: Config, record: PersonaRecord | None) -> TraitBasis:
         method,
         summary,
         fingerprint=ident.fingerprint,
+        axis_file=record.files.axis if record and record.files else None,
     )
     if record is not None:
         record.check_basis(basis)

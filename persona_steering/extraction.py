@@ -84,6 +84,7 @@ def run_vectors(cfg: Config, rt: Runtime | None = None, log: Any = print) -> lis
         todo = [t for t in traits if t.name in names]
         log = quiet_unless_main(rt.fabric, log)
         rank_log(rt.fabric, f"extracting {', '.join(names)} from a round-robin share of the rows")
+        log(f"extracting {', '.join(names)} into {out_dir}")
         with main_cache(rt.fabric, cfg.cache_dir) as cache:
             answers = _generate_all(rt, cfg, todo, cache)
             for trait in todo:

@@ -24,6 +24,9 @@ from persona_steering.distributed import gather_objects, on_main, rank, world_si
 from persona_steering.runtime import Runtime
 from persona_steering.steering import steer
 
+GENERATION_VERSION = 2
+"""Part of every generation's cache key: bump it when this module would answer differently."""
+
 
 @dataclass(frozen=True)
 class Request:
@@ -154,11 +157,22 @@ def _lookup(
         if kd in hits or kd in todo:
             continue
         hit = cache.get("generation", key) if cache is not None else None
-        if hit is not None:
+        if _usable(hit):
+            assert hit is not None
             hits[kd] = (hit, i)
         else:
             todo[kd] = i
     return hits, todo
+
+
+def _usable(hit: Any) -> bool:
+    """A cached answer of the shape ``generate`` writes; anything else (an edited row) is a miss."""
+    return (
+        isinstance(hit, dict)
+        and isinstance(hit.get("text"), str)
+        and isinstance(hit.get("ids"), list)
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in hit["ids"])
+    )
 
 
 def generate_population(
@@ -212,6 +226,9 @@ def _row_key(
     return {
         "model": rt.fingerprint,
         "dtype": str(rt.model.dtype),
+        # bf16-mixed and 32-true hold float32 weights alike, but compute differently.
+        "precision": rt.precision,
+        "v": GENERATION_VERSION,
         "prompt": text,
         "gen": settings,
         "seed": seed if gen.temperature > 0 else None,

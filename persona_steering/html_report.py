@@ -23,7 +23,7 @@ from persona_steering.cache import atomic_write_text
 from persona_steering.config import Config, ConfigError
 from persona_steering.judges.base import PARTS as FIT_PARTS
 from persona_steering.record import PersonaFiles, PersonaRecord
-from persona_steering.report import NA, fmt_interval, fmt_number, fmt_test
+from persona_steering.rendering import NA, fmt_interval, fmt_number, fmt_test
 
 DEFAULT_OUT_DIR = "runs/report"
 MAX_EXAMPLES = 4

@@ -30,7 +30,7 @@ from persona_steering.cache import atomic_write_json, digest
 from persona_steering.config import Config, ConfigError
 from persona_steering.generation import Request, generate
 from persona_steering.layers import decoder_blocks, normalize_layer, untuple
-from persona_steering.report import save_figure
+from persona_steering.rendering import save_figure
 from persona_steering.runtime import Runtime, identify, load_runtime
 from persona_steering.store import VectorFileError, load_vectors
 from persona_steering.traits import load_traits

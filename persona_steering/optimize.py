@@ -2,18 +2,18 @@
 every iteration, resume with nothing recomputed.
 
 Objective (minimised): minus the mean persona-fit verdict (1-5) of a candidate's steered answers
-against the unsteered ones, optionally minus a coherence penalty. A candidate's score records how
-many verdicts it rests on; a missing verdict is never replaced by a made-up number.
+against the unsteered ones, optionally minus a coherence penalty. Candidates are compared on the
+same prompts only: a missing verdict is re-asked, and if it is still missing the run stops before
+telling CMA-ES (the checkpoint stays as it was, and a re-run resumes).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import pickle
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -23,8 +23,18 @@ import numpy as np
 import torch
 
 from persona_steering import __version__
-from persona_steering.basis import TraitBasis, configured_basis
-from persona_steering.cache import Cache, atomic_write_bytes, atomic_write_json, digest
+from persona_steering.basis import TraitBasis, configured_basis, save_axis
+from persona_steering.cache import Cache, atomic_write_json, digest, exclusive_lock, remove_stale_temps
+from persona_steering.checkpoint import (
+    ResumeError,
+    Start,
+    ask,
+    load_checkpoint,
+    new_state,
+    save_checkpoint,
+    state_digest,
+    tell,
+)
 from persona_steering.config import Config, ConfigError
 from persona_steering.contrast import FitContext, fit_context, other_personas
 from persona_steering.convergence import plot_convergence, plot_layers
@@ -32,22 +42,26 @@ from persona_steering.distributed import (
     check_same,
     is_main,
     is_main_process,
+    launched_as_main,
     main_cache,
     on_main,
     quiet_unless_main,
     rank_log,
 )
 from persona_steering.generation import Request, generate, generate_population
-from persona_steering.judges import Judge, Query, build_judge, judge_versions
+from persona_steering.judges import Judge, JudgeError, Query, Verdict, build_judge, judge_versions
+from persona_steering.persona_axis import NoContrastError, persona_directions
 from persona_steering.record import PersonaFiles, PersonaRecord
 from persona_steering.runtime import Runtime, identify, load_runtime
 from persona_steering.traits import Persona, load_persona, load_prompts
+from persona_steering.vectors import unit
 
-CHECKPOINT_VERSION = 1
+REASK_ROUNDS = 2
+"""Times the missing verdicts of a population are asked again before the run stops."""
+RUN_VERSION = 1
+"""Part of every run digest: bump it when the same configuration would follow another trajectory."""
 
-
-class ResumeError(ValueError):
-    """An existing run does not match this configuration."""
+__all__ = ["ResumeError", "run_layers", "run_optimize", "run_personas", "state_digest"]
 
 
 @dataclass
@@ -92,14 +106,22 @@ class Objective:
         """What the persona's voice is judged against (contrast answers generated once, memoised)."""
         return fit_context(self.rt, self.cfg, self.persona, self.cache)
 
+    def deltas(self, weights: np.ndarray) -> torch.Tensor:
+        """Steering vectors [candidates, hidden] of weights [candidates, k]."""
+        w = torch.as_tensor(np.asarray(weights, dtype=np.float64), dtype=torch.float32)
+        return self.basis.deltas(w, self.cfg.steering.alpha)
+
     def answers(self, weights: np.ndarray) -> list[list[str]]:
         """Steered answers [candidate][prompt] for weights [candidates, k], in one generate call."""
-        w = torch.as_tensor(np.asarray(weights, dtype=np.float64), dtype=torch.float32)
+        return self.steered(self.deltas(weights))
+
+    def steered(self, deltas: torch.Tensor) -> list[list[str]]:
+        """Answers [candidate][prompt] steered by ``deltas`` [candidates, hidden] at the basis layer."""
         out = generate_population(
             self.rt,
             self.prompts,
             self.cfg.generation,
-            self.basis.deltas(w, self.cfg.steering.alpha),  # [candidates, hidden]
+            deltas,
             self.basis.layer,
             self.cfg.steering.positions,
             cache=self.cache,
@@ -122,7 +144,7 @@ class Objective:
                 if self.cfg.judge.coherence:
                     queries.append(Query("coherence", prompt, ans))
         # Judged once, on rank 0; every rank gets the verdicts and so tells CMA-ES the same scores.
-        verdicts = on_main(self.rt.fabric, lambda: self.judge.judge(queries, self.cache))
+        verdicts = on_main(self.rt.fabric, lambda: self._every_verdict(queries))
         per = 2 if self.cfg.judge.coherence else 1
         n = len(self.prompts)
         scored = []
@@ -138,6 +160,24 @@ class Objective:
                 objective += self.cfg.optimize.coherence_penalty * (1 - coh / 100)
             scored.append(Scored(fit, coh, len(fits), n, objective, parts))
         return scored
+
+    def _every_verdict(self, queries: list[Query]) -> list[Verdict]:
+        """A verdict for every query, missing ones re-asked; JudgeError if some are still missing."""
+        verdicts = self.judge.judge(queries, self.cache)
+        for _ in range(REASK_ROUNDS):
+            missing = [i for i, v in enumerate(verdicts) if v.score is None]
+            if not missing:
+                return verdicts
+            again = self.judge.judge([queries[i] for i in missing], self.cache)
+            for i, verdict in zip(missing, again, strict=True):
+                verdicts[i] = verdict
+        missing = [i for i, v in enumerate(verdicts) if v.score is None]
+        if missing:
+            raise JudgeError(
+                f"{len(missing)} of {len(queries)} verdicts still missing after asking "
+                f"{REASK_ROUNDS + 1} times (first: {verdicts[missing[0]].detail})"
+            )
+        return verdicts
 
 
 def _mean_parts(verdicts: list[Any]) -> dict[str, float]:
@@ -193,16 +233,32 @@ def run_personas(
     result as alone), but one batched ``generate`` per iteration carrying every persona's rows."""
     if len(set(persona_ids)) != len(persona_ids):
         raise ConfigError(f"persona ids repeat: {', '.join(persona_ids)}")
+    with ExitStack() as locks:
+        return _run_personas(cfg, persona_ids, rt, log, locks)
+
+
+def _run_personas(
+    cfg: Config,
+    persona_ids: list[str],
+    rt: Runtime | Callable[[], Runtime] | None,
+    log: Any,
+    locks: ExitStack,
+) -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
     runs: list[_Run] = []
-    for pid in persona_ids:  # everything checked before the model loads or anything is written
-        run = _plan(replace(cfg, optimize=replace(cfg.optimize, persona_id=pid)))
+    plans = [_plan(replace(cfg, optimize=replace(cfg.optimize, persona_id=p))) for p in persona_ids]
+    for pid, run in zip(persona_ids, plans, strict=True):  # all checked before anything is written
+        if launched_as_main():  # one run per persona and save dir: two would both pay the judge
+            what = f"an optimize of persona {pid} in {run.paths['lock'].parent}"
+            locks.enter_context(exclusive_lock(run.paths["lock"], what))
+            for path in run.paths.values():  # ours now: temps a killed run left cannot be a live writer's
+                remove_stale_temps(path)
         finished = _finished_result(run.paths["result"], run.digest)
         if finished is not None and not cfg.optimize.restart:
             log(f"{pid}: finished run found in {run.paths['result']} (config {run.digest}); nothing to do")
             results[pid] = finished
             continue
-        run.state = _load_checkpoint(run.paths["checkpoint"], run.digest, cfg.optimize.restart)
+        run.state = _load_checkpoint(run, log)
         runs.append(run)
     if not runs:
         return results
@@ -216,25 +272,56 @@ def run_personas(
     with main_cache(rt.fabric, cfg.cache_dir) as cache:
         judge = build_judge(cfg.judge, rt, cfg.cache_dir)
         for run in runs:
+            if run.cfg.steering.persona_axis:
+                _add_persona_axis(run, rt, cache, log)
             run.objective = Objective(rt, run.cfg, run.basis, run.persona, run.prompts, judge, cache)
             _start(run, log)
-        while active := [r for r in runs if r.state and r.state["iteration"] < cfg.optimize.max_iterations]:
-            started = time.perf_counter()
-            candidates = [_ask(r) for r in active]  # [popsize, k] each
-            texts = _answers_together(active, candidates)
-            for run, cands, answers in zip(active, candidates, texts, strict=True):
-                assert run.objective is not None
-                scored = run.objective.judge_texts(answers)
-                if any(s.verdicts == 0 for s in scored):
-                    raise RuntimeError(
-                        "a candidate got no verdict at all after retries; see the log for the judge's errors"
-                    )
-                _tell(run, cands, scored, time.perf_counter() - started, log, prefix=len(runs) > 1)
-        for run in runs:
-            results[run.id] = _finish(run, log)
+        try:
+            _iterate(runs, cfg.optimize.max_iterations, log)
+            for run in runs:
+                results[run.id] = _finish(run, log)
+        except JudgeError as exc:
+            raise JudgeError(f"{exc}; {_resume_note(runs)}") from None
         if cache is not None:
             log("cache: " + json.dumps({"hits": cache.hits, "misses": cache.misses}, sort_keys=True))
     return {pid: results[pid] for pid in persona_ids}
+
+
+def _add_persona_axis(run: _Run, rt: Runtime, cache: Cache | None, log: Any) -> None:
+    """Extend the run's basis by the persona's own direction 'P' and write it beside the result."""
+    try:
+        directions, pairs = persona_directions(rt, run.cfg, run.persona, cache, run.basis.layer)
+    except NoContrastError as exc:
+        raise ConfigError(f"{run.id}: steering.persona_axis: {exc}") from None
+    direction = directions["mean_diff"]
+    axis = unit(direction)
+    traits = zip(run.basis.traits, run.basis.directions, strict=True)
+    cosines = {t: round(float(u @ axis), 3) for t, u in traits}
+    run.basis = run.basis.with_axis(direction)
+    if is_main(rt.fabric):
+        save_axis(run.paths["axis"], axis, run.basis, persona_id=run.id, pairs=pairs)
+    log(f"{run.id}: persona axis P from {pairs} sample/answer pairs; cosine with the traits {cosines}")
+
+
+def _iterate(runs: list[_Run], max_iterations: int, log: Any) -> None:
+    """Ask, generate every run's rows together, judge, tell; until every run is done."""
+    while active := [r for r in runs if r.state and r.state["iteration"] < max_iterations]:
+        started = time.perf_counter()
+        candidates = [_ask(r) for r in active]  # [popsize, k] each
+        texts = _answers_together(active, candidates)
+        for run, cands, answers in zip(active, candidates, texts, strict=True):
+            assert run.objective is not None
+            scored = run.objective.judge_texts(answers)
+            _tell(run, cands, scored, time.perf_counter() - started, log, prefix=len(runs) > 1)
+
+
+def _resume_note(runs: list[_Run]) -> str:
+    """What a stopped run left behind: nothing half-told, and how to continue."""
+    done = ", ".join(f"{r.id} after iteration {r.state['iteration']}" for r in runs if r.state)
+    return (
+        f"stopped before telling CMA-ES; the checkpoints ({done}) and every verdict received are "
+        "kept: re-run the same command to resume"
+    )
 
 
 def _plan(cfg: Config) -> _Run:
@@ -250,53 +337,40 @@ def _plan(cfg: Config) -> _Run:
 
 def _start(run: _Run, log: Any) -> None:
     """A fresh CMA-ES (seeded) unless a checkpoint was loaded."""
-    import cma
-
-    opt = run.cfg.optimize
     if run.state is not None:
         log(f"{run.id}: resuming after iteration {run.state['iteration']} from {run.paths['checkpoint']}")
         return
-    np.random.seed(run.cfg.seed)  # cma samples from numpy's global generator
-    es = cma.CMAEvolutionStrategy(
-        run.x0.tolist(),
-        opt.sigma0,
-        {
-            "popsize": opt.population_size or (4 + int(3 * math.log(len(run.x0)))),
-            "seed": run.cfg.seed + 1,
-            "bounds": [-opt.bound, opt.bound],
-            "verbose": -9,
-            "maxiter": opt.max_iterations,
-        },
-    )
-    run.state = {
-        "es": es,
-        "numpy_rng": np.random.get_state(),
-        "iteration": 0,
-        "history": _new_history(),
-        "digest": run.digest,
-        "evaluations": 0,
-        "best": None,
-    }
+    run.state = new_state(_strategy_start(run), run.digest)
     log(
-        f"{run.id}: starting CMA-ES over {', '.join(run.cfg.traits)} at layer {run.basis.layer}, "
-        f"alpha {run.cfg.steering.alpha}, population {es.popsize}"
+        f"{run.id}: starting CMA-ES over {', '.join(run.basis.traits)} at layer {run.basis.layer}, "
+        f"alpha {run.cfg.steering.alpha}, population {run.state['es'].popsize}"
+    )
+
+
+def _strategy_start(run: _Run) -> Start:
+    opt = run.cfg.optimize
+    return Start(
+        x0=run.x0.tolist(),
+        sigma0=opt.sigma0,
+        popsize=opt.population_size or (4 + int(3 * math.log(len(run.x0)))),
+        seed=run.cfg.seed,
+        bound=opt.bound,
+        max_iterations=opt.max_iterations,
     )
 
 
 def _ask(run: _Run) -> np.ndarray:
     """The next population, drawn from this run's own numpy RNG stream (so lockstep equals alone)."""
     assert run.state is not None
-    np.random.set_state(run.state["numpy_rng"])
-    candidates = np.asarray(run.state["es"].ask())
-    run.state["numpy_rng"] = np.random.get_state()
-    return candidates
+    return ask(run.state)
 
 
 def _answers_together(runs: list[_Run], candidates: list[np.ndarray]) -> list[list[list[str]]]:
-    """Every run's steered answers from one generate call (runs share model, prompts and basis)."""
+    """Every run's steered answers from one generate call (runs share model, prompts and layer)."""
     first = runs[0].objective
     assert first is not None
-    texts = first.answers(np.concatenate(candidates))
+    deltas = [r.objective.deltas(c) for r, c in zip(runs, candidates, strict=True)]  # type: ignore[union-attr]
+    texts = first.steered(torch.cat(deltas))
     out, start = [], 0
     for cands in candidates:
         out.append(texts[start : start + len(cands)])
@@ -310,10 +384,8 @@ def _tell(
     """Update CMA-ES, the history and the checkpoint; print the iteration's line."""
     state = run.state
     assert state is not None
-    np.random.set_state(state["numpy_rng"])
-    state["es"].tell(candidates.tolist(), [s.objective for s in scored])
-    _record(state, candidates, scored, run.cfg.traits)
-    state["numpy_rng"] = np.random.get_state()
+    tell(state, candidates, [s.objective for s in scored])
+    _record(state, candidates, scored, run.basis.traits)
     held = state_digest(state)
     state["history"]["state_digest"].append(held)
     fabric = run.objective.rt.fabric if run.objective is not None else None
@@ -322,7 +394,7 @@ def _tell(
     check_same(fabric, held, f"{run.id}'s CMA-ES state after iteration {state['iteration']}")
     rank_log(fabric, f"{run.id} iteration {state['iteration']} CMA-ES state {held}")
     if is_main(fabric):
-        _save_checkpoint(run.paths["checkpoint"], state)
+        save_checkpoint(run.paths["checkpoint"], state)
     h = state["history"]
     log(
         f"{run.id + ': ' if prefix else ''}"
@@ -410,13 +482,14 @@ def run_layers(cfg: Config, layers: list[int], log: Any = print) -> dict[str, An
 
 
 def _initial_weights(cfg: Config) -> np.ndarray:
-    k = len(cfg.traits)
+    traits = cfg.basis_traits
+    k = len(traits)
     init = cfg.optimize.initial_weights
     if init is None:
         return np.zeros(k)
     if len(init) != k:
         raise ConfigError(
-            f"optimize.initial_weights has {len(init)} values for {k} traits ({', '.join(cfg.traits)})"
+            f"optimize.initial_weights has {len(init)} values for {k} traits ({', '.join(traits)})"
         )
     arr = np.asarray(init, dtype=np.float64)
     if not np.all(np.isfinite(arr)):
@@ -433,9 +506,13 @@ def _run_digest(
     # Where inputs live and how runs are grouped do not change a persona's trajectory.
     where = ("save_dir", "restart", "persona_dir", "prompts_file", "layers", "personas")
     opt = {k: v for k, v in asdict(cfg.optimize).items() if k not in where}
+    # The persona axis contrasts the samples with answers to every training prompt, not just these.
+    axis = {}
+    if cfg.steering.persona_axis:
+        axis["axis_prompts"] = load_prompts(cfg.optimize.prompts_file, "train")
     return digest(
         {
-            "v": CHECKPOINT_VERSION,
+            "v": RUN_VERSION,
             "model": fingerprint,
             "generation": asdict(cfg.generation) | {"max_batch": None},
             "steering": asdict(cfg.steering) | {"trait_vector_dir": None},
@@ -448,6 +525,7 @@ def _run_digest(
                     "concurrency",
                     "max_attempts",
                     "max_retry_seconds",
+                    "max_consecutive_failures",
                     "calibration_dir",
                     "check_dir",
                 )
@@ -462,6 +540,7 @@ def _run_digest(
             "persona": persona.digest(),
             "prompts": prompts,
             "basis": basis.digest(),
+            **axis,
         },
         16,
     )
@@ -472,7 +551,10 @@ def _paths(save_dir: Path, persona_id: str) -> dict[str, Path]:
     return {
         "result": files.result,
         "best": files.best_weights,
-        "checkpoint": save_dir / f"{persona_id}_checkpoint.pkl",
+        "checkpoint": files.checkpoint,
+        "legacy_checkpoint": files.legacy_checkpoint,
+        "lock": files.lock,
+        "axis": files.axis,
         "plot": files.convergence,
     }
 
@@ -487,60 +569,20 @@ def _finished_result(path: Path, run_digest: str) -> dict[str, Any] | None:
     return data if data.get("config_digest") == run_digest else None
 
 
-def _load_checkpoint(path: Path, run_digest: str, restart: bool) -> dict[str, Any] | None:
-    if not path.is_file() or restart:
+def _load_checkpoint(run: _Run, log: Any) -> dict[str, Any] | None:
+    """The run's checkpoint with its strategy rebuilt, None to start fresh; a pickled checkpoint from
+    an older version is never loaded (unpickling a file can run any code)."""
+    path, legacy = run.paths["checkpoint"], run.paths["legacy_checkpoint"]
+    if run.cfg.optimize.restart:
         return None
-    try:
-        with open(path, "rb") as fh:
-            state = pickle.load(fh)
-    except Exception:
-        raise ResumeError(f"checkpoint {path} is unreadable; rerun with --restart to start over") from None
-    expected = {"es", "numpy_rng", "iteration", "history", "digest", "evaluations", "best", "version"}
-    if not isinstance(state, dict) or set(state) != expected:
-        raise ResumeError(f"checkpoint {path} has unexpected contents; rerun with --restart to start over")
-    if state["digest"] != run_digest:
+    if legacy.is_file() and not path.is_file():
         raise ResumeError(
-            f"an optimisation with another configuration ({state['digest']}, this one is {run_digest}) "
-            f"is in {path.parent}; use another --save-dir, or --restart to discard it"
+            f"{legacy} is a pickled checkpoint from an older version and is never loaded (a pickle "
+            "can run code); delete it, or rerun with --restart to start over"
         )
-    h = state["history"]  # checkpoints written before state digests were recorded
-    h.setdefault("state_digest", [None] * len(h["iterations"]))
-    return state
-
-
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    atomic_write_bytes(path, pickle.dumps({**state, "version": CHECKPOINT_VERSION}))
-
-
-def _new_history() -> dict[str, list[Any]]:
-    return {
-        "best_parts": [],
-        "iterations": [],
-        "best_scores": [],
-        "best_weights": [],
-        "generation_best": [],
-        "generation_mean": [],
-        "sigma": [],
-        "mean_weights": [],
-        "verdicts": [],
-        "expected_verdicts": [],
-        "candidates": [],
-        "state_digest": [],
-    }
-
-
-def state_digest(state: dict[str, Any]) -> str:
-    """Digest of the CMA-ES state that decides the next populations: mean, step size, covariance,
-    both evolution paths and the iteration count. (numpy's RNG position is left out: cma draws
-    numbers it throws away, so it differs between a resumed and an uninterrupted run whose
-    candidates are identical.)"""
-    es = state["es"]
-    parts = [np.asarray(es.mean), np.asarray(es.sigma), np.asarray(es.sm.C), np.asarray(es.pc)]
-    parts += [np.asarray(getattr(es.adapt_sigma, "ps", [])), np.asarray(es.countiter)]
-    h = hashlib.sha256()
-    for a in parts:
-        h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
-    return h.hexdigest()[:16]
+    if not path.is_file():
+        return None
+    return load_checkpoint(path, _strategy_start(run), run.digest)
 
 
 def _record(state: dict[str, Any], candidates: np.ndarray, scored: list[Scored], traits: list[str]) -> None:
@@ -579,7 +621,7 @@ def _result(
     zero_s: Scored,
     run_digest: str,
 ) -> dict[str, Any]:
-    traits = cfg.traits
+    traits = basis.traits
     h = state["history"]
     missing = sum(
         state["history"]["expected_verdicts"][i] * len(v) - sum(v) for i, v in enumerate(h["verdicts"])

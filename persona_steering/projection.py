@@ -40,7 +40,7 @@ from persona_steering.config import Config, ConfigError
 from persona_steering.extraction import Pair, record_activations
 from persona_steering.generation import Request, chat_text
 from persona_steering.layers import normalize_layer
-from persona_steering.report import fmt_number, markdown_table
+from persona_steering.rendering import fmt_number, markdown_table
 from persona_steering.runtime import Runtime, identify, load_runtime
 from persona_steering.store import VectorFileError, load_vectors
 from persona_steering.traits import DefinitionError

@@ -1,8 +1,7 @@
 """An optimised persona: its files, its typed record, and the checks every reader shares.
 
 ``optimize`` writes the record (``save``); evaluate, export and the report start from ``load``.
-File names built from a persona id live here alone (the checkpoint's name stays with the
-checkpoint code in ``optimize``).
+File names built from a persona id live here alone.
 """
 
 from __future__ import annotations
@@ -49,6 +48,26 @@ class PersonaFiles:
         return self._file("_best_weights.json")
 
     @property
+    def axis(self) -> Path:
+        """The persona axis 'P' of an optimisation with ``steering.persona_axis`` (safetensors)."""
+        return self._file("_axis.safetensors")
+
+    @property
+    def checkpoint(self) -> Path:
+        """The optimiser's JSON checkpoint (see ``checkpoint``)."""
+        return self._file("_checkpoint.json")
+
+    @property
+    def legacy_checkpoint(self) -> Path:
+        """The pickled checkpoint older versions wrote: recognised, never loaded."""
+        return self._file("_checkpoint.pkl")
+
+    @property
+    def lock(self) -> Path:
+        """Held by the ``optimize`` run writing this persona's files (``cache.exclusive_lock``)."""
+        return self._file(".lock")
+
+    @property
     def convergence(self) -> Path:
         return self._file("_convergence.png")
 
@@ -89,6 +108,7 @@ class PersonaRecord:
     config_digest: str | None = None
     data: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None  # the file it was read from
+    files: PersonaFiles | None = None  # the persona's files, when loaded from a save folder
 
     @classmethod
     def from_dict(cls, data: Any, source: Path | None = None) -> PersonaRecord:
@@ -147,6 +167,7 @@ class PersonaRecord:
         record = cls.from_dict(data, path)
         if record.persona_id != files.persona_id:
             raise ConfigError(f"{path} holds persona {record.persona_id!r}, not {files.persona_id!r}")
+        record.files = files
         return record
 
     @classmethod

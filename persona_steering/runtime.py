@@ -7,7 +7,11 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
+import threading
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +62,11 @@ class Runtime:
     def world_size(self) -> int:
         """Processes sharing the work (1 unless --devices/--num-nodes ask for more)."""
         return int(self.fabric.world_size)
+
+    @property
+    def precision(self) -> str:
+        """Fabric's precision mode, e.g. '32-true' or 'bf16-mixed' (same weights dtype, other numerics)."""
+        return str(self.fabric.strategy.precision.precision)
 
     @property
     def num_layers(self) -> int:
@@ -130,6 +139,10 @@ def identify(cfg: ModelConfig) -> ModelIdentity:
     )
 
 
+COLLECTIVE_TIMEOUT = timedelta(minutes=60)
+"""How long a rank waits in one collective before giving up (explicit; see build_fabric)."""
+
+
 def build_fabric(cfg: ModelConfig, seed: int) -> Fabric:
     """Fabric, launched when several processes are wanted, and seeded alike on every rank.
 
@@ -149,6 +162,13 @@ def build_fabric(cfg: ModelConfig, seed: int) -> Fabric:
     # LT_* variables and refuses differing constructor values), and Fabric joins the process group
     # in its constructor and refuses launch().
     fabric_cli = os.environ.get("LT_CLI_USED", "0") == "1"
+    if cfg.devices * cfg.num_nodes > 1:
+        from lightning.fabric.strategies import DDPStrategy
+
+        # Explicit, not the backend's default: rank 0 judges alone while the others wait in a
+        # broadcast, so a population may legitimately take many minutes. A dead rank 0 is noticed
+        # by _exit_with_parent within a second, not by this timeout.
+        placement["strategy"] = DDPStrategy(timeout=COLLECTIVE_TIMEOUT)
     fabric = Fabric(precision=precision, **({} if fabric_cli else placement))  # type: ignore[arg-type]
     # launch() starts the other local processes (re-running this command) unless torchrun or srun
     # already started them: Fabric then sees WORLD_SIZE/LOCAL_RANK or SLURM_* and only joins.
@@ -160,8 +180,25 @@ def build_fabric(cfg: ModelConfig, seed: int) -> Fabric:
         )
     if fabric.world_size > 1 and not fabric_cli:
         fabric.launch()
+    if fabric.global_rank != 0:
+        _exit_with_parent(fabric.global_rank)
     fabric.seed_everything(seed, verbose=False)
     return fabric
+
+
+def _exit_with_parent(rank: int) -> None:
+    """End this process as soon as its parent (rank 0, which Fabric's launcher runs, or torchrun's
+    agent) is gone: left alone it would wait in a collective until the timeout, holding its device."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        print(f"[rank {rank}] the process that started this one is gone; exiting", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def load_runtime(cfg: ModelConfig, cache_dir: str | Path = "cache", seed: int = 0) -> Runtime:

@@ -3,13 +3,11 @@ and a tiny project (traits with vectors, a persona, prompts) on it."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -122,56 +120,10 @@ def embedded_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture()
 def project(tmp_path, tiny_model_dir):
-    """A tiny project: two traits with vectors, a persona, prompts; returns CLI options."""
-    from tests_helpers import write_trait
+    """A tiny project: two traits with vectors, a three-sample persona, one held-out prompt, a short
+    CMA-ES budget; returns (folder, config overrides)."""
+    from tests_helpers import SAMPLES, build_project
 
-    from persona_steering.config import load_config
-    from persona_steering.extraction import run_vectors
-
-    traits = tmp_path / "traits"
-    write_trait(
-        traits,
-        "T1",
-        "be formal and warm",
-        "be casual and cold",
-        ["how was your weekend ?", "what should i cook ?"],
-    )
-    write_trait(traits, "T2", "talk about me", "talk about you", ["hello !", "how was work today ?"])
-    persona = tmp_path / "personas" / "p1"
-    persona.mkdir(parents=True)
-    (persona / "persona_profile.txt").write_text("A warm friend who tells stories about the weekend.")
-    (persona / "persona_samples.json").write_text(
-        json.dumps(["i love my weekend with family", "i remember a trip once", "the food was good"])
-    )
-    prompts = tmp_path / "prompts.yaml"
-    prompts.write_text(
-        yaml.safe_dump(
-            {
-                "train": ["how was your day ?", "what should i cook ?", "tell me about a trip"],
-                "heldout": ["hello !"],
-            }
-        )
-    )
-    overrides = [
-        f"model.name={tiny_model_dir}",
-        "model.accelerator=cpu",
-        "judge.backend=embedding",  # mechanics on a 4-sample persona; the offline judge has its own tests
-        f"cache_dir={tmp_path / 'cache'}",
-        f"vectors.trait_dir={traits}",
-        f"vectors.out_dir={tmp_path / 'vectors'}",
-        "vectors.traits=[T1, T2]",
-        "traits=[T1, T2]",
-        f"steering.trait_vector_dir={tmp_path / 'vectors'}",
-        "steering.layer=2",
-        "steering.alpha=2.0",
-        "generation.max_new_tokens=6",
-        f"optimize.persona_dir={tmp_path / 'personas'}",
-        f"optimize.prompts_file={prompts}",
-        "optimize.persona_id=p1",
-        "optimize.num_prompts=2",
-        "optimize.max_iterations=4",
-        "optimize.population_size=4",
-        f"optimize.save_dir={tmp_path / 'runs'}",
-    ]
-    run_vectors(load_config(None, overrides), log=lambda *_: None)
+    overrides = build_project(tmp_path, tiny_model_dir, samples=SAMPLES[:3], heldout=["hello !"])
+    overrides += ["optimize.max_iterations=4", "optimize.population_size=4"]
     return tmp_path, overrides

@@ -14,6 +14,13 @@ Each request consumes the next scripted behaviour (``"ok"`` once the script is e
 - ``"400"``, ``"401"`` (echoes the bearer token in its message, as a worst case), ``"404"``.
 - ``"400-logprobs"``: 400 if the request asked for logprobs, else ok.
 - ``"malformed-json"``: 200 whose body is cut in the middle of the JSON.
+- ``"non-json"``: 200 with an HTML page (text/html), as a proxy in the way would send.
+- ``"non-utf8"``: 200, application/json, whose body is not UTF-8.
+- ``"drop"``: close the connection without a reply.
+
+With ``server.faults = {behaviour: probability}`` and the script empty, each request draws its
+behaviour from that mix (seeded by ``server.seed``; "ok" for the rest); ``server.injected`` counts
+what was served, faults and ok alike.
 
 Every request is recorded (path, headers, raw body) in ``server.requests``.
 """
@@ -22,10 +29,13 @@ from __future__ import annotations
 
 import json
 import math
+import random
+import socket
 import threading
-from collections import deque
+import time
+from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -39,6 +49,7 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: bytes
+    at: float = field(default_factory=time.monotonic)
 
     @property
     def json(self) -> dict[str, Any]:
@@ -57,6 +68,10 @@ class FakeOpenAI:
         """Seconds every non-hanging reply waits first (for concurrency tests)."""
         self.hang = hang
         self.requests: list[Recorded] = []
+        self.faults: dict[str, float] = {}
+        self.seed = 0
+        self.injected: Counter[str] = Counter()
+        self._rng: random.Random | None = None
         self._script: deque[Behaviour] = deque()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -90,7 +105,21 @@ class FakeOpenAI:
     def _next(self, record: Recorded) -> Behaviour:
         with self._lock:
             self.requests.append(record)
-            return self._script.popleft() if self._script else "ok"
+            behaviour = self._script.popleft() if self._script else self._draw()
+            self.injected[behaviour if isinstance(behaviour, str) else behaviour[0]] += 1
+            return behaviour
+
+    def _draw(self) -> Behaviour:
+        if not self.faults:
+            return "ok"
+        if self._rng is None:
+            self._rng = random.Random(self.seed)
+        u, acc = self._rng.random(), 0.0
+        for name, p in self.faults.items():
+            acc += p
+            if u < acc:
+                return ("429", 0.05) if name == "429" else name
+        return "ok"
 
     def _wait(self, seconds: float) -> None:
         self._stop.wait(seconds)
@@ -120,6 +149,9 @@ def _handler(state: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 if state._stop.is_set():
                     return None
                 return self._ok(request, state.content, state.top_logprobs)
+            if name == "429":  # at once, delay or not: the pause it asks for is what tests measure
+                headers = {"Retry-After": str(arg)} if arg is not None else {}
+                return self._error(429, "rate_limit_exceeded", "Rate limit reached", headers)
             state._wait(state.delay)
             if name == "ok":
                 content = state.content_fn(request) if state.content_fn else state.content
@@ -130,9 +162,6 @@ def _handler(state: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 return self._ok(request, name[len("text:") :], None)
             if name == "nologprobs":
                 return self._ok(request, state.content, None, null_logprobs=True)
-            if name == "429":
-                headers = {"Retry-After": str(arg)} if arg is not None else {}
-                return self._error(429, "rate_limit_exceeded", "Rate limit reached", headers)
             if name == "quota":
                 return self._error(429, "insufficient_quota", "You exceeded your current quota")
             if name in ("500", "503"):
@@ -148,6 +177,14 @@ def _handler(state: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 return self._error(404, "model_not_found", "The model does not exist")
             if name == "malformed-json":
                 return self._send(200, b'{"id": "chatcmpl-x", "choices": [{"index": 0, "mess')
+            if name == "non-json":
+                return self._send(200, b"<html><body>502 Bad Gateway</body></html>", content_type="text/html")
+            if name == "non-utf8":
+                return self._send(200, b'{"id": "chatcmpl-\xff\xfe", "choices": []}')
+            if name == "drop":
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return None
             raise ValueError(f"unknown behaviour {behaviour!r}")
 
         def _ok(
@@ -197,9 +234,15 @@ def _handler(state: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             }
             self._send(status, json.dumps(body).encode(), headers)
 
-        def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        def _send(
+            self,
+            status: int,
+            body: bytes,
+            headers: dict[str, str] | None = None,
+            content_type: str = "application/json",
+        ) -> None:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             for key, value in (headers or {}).items():
                 self.send_header(key, value)

@@ -66,3 +66,78 @@ def test_vector_file_round_trip_and_refusals(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
     with pytest.raises(VectorFileError, match="unreadable"):
         load_vectors(tmp_path / "bad.safetensors")
+
+
+class _WritesAFile:
+    """Unpickling this creates ``target``: what a malicious cache row would do."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_tampered_cache_rows_holding_pickles_are_refused(tmp_path, capsys):
+    import diskcache
+
+    target = tmp_path / "pwned"
+    key = {"q": 1}
+    with Cache(tmp_path / "c") as cache:
+        cache.set("verdict", key, {"score": 3})
+        row = cache.key("verdict", key)
+    # Someone with write access to cache_dir stores pickles with diskcache's default Disk.
+    with diskcache.Cache(str(tmp_path / "c")) as raw:
+        raw.set(row, _WritesAFile(target))  # a pickled value under a real key
+        raw.set(("tuple", "key"), "x")  # a pickled key
+        raw.set(_WritesAFile(target), "y")  # a pickled key that would write the file
+        raw.set("big", _WritesAFile(target).__dict__ | {"pad": "x" * 70000})  # a pickle in a file
+    with Cache(tmp_path / "c") as cache:
+        assert cache.get("verdict", key) is None and cache.misses["verdict"] == 1
+        assert cache.count("verdict") == 1 and cache.count() == 4
+        assert cache.refused == 1
+        cache.set("verdict", key, {"score": 4})  # recomputed and stored again as JSON
+        assert cache.get("verdict", key) == {"score": 4}
+    assert not target.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "treated as a miss" in err[0], err
+
+
+def test_corrupt_cache_db_is_an_error_naming_the_file(tmp_path):
+    from persona_steering.cache import CacheError
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "cache.db").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(CacheError, match="cache.db is not a readable cache"):
+        Cache(tmp_path / "c")
+
+
+def test_atomic_write_fsyncs_the_file_and_then_its_folder(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    synced = []
+    real = os.fsync
+
+    def recording(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    atomic_write_json(tmp_path / "sub" / "x.json", {"a": 1})
+    assert synced == [False, True]  # the data, then the rename
+    assert not [p for p in (tmp_path / "sub").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_wrong_shaped_generation_entry_is_a_miss(tiny_rt, tmp_path):
+    from persona_steering.config import GenerationConfig
+    from persona_steering.generation import Request, generate
+
+    gen = GenerationConfig(max_new_tokens=4)
+    with Cache(tmp_path / "c") as cache:
+        [first] = generate(tiny_rt, [Request("hello !")], gen, cache=cache)
+        [row] = list(cache._store.iterkeys())
+        cache._store.set(row, json.dumps({"text": 5, "ids": "not a list"}))  # an edited row
+        [again] = generate(tiny_rt, [Request("hello !")], gen, cache=cache)
+        assert again.text == first.text and again.ids == first.ids  # generated again
+        assert json.loads(cache._store.get(row)) == {"text": first.text, "ids": first.ids}  # and repaired

@@ -132,8 +132,9 @@ def test_optimize_on_two_ranks_equals_one_process(reference):
     )
     assert done.stdout.count("best weights") == 1 and done.stdout.count("cache: ") == 1
     assert _files(save) == [
+        "p1.lock",
         "p1_best_weights.json",
-        "p1_checkpoint.pkl",
+        "p1_checkpoint.json",
         "p1_convergence.png",
         "p1_optimization.json",
     ]
@@ -192,7 +193,7 @@ def test_killed_two_rank_run_resumes_to_the_same_result(reference):
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    ckpt = save / "p1_checkpoint.pkl"
+    ckpt = save / "p1_checkpoint.json"
     deadline = time.time() + 120
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -203,6 +204,60 @@ def test_killed_two_rank_run_resumes_to_the_same_result(reference):
     assert "resuming after iteration" in done.stdout
     assert not [f for f in _files(save) if f.endswith(".tmp")]
     _same_result(one, json.loads((save / "p1_optimization.json").read_text()))
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # fields: state, ppid, ...
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_dead_rank_0_ends_the_other_rank_within_seconds(reference):
+    """Rank 0 SIGKILLed alone (the OOM killer's way): rank 1 would otherwise wait in a collective."""
+    tmp_path, overrides, _ = reference
+    save = tmp_path / "runs-dead0"
+    cmd = _command("optimize", overrides, "--save-dir", str(save), "--cache-dir", str(tmp_path / "cd"))
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while not (save / "p1_checkpoint.json").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        ranks = [
+            c for c in _children(proc.pid) if "persona_steering" in Path(f"/proc/{c}/cmdline").read_text()
+        ]
+        assert len(ranks) == 1, ranks
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        killed = time.monotonic()
+        while _alive(ranks[0]) and time.monotonic() - killed < 60:
+            time.sleep(0.05)
+        assert not _alive(ranks[0]), "rank 1 outlived rank 0 by a minute"
+        assert time.monotonic() - killed < 5
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.mark.parametrize(

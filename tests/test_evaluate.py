@@ -39,6 +39,7 @@ ALL_METHODS = [
     "random_search",
     "grid",
     "proposed",
+    "proposed-mean",
     "prompt+proposed",
 ]
 SAMPLES = 3  # the default evaluate.samples: each prompt is answered 1 + 3 times
@@ -158,6 +159,7 @@ def write_result(root: Path, weights: dict[str, float], evaluations: int = 4) ->
         "traits": list(weights),
         "judge": "embedding",
         "vector_method": "mean_diff",
+        "mean_weights": {t: w / 2 for t, w in weights.items()},
     }
     path.write_text(json.dumps(result))
     return path
@@ -212,6 +214,8 @@ def test_evaluate_end_to_end_then_warm_rerun_does_no_work(project, monkeypatch, 
     assert info["grid"]["evaluations"] == 4 and info["grid"]["per_trait"] == 2  # 4 // 2 traits
     assert info["prompt-short"]["system_prompt"] == "A warm friend who tells stories about the weekend."
     assert info["proposed"]["weights"] == {"T1": 1.5, "T2": -0.8}
+    assert info["proposed-mean"]["weights"] == {"T1": 0.75, "T2": -0.4}
+    assert info["proposed-mean"]["norm"] == pytest.approx(info["proposed"]["norm"] / 2, rel=1e-5)
     assert data["methods"]["prompt"]["answers"] != data["methods"]["base"]["answers"]
     md = out.with_suffix(".md").read_text()
     assert "| prompt+proposed |" in md and "n/a" in md
@@ -225,7 +229,7 @@ def test_evaluate_end_to_end_then_warm_rerun_does_no_work(project, monkeypatch, 
         raise AssertionError("a warm re-run must not generate, read activations or judge")
 
     monkeypatch.setattr("persona_steering.generation._generate_batch", no_work)
-    monkeypatch.setattr("persona_steering.evaluate.persona_vector.record_activations", no_work)
+    monkeypatch.setattr("persona_steering.persona_axis.record_activations", no_work)
     monkeypatch.setattr("persona_steering.judges.embedding.EmbeddingJudge._judge", no_work)
     assert cli(overrides) == 0
     assert json.loads(out.with_suffix(".json").read_text()) == data
@@ -255,7 +259,7 @@ def test_without_optimisation_result_methods_are_skipped_or_refused(project, cap
     assert cli(overrides, "--num-prompts", "2") == 0
     data = json.loads((root / "runs" / "p1_evaluation.json").read_text())
     assert list(data["methods"]) == ["base", "prompt", "prompt-short", "meandiff", "pca"]
-    assert set(data["skipped"]) == {"random_search", "grid", "proposed", "prompt+proposed"}
+    assert set(data["skipped"]) == {"random_search", "grid", "proposed", "proposed-mean", "prompt+proposed"}
     assert data["num_prompts"] == 2
     assert data["methods"]["meandiff"]["info"]["strength"] == 1.0  # the documented default
     assert "proposed skipped: no optimisation result" in (root / "runs" / "p1_evaluation.md").read_text()
@@ -316,6 +320,7 @@ def test_registry_finds_every_method_module():
         "random_search",
         "grid",
         "proposed",
+        "proposed-mean",
         "prompt+proposed",
     }
 

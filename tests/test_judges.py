@@ -142,13 +142,41 @@ def test_429_waits_for_retry_after_then_succeeds(
     assert KEY not in caplog.text
 
 
-@pytest.mark.parametrize("fault", ["500", "503", "malformed-json"])
+@pytest.mark.parametrize("fault", ["500", "503", "malformed-json", "non-json", "non-utf8", "drop"])
 def test_transient_failure_is_retried(server: FakeOpenAI, fault: str) -> None:
     server.push(fault)
     judge = make_judge(server)
     [verdict] = judge.judge([ONE])
     assert verdict.score == 4.0
     assert judge.attempts == 2 and verdict.meta["attempts"] == 2
+
+
+def test_retry_after_pauses_every_thread(server: FakeOpenAI) -> None:
+    server.delay = 0.3
+    server.push(("429", 1))
+    judge = make_judge(server, concurrency=2)
+    verdicts = judge.judge([one(i) for i in range(4)])
+    assert all(v.score == 4.0 for v in verdicts)
+    first = server.requests[0].at  # the one that got the 429
+    # The other thread's next request waited for the pause too, not only the retry.
+    assert len(server.requests) == 5 and all(r.at - first >= 0.95 for r in server.requests[2:])
+
+
+def test_dead_endpoint_trips_the_breaker_across_threads(server: FakeOpenAI) -> None:
+    server.push(*["500"] * 100)
+    judge = make_judge(server, concurrency=4, max_attempts=10, max_consecutive_failures=6)
+    with pytest.raises(JudgeError, match="failed 6 times in a row"):
+        judge.judge([one(i) for i in range(20)])
+    assert len(server.requests) <= 6 + 4  # the limit, plus at most one request in flight per thread
+
+
+def test_each_verdict_is_cached_as_it_completes(server: FakeOpenAI, tmp_path: Path) -> None:
+    server.push("ok", "ok", "quota")
+    judge = make_judge(server, concurrency=1)
+    with Cache(tmp_path / "cache") as cache:
+        with pytest.raises(JudgeError, match="quota"):
+            judge.judge([one(i) for i in range(5)], cache)
+        assert cache.count("verdict") == 2  # the batch failed; the two verdicts it got are kept
 
 
 def test_hang_past_timeout_is_retried(server: FakeOpenAI) -> None:
@@ -178,6 +206,20 @@ def test_400_on_plain_request_too_is_not_blamed_on_logprobs(server: FakeOpenAI) 
     # The request without logprobs failed as well: logprobs stay in use.
     judge.judge([one(1)])
     assert server.requests[-1].json.get("logprobs") is True
+
+
+def test_verdicts_are_cached_under_the_scoring_actually_used(server: FakeOpenAI, tmp_path: Path) -> None:
+    server.top_logprobs = {"4": ln(0.5), "2": ln(0.5)}  # weighted: 3.0; the reply's text says 4
+    server.push("nologprobs")  # one reply without logprobs: scored from its text
+    judge = make_judge(server)
+    with Cache(tmp_path / "cache") as cache:
+        assert judge.judge([ONE], cache)[0].score == 4.0
+        # Stored as a text-scored verdict, so a logprob-scoring judge does not take it for its own.
+        assert judge.judge([ONE], cache)[0].score == 3.0 and len(server.requests) == 2
+        assert judge.judge([ONE], cache)[0].score == 3.0 and len(server.requests) == 2  # now a hit
+        assert cache.count("verdict") == 2
+        text_judge = make_judge(server, use_logprobs=False)
+        assert text_judge.judge([ONE], cache)[0].score == 4.0 and len(server.requests) == 2
 
 
 def test_logprobs_rejected_falls_back_to_text_and_remembers(server: FakeOpenAI) -> None:

@@ -53,11 +53,24 @@ def test_optimize_writes_seed_000_outputs_and_rerun_does_no_work(project, monkey
     assert again == saved
 
 
+def test_stale_temp_files_of_a_killed_run_are_removed_at_start(project):
+    tmp_path, overrides = project
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    stale = [runs / ".p1_checkpoint.json.k1l2d3.tmp", runs / ".p1_optimization.json.x9y8z7.tmp"]
+    other = runs / ".p2_checkpoint.json.a1b2c3.tmp"  # another persona's: maybe a live writer's
+    for path in [*stale, other]:
+        path.write_text("half a file")
+    run_optimize(load_config(None, overrides + ["optimize.max_iterations=1"]), log=lambda *_: None)
+    assert not any(p.exists() for p in stale) and other.exists()
+    assert json.loads((runs / "p1_checkpoint.json").read_text())["iteration"] == 1
+
+
 def test_different_config_over_existing_run_is_refused(project, capsys):
     tmp_path, overrides = project
     cfg = load_config(None, overrides + ["optimize.max_iterations=1"])
     run_optimize(cfg, log=lambda *_: None)
-    ckpt = tmp_path / "runs" / "p1_checkpoint.pkl"
+    ckpt = tmp_path / "runs" / "p1_checkpoint.json"
     before = ckpt.read_bytes()
     capsys.readouterr()
     args = [
@@ -139,7 +152,7 @@ def test_sigkill_then_resume_equals_uninterrupted(project):
     )
     assert ref.returncode == 0, ref.stderr
     # Killed run: SIGKILL soon after its first checkpoint lands, then resume with the same command.
-    ckpt = tmp_path / "killed" / "p1_checkpoint.pkl"
+    ckpt = tmp_path / "killed" / "p1_checkpoint.json"
     proc = subprocess.Popen(
         _cli(overrides, tmp_path / "killed", tmp_path / "cache-k"),
         stdout=subprocess.PIPE,
@@ -264,3 +277,63 @@ def test_lockstep_personas_equal_alone_and_share_generate_calls(project, monkeyp
     # Each persona's checkpoint stands alone: p2 finishes with the single-persona command too.
     cfg2 = load_config(None, base + ["optimize.persona_id=p2", f"optimize.save_dir={tmp_path / 'together'}"])
     assert run_optimize(cfg2, log=lambda *_: None) == together["p2"]
+
+
+def test_persona_axis_is_the_meandiff_direction_weighed_beside_the_traits(project, capsys):
+    """steering.persona_axis: CMA-ES weighs T1, T2 and P; P is the persona's mean difference, written
+    beside the result, and evaluate steers the proposed weights with it."""
+    import torch
+
+    from persona_steering.basis import load_basis
+    from persona_steering.config import ConfigError
+    from persona_steering.evaluate.run import run_evaluate
+    from persona_steering.persona_axis import persona_directions
+    from persona_steering.runtime import load_runtime
+    from persona_steering.store import VectorFileError
+    from persona_steering.traits import load_persona
+    from persona_steering.vectors import unit
+
+    tmp_path, overrides = project
+    cfg = load_config(None, [*overrides, "steering.persona_axis=true", "optimize.max_iterations=2"])
+    assert cfg.basis_traits == ["T1", "T2", "P"]
+    result = run_optimize(cfg, log=lambda *_: None)
+    assert result["traits"] == ["T1", "T2", "P"] and set(result["best_weights"]) == {"T1", "T2", "P"}
+    axis_file = tmp_path / "runs" / "p1_axis.safetensors"
+    basis = load_basis(tmp_path / "vectors", _slug(cfg), ["T1", "T2", "P"], 2, axis_file=axis_file)
+    rt = load_runtime(cfg.model, cfg.cache_dir, cfg.seed)
+    with Cache(cfg.cache_dir) as cache:
+        directions, pairs = persona_directions(rt, cfg, load_persona(tmp_path / "personas", "p1"), cache, 2)
+    assert pairs == 3
+    expected = unit(directions["mean_diff"]) * cfg.steering.alpha * basis.scale
+    assert torch.allclose(
+        basis.deltas(torch.tensor([0.0, 0.0, 1.0]), cfg.steering.alpha)[0], expected, atol=1e-6
+    )
+    with pytest.raises(VectorFileError, match="no persona axis for layer 1"):
+        load_basis(tmp_path / "vectors", _slug(cfg), ["T1", "T2", "P"], 1, axis_file=axis_file)
+    with pytest.raises(ConfigError, match="persona axis"):
+        load_config(None, [*overrides, "traits=[T1, P]"])
+
+    out = run_evaluate(
+        load_config(
+            None,
+            [
+                *overrides,
+                "evaluate.methods=[base, meandiff, proposed]",
+                "evaluate.samples=0",
+                "evaluate.judges=[embedding]",
+                "evaluate.bootstrap=100",
+                "evaluate.permutations=100",
+            ],
+        ),
+        log=lambda *_: None,
+    )
+    proposed = out["methods"]["proposed"]["info"]
+    assert proposed["weights"] == result["best_weights"]
+    assert out["methods"]["meandiff"]["info"]["cosine_with_traits"].keys() == {"T1", "T2", "P"}
+    assert out["methods"]["meandiff"]["info"]["cosine_with_traits"]["P"] == pytest.approx(1.0, abs=1e-5)
+
+
+def _slug(cfg):
+    from persona_steering.runtime import identify
+
+    return identify(cfg.model).slug

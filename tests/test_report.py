@@ -19,7 +19,7 @@ from persona_steering.evaluate.run import run_evaluate
 from persona_steering.html_report import render_report
 from persona_steering.optimize import run_optimize
 from persona_steering.record import PersonaRecord
-from persona_steering.report import fmt_interval
+from persona_steering.rendering import fmt_interval
 
 SECTIONS = ["persona", "configuration", "convergence", "weights", "evaluation", "answers"]
 VOID = {"meta", "img", "br", "hr", "link", "input"}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -13,7 +15,18 @@ from persona_steering.config import load_config
 from persona_steering.extraction import run_vectors
 from persona_steering.store import save_vectors
 
+JUDGE_KEY_ENV = "PS_TEST_JUDGE_KEY"
+JUDGE_KEY = "sk-test-DO-NOT-LEAK-2b9e41c7d05a3f68"
+
+
+def judge_score(request: dict) -> str:
+    """A test server's judge that always says the same digit (1-5) for the same prompt."""
+    prompt = request["messages"][0]["content"]
+    return str(1 + hashlib.sha256(prompt.encode()).digest()[0] % 5)
+
+
 HELDOUT = ["how are you today ?", "what should we eat for dinner ?", "tell me about your family"]
+SAMPLES = ["i love my weekend with family", "i remember a trip once", "the food was good", "thanks friend"]
 
 
 def perturbed_copy(src: Path, dst: Path) -> Path:
@@ -67,7 +80,12 @@ def write_fake_vectors(
         save_vectors(folder / f"{trait}.safetensors", tensors, meta)
 
 
-def build_project(root: Path, tiny_model_dir: Path) -> list[str]:
+def build_project(
+    root: Path,
+    tiny_model_dir: Path,
+    samples: Sequence[str] = SAMPLES,
+    heldout: Sequence[str] = HELDOUT,
+) -> list[str]:
     """Two traits with vectors, a persona, train and held-out prompts; returns config overrides."""
     traits = root / "traits"
     write_trait(
@@ -81,16 +99,10 @@ def build_project(root: Path, tiny_model_dir: Path) -> list[str]:
     persona = root / "personas" / "p1"
     persona.mkdir(parents=True)
     (persona / "persona_profile.txt").write_text("A warm friend who tells stories about the weekend.")
-    samples = [
-        "i love my weekend with family",
-        "i remember a trip once",
-        "the food was good",
-        "thanks friend",
-    ]
-    (persona / "persona_samples.json").write_text(json.dumps(samples))
+    (persona / "persona_samples.json").write_text(json.dumps(list(samples)))
     prompts = root / "prompts.yaml"
     train = ["how was your day ?", "what should i cook ?", "tell me about a trip"]
-    prompts.write_text(yaml.safe_dump({"train": train, "heldout": HELDOUT}))
+    prompts.write_text(yaml.safe_dump({"train": train, "heldout": list(heldout)}))
     overrides = [
         f"model.name={tiny_model_dir}",
         "model.accelerator=cpu",

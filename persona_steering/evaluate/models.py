@@ -57,7 +57,7 @@ from persona_steering.judges import Judge, JudgeError, Query, build_judge
 # The judge's retry policy pieces, shared rather than copied: answering a question is the same kind
 # of call to the same kind of endpoint, and must fail and back off the same way.
 from persona_steering.judges.openai import MAX_BACKOFF, _describe, _read_key, _retryable, _wait_retry_after
-from persona_steering.report import NA, fmt_interval, markdown_table, save_figure, subplots
+from persona_steering.rendering import NA, fmt_interval, markdown_table, save_figure, subplots
 from persona_steering.runtime import EMBEDDED, ModelIdentity, ModelLoadError, identify, load_runtime
 from persona_steering.traits import Trait, load_traits
 
@@ -166,6 +166,7 @@ def run_models(cfg: Config, settings: ModelsSettings, log: Callable[[str], None]
     Returns:
         The data written to ``models.json``, its Markdown rendering and the output folder.
     """
+    cfg.model.require_one_process("evaluate-models")
     setup = prepare_models(cfg, settings)
     # Several models and no single policy model: the offline judge's coherence and trait verdicts
     # need none, and are the embedding judge's (a repetition heuristic; traits n/a).

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from persona_steering.evaluate.scoring import COHERENCE, FIT, LOOP, PARTS, missing_verdicts
-from persona_steering.report import (
+from persona_steering.rendering import (
     NA,
     fmt_interval,
     fmt_number,

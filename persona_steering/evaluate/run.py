@@ -19,7 +19,7 @@ import torch
 from persona_steering import __version__
 from persona_steering.basis import TraitBasis, load_basis
 from persona_steering.cache import Cache, atomic_write_json, atomic_write_text
-from persona_steering.config import Config, ConfigError, GenerationConfig
+from persona_steering.config import PERSONA_AXIS, Config, ConfigError, GenerationConfig
 from persona_steering.contrast import fit_context
 from persona_steering.evaluate.core import Context, Method, MethodSkipped, Plan, json_safe, registry
 from persona_steering.evaluate.render import plot_evaluation, render_markdown
@@ -73,6 +73,7 @@ def run_evaluate(
     Returns:
         The evaluation summary as written to ``<persona>_evaluation.json``, plus ``files``.
     """
+    cfg.model.require_one_process("evaluate")
     setup = prepare(cfg)
     for note in setup.notes:
         log(f"note: {note}")
@@ -128,11 +129,12 @@ def prepare(cfg: Config) -> Setup:
     basis = load_basis(
         s.trait_vector_dir,
         ident.slug,
-        eff.traits,
+        eff.basis_traits,
         s.layer,
         s.vector_method,
         s.summary,
         fingerprint=ident.fingerprint,
+        axis_file=files.axis,
     )
     if result is not None:
         result.check_basis(basis)
@@ -168,17 +170,18 @@ def effective_config(cfg: Config, result: PersonaRecord | None, notes: list[str]
         vector_method=result.vector_method or cfg.steering.vector_method,
         positions=result.positions or cfg.steering.positions,
         summary=result.summary or cfg.steering.summary,
+        persona_axis=PERSONA_AXIS in result.traits,
     )
-    for name in ("layer", "alpha", "vector_method", "positions", "summary"):
+    for name in ("layer", "alpha", "vector_method", "positions", "summary", "persona_axis"):
         if getattr(steering, name) != getattr(cfg.steering, name):
             notes.append(
                 f"steering.{name} = {getattr(steering, name)} from the optimisation result "
                 f"(config says {getattr(cfg.steering, name)})"
             )
-    if list(result.traits) != list(cfg.traits):
+    traits = [t for t in result.traits if t != PERSONA_AXIS]
+    if traits != list(cfg.traits):
         notes.append(
-            f"traits {', '.join(result.traits)} from the optimisation result "
-            f"(config says {', '.join(cfg.traits)})"
+            f"traits {', '.join(traits)} from the optimisation result (config says {', '.join(cfg.traits)})"
         )
     optimize = replace(
         cfg.optimize,
@@ -189,7 +192,7 @@ def effective_config(cfg: Config, result: PersonaRecord | None, notes: list[str]
         coherence_penalty=float(opt_saved.get("coherence_penalty", cfg.optimize.coherence_penalty)),
     )
     judge = replace(cfg.judge, coherence=bool(saved.get("judge", {}).get("coherence", cfg.judge.coherence)))
-    return replace(cfg, steering=steering, optimize=optimize, judge=judge, traits=list(result.traits))
+    return replace(cfg, steering=steering, optimize=optimize, judge=judge, traits=traits)
 
 
 def select_methods(

@@ -21,7 +21,7 @@ from persona_steering.cache import atomic_write_json, atomic_write_text
 from persona_steering.config import Config, ConfigError
 from persona_steering.evaluate.core import json_safe
 from persona_steering.layers import normalize_layer
-from persona_steering.report import fmt_number, markdown_table, plot_heatmaps, plot_lines
+from persona_steering.rendering import fmt_number, markdown_table, plot_heatmaps, plot_lines
 from persona_steering.runtime import identify
 from persona_steering.store import VectorFile, VectorFileError, load_vectors
 from persona_steering.vectors import METHODS, cosine_matrix

@@ -32,7 +32,7 @@ from persona_steering.extraction import Pair, record_activations
 from persona_steering.generation import Answer, Request, generate, vector_digest
 from persona_steering.judges import Judge, Query, build_judge
 from persona_steering.layers import normalize_layer
-from persona_steering.report import fmt_number, markdown_table, plot_heatmaps
+from persona_steering.rendering import fmt_number, markdown_table, plot_heatmaps
 from persona_steering.runtime import Runtime, identify, load_runtime
 from persona_steering.store import VectorFile, VectorFileError, load_vectors
 from persona_steering.traits import Trait, load_traits
@@ -65,6 +65,7 @@ def run_sweep(cfg: Config, rt: Runtime | None = None, log: Callable[[str], None]
     Returns:
         The data written to ``sweep.json``.
     """
+    cfg.model.require_one_process("sweep")
     setup = prepare_sweep(cfg)
     rt = rt or load_runtime(cfg.model, cfg.cache_dir, cfg.seed)
     if rt.fingerprint != setup.vectors.meta.get("fingerprint"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -235,14 +236,27 @@ class Judge(ABC):
     def identity(self) -> dict[str, Any]:
         """JSON-safe description of what determines this judge's verdicts. Never a secret."""
 
+    def scored_by(self, verdict: Verdict) -> dict[str, Any]:
+        """The identity ``verdict`` is stored under: how it was actually scored (``identity()``
+        unless a backend can score one query in more than one way)."""
+        return self.identity()
+
     @abstractmethod
     def _judge(self, queries: list[Query]) -> list[Verdict]:
         """Score every query (uncached). A failed query gets ``Verdict(None, reason)``."""
 
+    def _judge_each(self, queries: list[Query], done: Callable[[int, Verdict], None]) -> None:
+        """Score every query, calling ``done(index, verdict)`` as each completes (in the calling
+        thread). Backends with slow, independent calls override this so that a crash costs only
+        the verdicts in flight."""
+        for i, verdict in enumerate(self._judge(queries)):
+            done(i, verdict)
+
     def judge(self, queries: list[Query], cache: Cache | None = None) -> list[Verdict]:
         """Verdicts for ``queries`` in order, reading and filling ``cache``; failures not stored.
 
-        Identical queries (two candidates that wrote the same answer) are looked up and judged once.
+        Each verdict is stored as it completes, not per batch. Identical queries (two candidates
+        that wrote the same answer) are looked up and judged once.
         """
         ident = {**self.identity(), "template_version": TEMPLATE_VERSION}
         keys = [{"judge": ident, "query": q.key()} for q in queries]
@@ -254,21 +268,36 @@ class Judge(ABC):
         todo: list[int] = []
         for i in first.values():
             hit = cache.get("verdict", keys[i]) if cache else None
-            if hit is not None:
+            if _usable(hit):
+                assert hit is not None
                 meta = {"cached": True, **({"parts": hit["parts"]} if "parts" in hit else {})}
                 out[i] = Verdict(score=hit["score"], detail=hit.get("detail", ""), meta=meta)
             else:
                 todo.append(i)
+
+        def done(j: int, verdict: Verdict) -> None:
+            i = todo[j]
+            out[i] = verdict
+            if cache is not None and verdict.score is not None:
+                value = {"score": verdict.score, "detail": verdict.detail}
+                if "parts" in verdict.meta:
+                    value["parts"] = verdict.meta["parts"]
+                scored_by = {**self.scored_by(verdict), "template_version": TEMPLATE_VERSION}
+                cache.set("verdict", {"judge": scored_by, "query": queries[i].key()}, value)
+
         if todo:
-            fresh = self._judge([queries[i] for i in todo])
-            for i, verdict in zip(todo, fresh, strict=True):
-                out[i] = verdict
-                if cache is not None and verdict.score is not None:
-                    value = {"score": verdict.score, "detail": verdict.detail}
-                    if "parts" in verdict.meta:
-                        value["parts"] = verdict.meta["parts"]
-                    cache.set("verdict", keys[i], value)
+            self._judge_each([queries[i] for i in todo], done)
         return [out.get(first[c], Verdict(None, "missing")) for c in canon]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.identity()})"
+
+
+def _usable(hit: Any) -> bool:
+    """A cached verdict of the shape ``judge`` writes; anything else (an edited row) is a miss."""
+    return (
+        isinstance(hit, dict)
+        and isinstance(hit.get("score"), (int, float))
+        and not isinstance(hit["score"], bool)
+        and isinstance(hit.get("parts", {}), dict)
+    )

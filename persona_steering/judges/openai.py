@@ -9,7 +9,8 @@ import os
 import re
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -53,15 +54,21 @@ MAX_BACKOFF = 30.0
 """Cap on the random exponential backoff between attempts."""
 
 
+class UnreadableReply(Exception):
+    """A 200 whose body is not a chat completion (not JSON, not UTF-8, an HTML page): transient."""
+
+
 class OpenAIJudge(Judge):
     """Scores queries with one chat completion each, ``cfg.concurrency`` calls in flight.
 
     With ``cfg.use_logprobs`` the score is the probability-weighted mean over the first generated
     token's top logprobs; servers without logprobs fall back to the reply's text. Retryable
-    failures (429 other than quota, 5xx, timeouts, dropped connections, broken JSON) are retried
-    by tenacity within ``cfg.max_attempts`` and ``cfg.max_retry_seconds``; a query that still
-    fails gets ``Verdict(None, ...)``. Failures that every call would repeat (401, 403, 404,
-    quota) raise ``JudgeError``.
+    failures (429 other than quota, 5xx, timeouts, dropped connections, unreadable 200 bodies) are
+    retried by tenacity within ``cfg.max_attempts`` and ``cfg.max_retry_seconds``; a query that
+    still fails gets ``Verdict(None, ...)``. Failures that every call would repeat (401, 403, 404,
+    quota) raise ``JudgeError``, and so do ``cfg.max_consecutive_failures`` failed requests in a
+    row across all threads (a dead endpoint). A Retry-After pauses every thread, not just the one
+    that got it.
 
     Attributes:
         attempts: HTTP requests sent by this instance, retries included (thread-safe counter).
@@ -94,6 +101,7 @@ class OpenAIJudge(Judge):
         )
         self._logprobs_supported = cfg.use_logprobs
         self._lock = threading.Lock()
+        self._health = _Health(cfg.max_consecutive_failures)
         self.attempts = 0
 
     def identity(self) -> dict[str, Any]:
@@ -101,43 +109,58 @@ class OpenAIJudge(Judge):
             "backend": self.backend,
             "model": self.cfg.model,
             "base_url": str(self._client.base_url),
-            # Weighted and text scores differ for the same query: keep them apart in the cache.
-            "scoring": "logprobs" if self.cfg.use_logprobs else "text",
+            # Weighted and text scores differ for the same query: keep them apart in the cache. This
+            # is how the next calls are scored; a verdict is stored under how it was (scored_by).
+            "scoring": "logprobs" if self._logprobs_supported else "text",
         }
 
+    def scored_by(self, verdict: Verdict) -> dict[str, Any]:
+        return {**self.identity(), "scoring": verdict.meta.get("source", "text")}
+
     def _judge(self, queries: list[Query]) -> list[Verdict]:
+        out: dict[int, Verdict] = {}
+        self._judge_each(queries, out.__setitem__)
+        return [out[i] for i in range(len(queries))]
+
+    def _judge_each(self, queries: list[Query], done: Callable[[int, Verdict], None]) -> None:
         if not queries:
-            return []
+            return
+        self._health.reset()
         workers = min(self.cfg.concurrency, len(queries))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="judge") as pool:
-            futures = [pool.submit(self._judge_one, q) for q in queries]
-            # Per-call failures come back as verdicts; an exception here is a JudgeError (or a bug),
-            # and every other call would fail the same way: drop the queued ones, raise at once.
-            wait(futures, return_when=FIRST_EXCEPTION)
-            for future in futures:
-                if future.done() and future.exception() is not None:
-                    for f in futures:
-                        f.cancel()
-                    future.result()  # raises
-            return [f.result() for f in futures]
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="judge")
+        futures = {pool.submit(self._judge_one, q): i for i, q in enumerate(queries)}
+        try:
+            # Per-call failures come back as verdicts; an exception here is a JudgeError (or a bug,
+            # or an interrupt), and every other call would fail the same way: stop them all at once.
+            for future in as_completed(futures):
+                done(futures[future], future.result())
+        except BaseException:
+            self._health.stop("the judge stopped")
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
 
     def _judge_one(self, query: Query) -> Verdict:
         if query.kind == "persona_fit":
             # Six single-digit calls (three parts, both answer orders); any failure fails the verdict.
-            scores = {}
+            scores, sources = {}, set()
             for label, prompt in render_fit(query).items():
                 verdict = self._judge_prompt(prompt, query.kind)
                 if verdict.score is None:
                     return Verdict(None, f"{label[0]}, order {label[1]}: {verdict.detail}", verdict.meta)
                 scores[label] = verdict.score
-            return combine_fit(dict(scores))
+                sources.add(verdict.meta.get("source"))
+            fit = combine_fit(dict(scores))
+            # Weighted only if all six were: one text-scored part makes it a text-scored verdict.
+            source = "logprobs" if sources == {"logprobs"} else "text"
+            return Verdict(fit.score, fit.detail, {**fit.meta, "source": source})
         return self._judge_prompt(render(query), query.kind)
 
     def _judge_prompt(self, prompt: str, kind: Kind) -> Verdict:
         tally = _Tally()
         try:
             response, asked_logprobs = self._ask(prompt, tally)
-        except (openai.OpenAIError, json.JSONDecodeError) as exc:
+        except (openai.OpenAIError, UnreadableReply) as exc:
             fatal = self._fatal_reason(exc)
             if fatal is not None:
                 raise JudgeError(fatal) from None
@@ -172,10 +195,21 @@ class OpenAIJudge(Judge):
             kwargs.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
 
         def call() -> Any:
+            self._health.wait()
             tally.n += 1
             with self._lock:
                 self.attempts += 1
-            return self._client.chat.completions.create(**kwargs)
+            try:
+                try:
+                    response = _readable(self._client.chat.completions.create(**kwargs))
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise UnreadableReply(f"a 200 reply that cannot be read: {type(exc).__name__}") from None
+            except Exception as exc:
+                if _retryable(exc):
+                    self._health.failed(exc, f"judge endpoint {self._client.base_url}")
+                raise
+            self._health.succeeded()
+            return response
 
         # A copy per call: retry statistics are per call, and calls run on many threads.
         return self._retrying.copy()(call)
@@ -237,10 +271,70 @@ class _wait_retry_after(wait_base):
         return wait if hint is None else max(wait, min(hint, MAX_RETRY_AFTER))
 
 
+class _Health:
+    """Shared by every thread of one judge: failed requests in a row, one pause, and a stop."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._failures = 0
+        self._resume_at = 0.0  # time.monotonic() before which no thread sends a request
+        self._stopped: str | None = None
+
+    def reset(self) -> None:
+        with self._lock:
+            self._stopped, self._failures = None, 0
+
+    def stop(self, reason: str) -> None:
+        """Every thread raises JudgeError at its next request (queued work is cancelled)."""
+        with self._lock:
+            self._stopped = self._stopped or reason
+
+    def wait(self) -> None:
+        """Sleep out the shared pause; JudgeError once stopped."""
+        while True:
+            with self._lock:
+                if self._stopped:
+                    raise JudgeError(self._stopped)
+                left = self._resume_at - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.1))  # short steps: a stop ends the wait quickly
+
+    def succeeded(self) -> None:
+        with self._lock:
+            self._failures = 0
+
+    def failed(self, exc: BaseException, where: str) -> None:
+        """Count a transient failure; honour its Retry-After for every thread; trip the breaker."""
+        hint = _retry_after(exc)
+        with self._lock:
+            self._failures += 1
+            if hint is not None:
+                until = time.monotonic() + min(hint, MAX_RETRY_AFTER)
+                self._resume_at = max(self._resume_at, until)
+            if self._failures >= self.limit and not self._stopped:
+                self._stopped = (
+                    f"{where} failed {self._failures} times in a row (last: {_describe(exc)}); "
+                    "stopped (judge.max_consecutive_failures): is the endpoint up?"
+                )
+            stopped = self._stopped
+        if stopped:
+            raise JudgeError(stopped) from None
+
+
+def _readable(response: Any) -> Any:
+    """``response`` if it is a chat completion; UnreadableReply for any other 200 body."""
+    if not isinstance(getattr(response, "choices", None), list):
+        shown = repr(response)[:60] if isinstance(response, str) else type(response).__name__
+        raise UnreadableReply(f"a 200 reply that is not a chat completion: {shown}")
+    return response
+
+
 def _retryable(exc: BaseException) -> bool:
     """Transient failures only: a 4xx other than 408/409/429, or spent quota, would fail again."""
-    if isinstance(exc, json.JSONDecodeError):
-        return True  # a 200 whose body broke in transit
+    if isinstance(exc, UnreadableReply):
+        return True  # a 200 whose body broke in transit, or a proxy's error page
     if isinstance(exc, openai.RateLimitError):
         return exc.code != "insufficient_quota"
     if isinstance(exc, openai.APIConnectionError):  # timeouts included
