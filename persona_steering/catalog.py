@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from persona_steering.basis import TraitBasis, load_basis
-from persona_steering.config import PERSONA_ID, Config, ConfigError
+from persona_steering.config import PERSONA_AXIS, PERSONA_ID, Config, ConfigError
 from persona_steering.record import PersonaFiles, PersonaRecord
 from persona_steering.scheduler import Steering
 from persona_steering.store import VectorFileError
@@ -123,14 +123,15 @@ class Catalog:
         return entry
 
     def _load(self, path: Path, mtime: float) -> Persona:
-        persona_id = path.name[: -len(RESULT_SUFFIX)]
-        record = PersonaRecord.require(PersonaFiles(path.parent, persona_id))
+        files = PersonaFiles(path.parent, path.name[: -len(RESULT_SUFFIX)])
+        record = PersonaRecord.require(files)
         s = self.cfg.steering
         basis = self._basis(
             tuple(record.traits),
             record.layer,
             record.vector_method or s.vector_method,
             record.summary or s.summary,
+            files.axis if PERSONA_AXIS in record.traits else None,
         )
         record.check_basis(basis)
         delta = basis.deltas(record.weights(record.traits), record.alpha)[0]  # [hidden]
@@ -145,10 +146,14 @@ class Catalog:
             "scores": record.data.get("best_parts") or {},
             "evaluations": record.num_evaluations,
         }
-        return Persona(persona_id, Steering(delta, basis.layer, positions), meta, int(mtime))
+        return Persona(files.persona_id, Steering(delta, basis.layer, positions), meta, int(mtime))
 
-    def _basis(self, traits: tuple[str, ...], layer: int, method: str, summary: str) -> TraitBasis:
-        key = (traits, layer, method, summary)
+    def _basis(
+        self, traits: tuple[str, ...], layer: int, method: str, summary: str, axis: Path | None = None
+    ) -> TraitBasis:
+        """The basis (cached); ``axis`` is the persona's own axis file when 'P' is among ``traits``."""
+        stamp = axis.stat().st_mtime if axis is not None and axis.is_file() else None
+        key = (traits, layer, method, summary, str(axis), stamp)
         if key not in self._bases:
             self._bases[key] = load_basis(
                 self.cfg.steering.trait_vector_dir,
@@ -158,6 +163,7 @@ class Catalog:
                 method,
                 summary,
                 fingerprint=self.fingerprint,
+                axis_file=axis,
             )
         return self._bases[key]
 

@@ -447,6 +447,32 @@ def test_a_persona_saved_while_serving_appears(served, client):
     assert isinstance(ask(client, "late", max_tokens=3), str)
 
 
+def test_a_persona_with_its_own_axis_is_served(served, client):
+    """optimize with steering.persona_axis weighs a sixth axis 'P' read from <id>_axis.safetensors."""
+    import torch
+
+    from persona_steering.basis import save_axis
+
+    server, root, _ = served
+    write_persona(root / "runs", "axis", {"T1": 0.5, "T2": 0.0, "P": 1.0})
+    data = json.loads((root / "runs" / "axis_optimization.json").read_text())
+    data["traits"] = ["T1", "T2", "P"]
+    (root / "runs" / "axis_optimization.json").write_text(json.dumps(data))
+    assert "axis" not in {m.id for m in client.models.list().data}  # no axis file yet: not servable
+    basis = server.app.state.catalog._basis(("T1", "T2"), 2, "mean_diff", "response_avg")
+    save_axis(
+        root / "runs" / "axis_axis.safetensors",
+        torch.randn(32, generator=torch.Generator().manual_seed(1)),
+        basis,
+    )
+    (root / "runs" / "axis_optimization.json").write_text(json.dumps(data))  # a new mtime: read again
+    models = {m.id: m for m in client.models.list().data}
+    assert models["axis"].model_extra["metadata"]["weights"]["P"] == 1.0
+    assert ask(client, "axis") != ask(
+        client, "base", extra_body={"steering": {"weights": {"T1": 0.5}, "alpha": 2.0, "layer": 2}}
+    )
+
+
 def test_a_restart_loses_nothing(served, tiny_model_dir):
     """A second server over the same folders lists the same personas and answers the same."""
     server, root, cfg = served
