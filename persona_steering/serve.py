@@ -62,8 +62,7 @@ def run_serve(cfg: Config) -> None:
     """Load the model once and serve until interrupted (the ``serve`` command)."""
     import uvicorn
 
-    if cfg.model.devices > 1 or cfg.model.num_nodes > 1:
-        raise ConfigError("serve runs one process on one device: leave --devices and --num-nodes at 1")
+    cfg.model.require_one_process("serve")
     rt = load_runtime(cfg.model, cfg.cache_dir, cfg.seed)
     app = build_app(cfg, rt, os.environ.get(cfg.serve.api_key_env) or None)
     auth = f"; Bearer key from ${cfg.serve.api_key_env}" if os.environ.get(cfg.serve.api_key_env) else ""

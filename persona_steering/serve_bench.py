@@ -64,6 +64,7 @@ def run_serve_bench(
     cfg: Config, settings: ServeBenchSettings, rt: Runtime | None = None, log: Any = print
 ) -> dict[str, Any]:
     """Measure; write ``serve.json`` and ``serve.md`` into ``settings.out_dir``; return the result."""
+    cfg.model.require_one_process("bench-serve")
     before = torch.get_num_threads()
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)

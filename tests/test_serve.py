@@ -522,3 +522,14 @@ def test_bench_serve_runs_end_to_end(tmp_path, tiny_model_dir):
     assert (tmp_path / "bench" / "serve.json").is_file() and "throughput ratio" in (
         tmp_path / "bench" / "serve.md"
     ).read_text()
+
+
+@pytest.mark.parametrize("stage", ["serve", "bench-serve"])
+def test_serve_stages_refuse_several_processes(stage, capsys, tmp_path, monkeypatch):
+    from persona_steering.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main([stage, "--devices", "2", "--accelerator", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{stage} runs in one process" in err[0], err
+    assert list(tmp_path.iterdir()) == []
