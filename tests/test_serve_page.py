@@ -48,6 +48,7 @@ def _browser():
 
 
 def test_page_streams_persona_and_base_answers(tmp_path, tiny_model_dir):
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -60,11 +61,17 @@ def test_page_streams_persona_and_base_answers(tmp_path, tiny_model_dir):
     try:
         with Server(cfg, load_runtime(cfg.model, cfg.cache_dir), None) as server:
             browser.get(server.url)
-            wait = WebDriverWait(browser, 30)
+            wait = WebDriverWait(
+                browser, 30, ignored_exceptions=[NoSuchElementException, StaleElementReferenceException]
+            )
             wait.until(lambda b: len(Select(b.find_element(By.ID, "persona")).options) == 1 + len(PERSONAS))
             Select(browser.find_element(By.ID, "persona")).select_by_value("grandpa")
-            weights = browser.find_element(By.ID, "weights").text
-            assert "T1" in weights and "1.000" in weights and "-0.500" in weights
+            weights = wait.until(
+                lambda b: (
+                    "T1" in b.find_element(By.ID, "weights").text and b.find_element(By.ID, "weights").text
+                )
+            )
+            assert "1.000" in weights and "-0.500" in weights
             message = browser.find_element(By.ID, "message")
             message.clear()
             message.send_keys("how was your weekend ?")
