@@ -391,7 +391,7 @@ def test_concurrent_requests_equal_their_answers_alone(served, client, monkeypat
     step = scheduler._step
 
     def slow_step():  # so that all 16 are in flight together, not one after another
-        time.sleep(0.005)
+        time.sleep(0.02)
         step()
 
     monkeypatch.setattr(scheduler, "_step", slow_step)
