@@ -140,6 +140,7 @@ def _lookup(
             continue
         hit = cache.get("generation", key) if cache is not None else None
         if _usable(hit):
+            assert hit is not None
             hits[kd] = (hit, i)
         else:
             todo[kd] = i
