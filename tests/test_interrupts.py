@@ -93,6 +93,7 @@ def test_lock_and_signals_on_real_processes(project, monkeypatch, capsys):
         # SIGTERM mid-judging: out within two seconds, code 143.
         took = _interrupt_mid_judging(first, server, ckpt, signal.SIGTERM)
         assert first.returncode == 143 and took < 2.0, (first.returncode, took, first.communicate())
+        times = [took]
         state = json.loads(ckpt.read_text())
         assert 1 <= state["iteration"] < 4
         with Cache(tmp_path / "cache-k") as cache:
@@ -101,6 +102,7 @@ def test_lock_and_signals_on_real_processes(project, monkeypatch, capsys):
         again = _start(args, tmp_path)
         took = _interrupt_mid_judging(again, server, ckpt, signal.SIGINT)
         assert again.returncode == 130 and took < 2.0, (again.returncode, took, again.communicate())
+        times.append(took)
         json.loads(ckpt.read_text())
         with Cache(tmp_path / "cache-k") as cache:
             assert cache.count("verdict") >= kept
@@ -120,3 +122,5 @@ def test_lock_and_signals_on_real_processes(project, monkeypatch, capsys):
     # persona-fit verdict, six calls, per thread) were lost.
     assert len(server.requests) <= reference_requests + 2 * 6 * CONCURRENCY
     assert not list((tmp_path / "runs-k").glob("*.tmp")) and not list((tmp_path / "runs-k").glob(".*.tmp"))
+    with capsys.disabled():
+        print(f"\nSIGTERM exit after {times[0]:.2f} s, SIGINT after {times[1]:.2f} s")
