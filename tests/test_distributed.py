@@ -185,14 +185,7 @@ def test_killed_two_rank_run_resumes_to_the_same_result(reference):
     save = tmp_path / "runs-k"
     cmd = _command("optimize", overrides, "--save-dir", str(save), "--cache-dir", str(tmp_path / "ck"))
     # Its own session, so one SIGKILL to the group takes both ranks down, as losing the node would.
-    proc = subprocess.Popen(
-        cmd,
-        cwd=tmp_path,
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = _spawn_session(cmd, tmp_path)
     ckpt = save / "p1_checkpoint.json"
     deadline = time.time() + 120
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
@@ -204,6 +197,13 @@ def test_killed_two_rank_run_resumes_to_the_same_result(reference):
     assert "resuming after iteration" in done.stdout
     assert not [f for f in _files(save) if f.endswith(".tmp")]
     _same_result(one, json.loads((save / "p1_optimization.json").read_text()))
+
+
+def _spawn_session(cmd: list[str], cwd: Path) -> subprocess.Popen:
+    """The command in its own session, so that one signal to the group reaches every rank."""
+    return subprocess.Popen(
+        cmd, cwd=cwd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
 
 
 def _children(pid: int) -> list[int]:
@@ -230,14 +230,7 @@ def test_a_dead_rank_0_ends_the_other_rank_within_seconds(reference):
     tmp_path, overrides, _ = reference
     save = tmp_path / "runs-dead0"
     cmd = _command("optimize", overrides, "--save-dir", str(save), "--cache-dir", str(tmp_path / "cd"))
-    proc = subprocess.Popen(
-        cmd,
-        cwd=tmp_path,
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = _spawn_session(cmd, tmp_path)
     try:
         deadline = time.time() + 120
         while not (save / "p1_checkpoint.json").exists() and time.time() < deadline and proc.poll() is None:

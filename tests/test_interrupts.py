@@ -15,7 +15,7 @@ import pytest
 from openai_server import FakeOpenAI
 from tests_helpers import JUDGE_KEY as KEY
 from tests_helpers import JUDGE_KEY_ENV as KEY_ENV
-from tests_helpers import judge_score
+from tests_helpers import assert_same_run, judge_score
 
 from persona_steering.cache import Cache
 from persona_steering.cli import main
@@ -109,15 +109,7 @@ def test_lock_and_signals_on_real_processes(project, monkeypatch, capsys):
         assert main(args) == 0
         assert "resuming after iteration" in capsys.readouterr().out
     resumed = json.loads((tmp_path / "runs-k" / "p1_optimization.json").read_text())
-    for key in (
-        "best_weights",
-        "best_score",
-        "optimization_history",
-        "mean_weights",
-        "history",
-        "config_digest",
-    ):
-        assert resumed[key] == ref[key], key
+    assert_same_run(resumed, ref)
     # Nothing completed was asked twice: only the verdicts in flight at each signal (at most one
     # persona-fit verdict, six calls, per thread) were lost.
     assert len(server.requests) <= reference_requests + 2 * 6 * CONCURRENCY

@@ -128,3 +128,13 @@ def build_project(
     ]
     run_vectors(load_config(None, overrides), log=lambda *_: None)
     return overrides
+
+
+RUN_KEYS = ("best_weights", "best_score", "optimization_history", "mean_weights", "history", "config_digest")
+"""What two optimisation results must share to be the same run (where it was saved may differ)."""
+
+
+def assert_same_run(a: dict, b: dict, label: object = "") -> None:
+    """Two optimisation results are the same run: weights, scores, history and config digest."""
+    for key in RUN_KEYS:
+        assert a[key] == b[key], (label, key) if label else key
