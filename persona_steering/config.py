@@ -124,6 +124,8 @@ class VectorsConfig:
             raise ConfigError(f"vectors.n_per_question must be >= 1, got {self.n_per_question}")
 
 
+BASES = ("traits", "orthogonal")
+"""steering.basis: the trait directions as extracted, or their symmetric orthogonalisation."""
 BACKENDS = ("offline", "embedding", "openai", "local")
 
 
@@ -180,6 +182,10 @@ class SteeringConfig:
     """Root of vector files (<dir>/<model-slug>/<trait>.safetensors)."""
     persona_axis: bool = False
     """optimize: add the persona's own mean-difference direction as a sixth axis 'P' beside the traits."""
+    basis: str = "traits"
+    """traits (the unit trait directions as extracted) or orthogonal (their symmetric, Löwdin
+    orthogonalisation at the layer: the closest orthonormal set, so each weight moves one direction
+    and no other trait's). The persona axis P, when on, is appended after and left as it is."""
 
     def __post_init__(self) -> None:
         if self.positions not in ("response", "prompt", "all"):
@@ -188,6 +194,8 @@ class SteeringConfig:
             raise ConfigError(
                 f"steering.vector_method must be mean_diff, svd or pca, got {self.vector_method!r}"
             )
+        if self.basis not in BASES:
+            raise ConfigError(f"steering.basis must be one of {', '.join(BASES)}, got {self.basis!r}")
 
 
 @dataclass

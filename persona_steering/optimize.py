@@ -472,7 +472,7 @@ def _run_digest(
             "v": CHECKPOINT_VERSION,
             "model": fingerprint,
             "generation": asdict(cfg.generation) | {"max_batch": None},
-            "steering": asdict(cfg.steering) | {"trait_vector_dir": None},
+            "steering": _steering_key(cfg),
             "judge": {
                 k: v
                 for k, v in asdict(cfg.judge).items()
@@ -500,6 +500,15 @@ def _run_digest(
         },
         16,
     )
+
+
+def _steering_key(cfg: Config) -> dict[str, Any]:
+    """The steering section as the run digest sees it: where vectors live does not matter, and the
+    default basis is left out so that runs made before steering.basis existed still resume."""
+    data = asdict(cfg.steering) | {"trait_vector_dir": None}
+    if data["basis"] == "traits":
+        del data["basis"]
+    return data
 
 
 def _paths(save_dir: Path, persona_id: str) -> dict[str, Path]:

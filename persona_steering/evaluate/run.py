@@ -134,6 +134,7 @@ def prepare(cfg: Config) -> Setup:
         s.summary,
         fingerprint=ident.fingerprint,
         axis_file=files.axis,
+        kind=s.basis,
     )
     if result is not None:
         result.check_basis(basis)
@@ -170,8 +171,9 @@ def effective_config(cfg: Config, result: PersonaRecord | None, notes: list[str]
         positions=result.positions or cfg.steering.positions,
         summary=result.summary or cfg.steering.summary,
         persona_axis=PERSONA_AXIS in result.traits,
+        basis=result.basis or "traits",
     )
-    for name in ("layer", "alpha", "vector_method", "positions", "summary", "persona_axis"):
+    for name in ("layer", "alpha", "vector_method", "positions", "summary", "persona_axis", "basis"):
         if getattr(steering, name) != getattr(cfg.steering, name):
             notes.append(
                 f"steering.{name} = {getattr(steering, name)} from the optimisation result "
