@@ -329,6 +329,68 @@ class SweepConfig:
 
 
 @dataclass
+class InterferenceConfig:
+    strengths: list[float] = field(default_factory=lambda: [-1.0, -0.5, 0.5, 1.0])
+    """Strengths each trait is steered at alone, in alpha units (alpha * w: a fraction of the layer's
+    mean residual norm). +-pair_strength joins them so that every pair has its single effects."""
+    pair_strength: float = 0.5
+    """Every pair of traits is steered together at +-this each (four sign combinations)."""
+    num_questions: int = 2
+    """First N held-out (eval) questions of each trait."""
+    num_prompts: int = 4
+    """First N conversational held-out prompts (optimize.prompts_file, 'heldout')."""
+    bases: list[str] = field(default_factory=lambda: ["traits", "orthogonal"])
+    """Bases whose grids are run and compared (see steering.basis)."""
+    max_new_tokens: int | None = None
+    """Tokens per grid answer; None = generation.max_new_tokens. The trait classifiers always read
+    the answers ``vectors`` made with generation.*, so this bounds the grid's cost alone."""
+    read_layer: int | None = None
+    """Layer of the activation-projection scorer; None = steering.layer."""
+    out_dir: str = "runs/interference"
+    """Output root: <out_dir>/<model-slug>/."""
+
+    def __post_init__(self) -> None:
+        if not self.strengths or any(s != s or abs(s) == float("inf") or s == 0 for s in self.strengths):
+            raise ConfigError(
+                f"interference.strengths must be finite, non-zero numbers, got {self.strengths}"
+            )
+        if not 0 < self.pair_strength < float("inf"):
+            raise ConfigError(f"interference.pair_strength must be > 0, got {self.pair_strength}")
+        if self.num_questions < 0 or self.num_prompts < 0 or self.num_questions + self.num_prompts == 0:
+            raise ConfigError("interference.num_questions and num_prompts must be >= 0, and not both 0")
+        if not self.bases or any(b not in BASES for b in self.bases):
+            raise ConfigError(f"interference.bases must name some of {', '.join(BASES)}, got {self.bases}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ConfigError(f"interference.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class DamageConfig:
+    layers: list[int] = field(default_factory=lambda: [10, 14, 18, 20, 22])
+    """hidden_states rows whose damage curve is measured."""
+    norms: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0, 2.0])
+    """Steering norms in alpha units (a fraction of the layer's mean residual norm), increasing."""
+    num_prompts: int = 4
+    """First N conversational held-out prompts answered for the loop rate."""
+    max_kl: float = 0.5
+    """Budget: mean next-token KL(unsteered || steered) on the neutral text, in nats."""
+    max_loop_increase: float = 0.05
+    """Budget: loop rate at most the unsteered loop rate plus this (0.05 = 5 points)."""
+    out_dir: str = "runs/damage"
+    """Output root: <out_dir>/<model-slug>/."""
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ConfigError("damage.layers must name at least one layer")
+        if not self.norms or any(not 0 < n < float("inf") for n in self.norms):
+            raise ConfigError(f"damage.norms must be positive, finite numbers, got {self.norms}")
+        if self.num_prompts < 1:
+            raise ConfigError(f"damage.num_prompts must be >= 1, got {self.num_prompts}")
+        if not self.max_kl > 0 or not 0 <= self.max_loop_increase <= 1:
+            raise ConfigError("damage.max_kl must be > 0 and damage.max_loop_increase in [0, 1]")
+
+
+@dataclass
 class SimilarityConfig:
     out_dir: str = "runs/similarity"
     """Output root: <out_dir>/<model-slug>/."""
@@ -349,6 +411,8 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
+    interference: InterferenceConfig = field(default_factory=InterferenceConfig)
+    damage: DamageConfig = field(default_factory=DamageConfig)
     traits: list[str] = field(default_factory=lambda: list(DEFAULT_TRAITS))
     """Traits combined by steering and optimisation."""
 
