@@ -69,6 +69,11 @@ interference: $(STAMP)  ## leakage, linearity, additivity of the traits in both 
 	$(VECTORS)
 	$(CLI) interference $(MODEL_ARG) $(ARGS)
 
+.PHONY: damage
+damage: $(STAMP)  ## KL, perplexity and loop rate against steering norm per layer, and the norm budget
+	$(VECTORS)
+	$(CLI) damage $(MODEL_ARG) $(ARGS)
+
 .PHONY: judge-check
 judge-check: $(STAMP)  ## vet a judge on the hand-written calibration answers (ARGS="--judge openai")
 	$(CLI) judge-check $(MODEL_ARG) $(ARGS)

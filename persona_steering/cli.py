@@ -204,6 +204,18 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
             ("--base-url", "judge.base_url", str, "OpenAI-compatible endpoint"),
         ],
     ),
+    "damage": (
+        "damage curve: next-token KL, perplexity and loop rate against steering norm per layer; the budget",
+        [
+            ("--layers", "damage.layers", str, "comma-separated hidden_states rows (default 10,14,18,20,22)"),
+            ("--norms", "damage.norms", str, "steering norms in alpha units: --norms=0.25,0.5,1,2"),
+            ("--num-prompts", "damage.num_prompts", int, "first N held-out prompts for the loop rate"),
+            ("--max-kl", "damage.max_kl", float, "budget: mean next-token KL in nats"),
+            ("--out-dir", "damage.out_dir", str, "output root (<out-dir>/<model-slug>/)"),
+            ("--traits", "traits", str, "comma-separated traits (default R1..R5)"),
+            ("--trait-vector-dir", "steering.trait_vector_dir", str, "root of vector files"),
+        ],
+    ),
     "judge-check": (
         "score the hand-written calibration answers: does the judge rank in-voice > assistant > degenerate?",
         [
@@ -493,6 +505,13 @@ def _run_interference(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_damage(cfg: Config, args: argparse.Namespace) -> int:
+    from persona_steering.damage import render_damage, run_damage
+
+    print(render_damage(run_damage(cfg)))
+    return 0
+
+
 def _run_judge_check(cfg: Config, args: argparse.Namespace) -> int:
     from persona_steering.calibration import run_judge_check
 
@@ -590,6 +609,7 @@ _STAGES: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "evaluate": _run_evaluate,
     "sweep": _run_sweep,
     "interference": _run_interference,
+    "damage": _run_damage,
     "similarity": _run_similarity,
     "judge-check": _run_judge_check,
     "project": _run_project,

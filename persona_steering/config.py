@@ -220,6 +220,11 @@ class OptimizeConfig:
     """Weights are kept within [-bound, bound]."""
     coherence_penalty: float = 0.0
     """Subtract penalty * (1 - coherence/100) from the fit; needs judge.coherence (refused without)."""
+    max_norm: float | None = None
+    """Damage budget: the largest steering norm ||alpha * sum_i w_i u_i|| (alpha units) a candidate
+    may have without a penalty; take it from `make damage` at the steered layer. None = off."""
+    norm_penalty: float = 10.0
+    """With max_norm: added to the minimised objective (fit is 1-5) per alpha unit beyond max_norm."""
     save_dir: str = "runs/optimize"
     """Output folder."""
     restart: bool = False
@@ -242,6 +247,10 @@ class OptimizeConfig:
             raise ConfigError(f"optimize.population_size must be >= 2, got {self.population_size}")
         if not self.sigma0 > 0:
             raise ConfigError(f"optimize.sigma0 must be > 0, got {self.sigma0}")
+        if self.max_norm is not None and not 0 < self.max_norm < float("inf"):
+            raise ConfigError(f"optimize.max_norm must be > 0 (or null for no bound), got {self.max_norm}")
+        if not self.norm_penalty >= 0:
+            raise ConfigError(f"optimize.norm_penalty must be >= 0, got {self.norm_penalty}")
         if self.personas and self.layers:
             raise ConfigError("optimize.personas and optimize.layers cannot be combined; run one at a time")
 

@@ -191,6 +191,8 @@ def effective_config(cfg: Config, result: PersonaRecord | None, notes: list[str]
         sigma0=float(opt_saved.get("sigma0", cfg.optimize.sigma0)),
         initial_weights=opt_saved.get("initial_weights", cfg.optimize.initial_weights),
         coherence_penalty=float(opt_saved.get("coherence_penalty", cfg.optimize.coherence_penalty)),
+        max_norm=opt_saved.get("max_norm", cfg.optimize.max_norm),
+        norm_penalty=float(opt_saved.get("norm_penalty", cfg.optimize.norm_penalty)),
     )
     judge = replace(cfg.judge, coherence=bool(saved.get("judge", {}).get("coherence", cfg.judge.coherence)))
     return replace(cfg, steering=steering, optimize=optimize, judge=judge, traits=traits)
