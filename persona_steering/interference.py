@@ -95,6 +95,7 @@ def run_interference(
     with Cache(cfg.cache_dir) as cache:
         scorer = fit_trait_scorer(rt, cfg, setup.traits, cache)
         log(f"trait classifiers: held-out accuracy {_accuracies(scorer.report())}")
+        log(f"{len(setup.cells)} cells x {len(setup.prompts)} prompts in each of {len(bases)} bases")
         base = generate(rt, [Request(p) for p in setup.prompts], gen, cache=cache, seed=cfg.seed)
         answers = {kind: _steered(rt, cfg, gen, setup, basis, cache) for kind, basis in bases.items()}
         everything = base + [a for per_basis in answers.values() for a in per_basis]
