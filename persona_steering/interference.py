@@ -8,7 +8,8 @@ all five traits by each available scorer, named in the output:
 
 - ``classifier``: the offline pole classifiers (``trait_scorer.py``), 0-100, with held-out accuracy;
 - ``projection``: the answer read back unsteered, its response-averaged activation at the read
-  layer projected on each trait's unit vector (``evaluate.sweep.projections``), activation units;
+  layer projected on each trait's unit vector (``evaluate.sweep.projections_many``), activation
+  units;
 - ``judge``: with ``judge.backend`` openai or local, the 0-100 LLM trait judge.
 
 A cell's effect on trait j is the mean over prompts of (score of the steered answer - score of the
@@ -42,7 +43,7 @@ from persona_steering.basis import TraitBasis, load_basis
 from persona_steering.cache import Cache, atomic_write_json, atomic_write_text
 from persona_steering.config import Config
 from persona_steering.evaluate.core import json_safe
-from persona_steering.evaluate.sweep import projections
+from persona_steering.evaluate.sweep import projections_many
 from persona_steering.generation import Answer, Request, generate
 from persona_steering.interference_report import render_interference, write_plots
 from persona_steering.judges import Query, build_judge
@@ -228,9 +229,7 @@ def _score(
         "values": np.array(scorer.score([a.text for a in answers], cache), dtype=float),
     }
     directions = _basis(cfg, setup, "traits", setup.read_layer).directions
-    cols = [
-        projections(rt, cache, answers, setup.read_layer, u, cfg.generation.max_batch) for u in directions
-    ]
+    cols = projections_many(rt, cache, answers, setup.read_layer, directions, cfg.generation.max_batch)
     out["projection"] = {
         "description": f"activation projection: the answer read back unsteered, response-averaged at layer "
         f"{setup.read_layer}, projected on each trait's unit vector (activation units)",

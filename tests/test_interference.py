@@ -208,3 +208,29 @@ def test_pole_classifier_learns_planted_poles_reports_accuracy_and_caches(tmp_pa
         again = fit_trait_scorer(None, load_config(None, []), [trait], cache)  # type: ignore[arg-type]
         assert again.report() == scorer.report()
         assert again.score(["yeah lol gonna chill dude"], cache) == [low]
+
+
+def test_projections_many_equals_one_direction_at_a_time_in_one_forward(tiny_rt, tmp_path, monkeypatch):
+    import torch
+
+    from persona_steering.cache import Cache
+    from persona_steering.config import GenerationConfig
+    from persona_steering.evaluate import sweep
+    from persona_steering.generation import Request, generate
+
+    gen = GenerationConfig(max_new_tokens=4)
+    answers = generate(tiny_rt, [Request("hello !"), Request("how was work today ?")], gen)
+    directions = torch.nn.functional.normalize(
+        torch.randn(3, 32, generator=torch.Generator().manual_seed(0)), dim=-1
+    )
+    calls = []
+    real = sweep.record_activations
+    monkeypatch.setattr(sweep, "record_activations", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with Cache(tmp_path / "a") as cache:
+        many = sweep.projections_many(tiny_rt, cache, answers, 2, directions)
+        assert len(calls) == 1 and sweep.projections_many(tiny_rt, cache, answers, 2, directions) == many
+        assert len(calls) == 1  # all cached
+    with Cache(tmp_path / "b") as cache:
+        one = [sweep.projections(tiny_rt, cache, answers, 2, d) for d in directions]
+    for a, b in zip(many, one, strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
