@@ -325,12 +325,25 @@ def analyse(
     with np.errstate(invalid="ignore", divide="ignore"):
         leakage = slopes / diag[:, None]
     leakage[~np.isfinite(leakage)] = np.nan
+    pairs = additivity(effects, cells)
     return {
         "slopes": slopes.tolist(),
         "leakage": leakage.tolist(),
         "linearity": linearity,
-        "additivity": additivity(effects, cells),
+        "additivity": pairs,
+        "additivity_overall": _pooled(pairs),
     }
+
+
+def _pooled(pairs: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Every pair's points together: R^2 of measured against summed, and the least-squares slope
+    (1 = additive; below 1 = the pair does less than the sum of its parts)."""
+    measured = np.array([v for a in pairs for row in a["measured"] for v in row], dtype=float)
+    summed = np.array([v for a in pairs for row in a["summed"] for v in row], dtype=float)
+    ok = np.isfinite(measured) & np.isfinite(summed)
+    if ok.sum() < 3:
+        return {"r2": None, "slope": None}
+    return {"r2": _r2(measured[ok], summed[ok]), "slope": _slope(summed[ok], measured[ok])}
 
 
 def additivity(effects: dict[Cell, np.ndarray], cells: list[Cell]) -> list[dict[str, Any]]:

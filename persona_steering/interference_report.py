@@ -56,9 +56,12 @@ def render_interference(data: dict[str, Any]) -> str:
                 for a in s["additivity"]
             ]
             lines.append(markdown_table(["pair", "R^2", "interaction", "residual rms"], add))
+            pooled = s.get("additivity_overall", {})
             lines.append(
                 f"\nMean off-diagonal |leakage| {fmt_number(mean_leakage(s['leakage']))}, "
-                f"mean additivity R^2 {fmt_number(mean_additivity(s['additivity']))}."
+                f"mean additivity R^2 per pair {fmt_number(mean_additivity(s['additivity']))}; all pairs "
+                f"pooled: R^2 {fmt_number(pooled.get('r2'))}, slope of measured on summed "
+                f"{fmt_number(pooled.get('slope'))} (1 = additive)."
             )
     return "\n".join(lines) + "\n"
 

@@ -52,6 +52,13 @@ def test_analysis_recovers_a_planted_linear_additive_basis():
     for a in out["additivity"]:
         assert a["r2"] == pytest.approx(1.0) and a["interaction"] == pytest.approx(0.0, abs=1e-9)
     assert mean_leakage(out["leakage"]) == pytest.approx(np.abs(out["leakage"] - np.eye(3)).sum() / 6)
+    assert out["additivity_overall"] == pytest.approx({"r2": 1.0, "slope": 1.0})
+    # A pair doing half of what its parts do: pooled slope 0.5.
+    for c in p["cells"]:
+        if sum(w != 0 for w in c) == 2:
+            p["effects"][c] = 0.5 * p["effects"][c]
+    half = analyse(p["effects"], singles, [0.0] * len(p["cells"]), p["cells"], 0.0)["additivity_overall"]
+    assert half["slope"] == pytest.approx(0.5) and half["r2"] < 1.0
 
 
 def test_analysis_finds_a_planted_interaction_saturation_and_loops():
