@@ -68,6 +68,16 @@ sweep: $(STAMP)  ## TRAIT=R2 over layers x coefficients (ARGS="--layers 10,14 --
 similarity: $(STAMP)  ## cosine between trait vectors, extraction methods and layers (no model load)
 	$(CLI) similarity $(MODEL_ARG) $(ARGS)
 
+.PHONY: interference
+interference: $(STAMP)  ## leakage, linearity, additivity of the traits in both bases (ARGS="--num-prompts 2 --grid-tokens 16")
+	$(VECTORS)
+	$(CLI) interference $(MODEL_ARG) $(ARGS)
+
+.PHONY: damage
+damage: $(STAMP)  ## KL, perplexity and loop rate against steering norm per layer, and the norm budget
+	$(VECTORS)
+	$(CLI) damage $(MODEL_ARG) $(ARGS)
+
 .PHONY: judge-check
 judge-check: $(STAMP)  ## vet a judge on the hand-written calibration answers (ARGS="--judge openai")
 	$(CLI) judge-check $(MODEL_ARG) $(ARGS)

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from persona_steering.cache import bytes_digest, digest
-from persona_steering.config import PERSONA_AXIS, ConfigError, SteeringConfig
+from persona_steering.config import BASES, PERSONA_AXIS, ConfigError, SteeringConfig
 from persona_steering.layers import normalize_layer
 from persona_steering.store import VectorFileError, load_vectors, save_vectors
-from persona_steering.vectors import unit
+from persona_steering.vectors import symmetric_orthogonalize, unit
 
 
 @dataclass
@@ -30,6 +30,7 @@ class TraitBasis:
     summary: str
     fingerprint: str
     num_layers: int
+    kind: str = "traits"  # steering.basis: 'traits' as extracted, or 'orthogonal' (Löwdin)
 
     def deltas(self, weights: torch.Tensor, alpha: float) -> torch.Tensor:
         """[batch, hidden] steering vectors for weights [batch, k] (or [k])."""
@@ -54,12 +55,38 @@ class TraitBasis:
             summary=self.summary,
             fingerprint=self.fingerprint,
             num_layers=self.num_layers,
+            kind=self.kind,
+        )
+
+    def orthogonal(self) -> TraitBasis:
+        """The symmetric (Löwdin) orthogonalisation of these directions: orthonormal, closest to them."""
+        if PERSONA_AXIS in self.traits:
+            raise ValueError("orthogonalise the traits before adding the persona axis")
+        try:
+            directions = symmetric_orthogonalize(self.directions)
+        except ValueError:
+            raise VectorFileError(
+                f"the vectors of {', '.join(self.traits)} at layer {self.layer} are linearly dependent: "
+                "steering.basis=orthogonal cannot separate them (use steering.basis=traits)"
+            ) from None
+        return TraitBasis(
+            traits=list(self.traits),
+            layer=self.layer,
+            directions=directions,
+            scale=self.scale,
+            method=self.method,
+            summary=self.summary,
+            fingerprint=self.fingerprint,
+            num_layers=self.num_layers,
+            kind="orthogonal",
         )
 
     def digest(self) -> str:
         data = self.directions.contiguous().numpy().tobytes()
+        # The kind joins the key only when it is not the default, so digests of earlier runs stand.
+        kind = [] if self.kind == "traits" else [self.kind]
         return digest(
-            [self.traits, self.layer, self.method, self.summary, self.scale, bytes_digest(data)], 16
+            [self.traits, self.layer, self.method, self.summary, self.scale, bytes_digest(data), *kind], 16
         )
 
 
@@ -73,19 +100,26 @@ def load_basis(
     hidden_size: int | None = None,
     fingerprint: str | None = None,
     axis_file: str | Path | None = None,
+    kind: str = "traits",
 ) -> TraitBasis:
     """Load ``<vector_dir>/<slug>/<trait>.safetensors`` for each trait and take one layer.
 
     A persona axis 'P' among ``traits`` (it comes last) is read from ``axis_file``, which
-    ``optimize`` wrote beside the persona's result (see ``save_axis``).
+    ``optimize`` wrote beside the persona's result (see ``save_axis``). ``kind`` 'orthogonal'
+    (steering.basis) replaces the trait directions by their symmetric orthogonalisation; the
+    persona axis is appended after, unchanged.
     """
+    if kind not in BASES:
+        raise ConfigError(f"steering.basis must be one of {', '.join(BASES)}, got {kind!r}")
     folder = Path(vector_dir) / slug
     if PERSONA_AXIS in traits:
         if traits[-1] != PERSONA_AXIS:
             raise VectorFileError(f"the persona axis {PERSONA_AXIS} must come last among {traits}")
         if axis_file is None:
             raise VectorFileError("a persona axis needs the persona's axis file, written by optimize")
-        base = load_basis(vector_dir, slug, traits[:-1], layer, method, summary, hidden_size, fingerprint)
+        base = load_basis(
+            vector_dir, slug, traits[:-1], layer, method, summary, hidden_size, fingerprint, kind=kind
+        )
         return base.with_axis(load_axis(axis_file, base))
     files = []
     for trait in traits:
@@ -104,7 +138,7 @@ def load_basis(
     if not torch.isfinite(dirs).all() or bool((dirs.norm(dim=-1) == 0).any()):
         raise VectorFileError(f"vectors at layer {row} are zero or not finite in {folder}")
     scale = float(torch.tensor([f.norm(summary, row) for f in files]).mean())
-    return TraitBasis(
+    basis = TraitBasis(
         traits=list(traits),
         layer=row,
         directions=unit(dirs),
@@ -114,6 +148,7 @@ def load_basis(
         fingerprint=str(files[0].meta["fingerprint"]),
         num_layers=num_layers,
     )
+    return basis.orthogonal() if kind == "orthogonal" else basis
 
 
 def save_axis(path: str | Path, direction: torch.Tensor, basis: TraitBasis, **meta: object) -> Path:
@@ -145,6 +180,7 @@ def configured_basis(steering: SteeringConfig, traits: list[str], slug: str, fin
         steering.vector_method,
         steering.summary,
         fingerprint=fingerprint,
+        kind=steering.basis,
     )
 
 

@@ -235,6 +235,7 @@ def candidate_basis(cfg: Config, rt: Runtime, texts: list[str]) -> tuple[TraitBa
             cfg.steering.summary,
             hidden_size=rt.hidden_size,
             fingerprint=rt.fingerprint,
+            kind=cfg.steering.basis,
         )
         return basis, f"trait vectors {', '.join(cfg.traits)} at layer {basis.layer}"
     except VectorFileError:

@@ -177,6 +177,48 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
             ("--base-url", "judge.base_url", str, "OpenAI-compatible endpoint"),
         ],
     ),
+    "interference": (
+        "is the trait basis linear and independent? leakage, linearity and additivity of R1-R5 in both bases",
+        [
+            (
+                "--strengths",
+                "interference.strengths",
+                str,
+                "single-trait strengths: --strengths=-1,-0.5,0.5,1",
+            ),
+            ("--pair-strength", "interference.pair_strength", float, "every pair at +- this each"),
+            ("--num-questions", "interference.num_questions", int, "first N eval questions of each trait"),
+            ("--num-prompts", "interference.num_prompts", int, "first N conversational held-out prompts"),
+            ("--bases", "interference.bases", str, "traits,orthogonal (default both)"),
+            ("--grid-tokens", "interference.max_new_tokens", int, "tokens per grid answer"),
+            ("--read-layer", "interference.read_layer", int, "layer of the activation-projection scorer"),
+            ("--out-dir", "interference.out_dir", str, "output root (<out-dir>/<model-slug>/)"),
+            ("--layer", "steering.layer", int, "hidden_states row to steer"),
+            ("--traits", "traits", str, "comma-separated traits (default R1..R5)"),
+            ("--trait-dir", "vectors.trait_dir", str, "folder of trait files"),
+            ("--trait-vector-dir", "steering.trait_vector_dir", str, "root of vector files"),
+            (
+                "--judge",
+                "judge.backend",
+                str,
+                "openai or local add the LLM trait judge to the offline scorers",
+            ),
+            ("--judge-model", "judge.model", str, "judge model name (openai) or model (local)"),
+            ("--base-url", "judge.base_url", str, "OpenAI-compatible endpoint"),
+        ],
+    ),
+    "damage": (
+        "damage curve: next-token KL, perplexity and loop rate against steering norm per layer; the budget",
+        [
+            ("--layers", "damage.layers", str, "comma-separated hidden_states rows (default 10,14,18,20,22)"),
+            ("--norms", "damage.norms", str, "steering norms in alpha units: --norms=0.25,0.5,1,2"),
+            ("--num-prompts", "damage.num_prompts", int, "first N held-out prompts for the loop rate"),
+            ("--max-kl", "damage.max_kl", float, "budget: mean next-token KL in nats"),
+            ("--out-dir", "damage.out_dir", str, "output root (<out-dir>/<model-slug>/)"),
+            ("--traits", "traits", str, "comma-separated traits (default R1..R5)"),
+            ("--trait-vector-dir", "steering.trait_vector_dir", str, "root of vector files"),
+        ],
+    ),
     "judge-check": (
         "score the hand-written calibration answers: does the judge rank in-voice > assistant > degenerate?",
         [
@@ -504,6 +546,21 @@ def _run_sweep(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_interference(cfg: Config, args: argparse.Namespace) -> int:
+    from persona_steering.interference import run_interference
+    from persona_steering.interference_report import render_interference
+
+    print(render_interference(run_interference(cfg)))
+    return 0
+
+
+def _run_damage(cfg: Config, args: argparse.Namespace) -> int:
+    from persona_steering.damage import render_damage, run_damage
+
+    print(render_damage(run_damage(cfg)))
+    return 0
+
+
 def _run_judge_check(cfg: Config, args: argparse.Namespace) -> int:
     from persona_steering.calibration import run_judge_check
 
@@ -629,6 +686,8 @@ _STAGES: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "import-gguf": _run_import_gguf,
     "evaluate": _run_evaluate,
     "sweep": _run_sweep,
+    "interference": _run_interference,
+    "damage": _run_damage,
     "similarity": _run_similarity,
     "judge-check": _run_judge_check,
     "project": _run_project,

@@ -148,6 +148,8 @@ class VectorsConfig:
             raise ConfigError(f"vectors.n_per_question must be >= 1, got {self.n_per_question}")
 
 
+BASES = ("traits", "orthogonal")
+"""steering.basis: the trait directions as extracted, or their symmetric orthogonalisation."""
 BACKENDS = ("offline", "embedding", "openai", "local")
 
 
@@ -212,6 +214,10 @@ class SteeringConfig:
     """Root of vector files (<dir>/<model-slug>/<trait>.safetensors)."""
     persona_axis: bool = False
     """optimize: add the persona's own mean-difference direction as a sixth axis 'P' beside the traits."""
+    basis: str = "traits"
+    """traits (the unit trait directions as extracted) or orthogonal (their symmetric, Löwdin
+    orthogonalisation at the layer: the closest orthonormal set, so each weight moves one direction
+    and no other trait's). The persona axis P, when on, is appended after and left as it is."""
 
     def __post_init__(self) -> None:
         if not 0 < check_finite("steering.alpha", self.alpha) <= MAX_ALPHA:
@@ -222,6 +228,8 @@ class SteeringConfig:
             raise ConfigError(
                 f"steering.vector_method must be mean_diff, svd or pca, got {self.vector_method!r}"
             )
+        if self.basis not in BASES:
+            raise ConfigError(f"steering.basis must be one of {', '.join(BASES)}, got {self.basis!r}")
 
 
 @dataclass
@@ -246,6 +254,11 @@ class OptimizeConfig:
     """Weights are kept within [-bound, bound]."""
     coherence_penalty: float = 0.0
     """Subtract penalty * (1 - coherence/100) from the fit; needs judge.coherence (refused without)."""
+    max_norm: float | None = None
+    """Damage budget: the largest steering norm ||alpha * sum_i w_i u_i|| (alpha units) a candidate
+    may have without a penalty; take it from `make damage` at the steered layer. None = off."""
+    norm_penalty: float = 10.0
+    """With max_norm: added to the minimised objective (fit is 1-5) per alpha unit beyond max_norm."""
     save_dir: str = "runs/optimize"
     """Output folder."""
     restart: bool = False
@@ -272,6 +285,10 @@ class OptimizeConfig:
             raise ConfigError(f"optimize.bound must be > 0, got {self.bound}")
         if not check_finite("optimize.coherence_penalty", self.coherence_penalty) >= 0:
             raise ConfigError(f"optimize.coherence_penalty must be >= 0, got {self.coherence_penalty}")
+        if self.max_norm is not None and not check_finite("optimize.max_norm", self.max_norm) > 0:
+            raise ConfigError(f"optimize.max_norm must be > 0 (or null for no bound), got {self.max_norm}")
+        if not check_finite("optimize.norm_penalty", self.norm_penalty) >= 0:
+            raise ConfigError(f"optimize.norm_penalty must be >= 0, got {self.norm_penalty}")
         if self.personas and self.layers:
             raise ConfigError("optimize.personas and optimize.layers cannot be combined; run one at a time")
 
@@ -359,6 +376,68 @@ class SweepConfig:
 
 
 @dataclass
+class InterferenceConfig:
+    strengths: list[float] = field(default_factory=lambda: [-1.0, -0.5, 0.5, 1.0])
+    """Strengths each trait is steered at alone, in alpha units (alpha * w: a fraction of the layer's
+    mean residual norm). +-pair_strength joins them so that every pair has its single effects."""
+    pair_strength: float = 0.5
+    """Every pair of traits is steered together at +-this each (four sign combinations)."""
+    num_questions: int = 2
+    """First N held-out (eval) questions of each trait."""
+    num_prompts: int = 4
+    """First N conversational held-out prompts (optimize.prompts_file, 'heldout')."""
+    bases: list[str] = field(default_factory=lambda: ["traits", "orthogonal"])
+    """Bases whose grids are run and compared (see steering.basis)."""
+    max_new_tokens: int | None = None
+    """Tokens per grid answer; None = generation.max_new_tokens. The trait classifiers always read
+    the answers ``vectors`` made with generation.*, so this bounds the grid's cost alone."""
+    read_layer: int | None = None
+    """Layer of the activation-projection scorer; None = steering.layer."""
+    out_dir: str = "runs/interference"
+    """Output root: <out_dir>/<model-slug>/."""
+
+    def __post_init__(self) -> None:
+        if not self.strengths or any(s != s or abs(s) == float("inf") or s == 0 for s in self.strengths):
+            raise ConfigError(
+                f"interference.strengths must be finite, non-zero numbers, got {self.strengths}"
+            )
+        if not 0 < self.pair_strength < float("inf"):
+            raise ConfigError(f"interference.pair_strength must be > 0, got {self.pair_strength}")
+        if self.num_questions < 0 or self.num_prompts < 0 or self.num_questions + self.num_prompts == 0:
+            raise ConfigError("interference.num_questions and num_prompts must be >= 0, and not both 0")
+        if not self.bases or any(b not in BASES for b in self.bases):
+            raise ConfigError(f"interference.bases must name some of {', '.join(BASES)}, got {self.bases}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ConfigError(f"interference.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class DamageConfig:
+    layers: list[int] = field(default_factory=lambda: [10, 14, 18, 20, 22])
+    """hidden_states rows whose damage curve is measured."""
+    norms: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0, 2.0])
+    """Steering norms in alpha units (a fraction of the layer's mean residual norm), increasing."""
+    num_prompts: int = 4
+    """First N conversational held-out prompts answered for the loop rate."""
+    max_kl: float = 0.5
+    """Budget: mean next-token KL(unsteered || steered) on the neutral text, in nats."""
+    max_loop_increase: float = 0.05
+    """Budget: loop rate at most the unsteered loop rate plus this (0.05 = 5 points)."""
+    out_dir: str = "runs/damage"
+    """Output root: <out_dir>/<model-slug>/."""
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ConfigError("damage.layers must name at least one layer")
+        if not self.norms or any(not 0 < n < float("inf") for n in self.norms):
+            raise ConfigError(f"damage.norms must be positive, finite numbers, got {self.norms}")
+        if self.num_prompts < 1:
+            raise ConfigError(f"damage.num_prompts must be >= 1, got {self.num_prompts}")
+        if not self.max_kl > 0 or not 0 <= self.max_loop_increase <= 1:
+            raise ConfigError("damage.max_kl must be > 0 and damage.max_loop_increase in [0, 1]")
+
+
+@dataclass
 class SimilarityConfig:
     out_dir: str = "runs/similarity"
     """Output root: <out_dir>/<model-slug>/."""
@@ -405,6 +484,8 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    interference: InterferenceConfig = field(default_factory=InterferenceConfig)
+    damage: DamageConfig = field(default_factory=DamageConfig)
     traits: list[str] = field(default_factory=lambda: list(DEFAULT_TRAITS))
     """Traits combined by steering and optimisation."""
 

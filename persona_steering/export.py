@@ -254,6 +254,7 @@ def _basis(cfg: Config, record: PersonaRecord | None) -> TraitBasis:
         summary,
         fingerprint=ident.fingerprint,
         axis_file=record.files.axis if record and record.files else None,
+        kind=(record.basis or "traits") if record else cfg.steering.basis,
     )
     if record is not None:
         record.check_basis(basis)

@@ -86,7 +86,7 @@ def run_vectors(cfg: Config, rt: Runtime | None = None, log: Any = print) -> lis
         rank_log(rt.fabric, f"extracting {', '.join(names)} from a round-robin share of the rows")
         log(f"extracting {', '.join(names)} into {out_dir}")
         with main_cache(rt.fabric, cfg.cache_dir) as cache:
-            answers = _generate_all(rt, cfg, todo, cache)
+            answers = trait_answers(rt, cfg, todo, cache)
             for trait in todo:
                 started = time.perf_counter()
                 pos, neg = answers[trait.name]
@@ -148,10 +148,13 @@ class Pair:
     answer_ids: tuple[int, ...]
 
 
-def _generate_all(
+def trait_answers(
     rt: Runtime, cfg: Config, traits: list[Trait], cache: Cache | None
 ) -> dict[str, tuple[list[Pair], list[Pair]]]:
-    """Every pos and neg answer of every trait, in one batched, memoised generate call."""
+    """Every pos and neg answer of every trait, in one batched, memoised generate call.
+
+    Under the settings ``vectors`` ran with, every answer is a cache hit: no model work.
+    """
     plan: list[tuple[str, str, Request, int]] = []  # (trait, pole, request, replicate)
     for trait in traits:
         n_pairs = len(trait.instructions)

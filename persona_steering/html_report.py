@@ -3,7 +3,9 @@
 Reads ``<save_dir>/<id>_optimization.json`` (required), ``<id>_convergence.png``,
 ``<id>_evaluation.json`` and ``<id>_evaluation.png`` (optional: a note stands in for what is
 missing) and the persona's profile, and writes ``<out_dir>/<id>.html``. Sections: persona,
-configuration, convergence, weight trajectories, evaluation, answers side by side. Images are
+configuration, convergence, weight trajectories, evaluation, answers side by side, and the trait
+basis's interference (leakage and additivity, from ``<interference.out_dir>/<slug>/interference.json``
+of the same model, when ``make interference`` has run). Images are
 embedded as base64 data URIs and every piece of text is HTML-escaped, so the page opens anywhere,
 offline, and an answer containing markup shows as text. No model is loaded.
 """
@@ -21,6 +23,7 @@ from typing import Any
 from persona_steering import __version__
 from persona_steering.cache import atomic_write_text
 from persona_steering.config import Config, ConfigError
+from persona_steering.interference_report import mean_additivity, mean_leakage
 from persona_steering.judges.base import PARTS as FIT_PARTS
 from persona_steering.record import PersonaFiles, PersonaRecord
 from persona_steering.rendering import NA, fmt_interval, fmt_number, fmt_test
@@ -69,6 +72,7 @@ def run_report(
     record = PersonaRecord.require(files)
     evaluation = _read_json(files.evaluation("json"))
     profile_path = Path(cfg.optimize.persona_dir) / persona_id / "persona_profile.txt"
+    interference = _find_interference(Path(cfg.interference.out_dir), record.fingerprint)
     page = render_report(
         record,
         evaluation,
@@ -77,6 +81,7 @@ def run_report(
         profile=profile_path.read_text(encoding="utf-8").strip() if profile_path.is_file() else None,
         max_examples=max_examples,
         source=str(files.save_dir),
+        interference=interference,
     )
     path = atomic_write_text(files.page(out_dir), page)
     log(f"wrote {path}")
@@ -91,6 +96,7 @@ def render_report(
     profile: str | None = None,
     max_examples: int = MAX_EXAMPLES,
     source: str = "",
+    interference: tuple[dict[str, Any], bytes | None] | None = None,
 ) -> str:
     """The page as a string: pure, so tests check its structure without files or a browser."""
     pid, result = record.persona_id, record.data
@@ -116,6 +122,11 @@ def render_report(
             "evaluation", "Evaluation on held-out prompts", _evaluation(pid, evaluation, evaluation_png)
         ),
         _section("answers", "Answers side by side", _answers(result, evaluation, max_examples)),
+        _section(
+            "interference",
+            "Trait interference: is the basis linear and independent?",
+            _interference(interference),
+        ),
         "</body></html>",
     ]
     return "\n".join(parts) + "\n"
@@ -271,6 +282,41 @@ def _weights_png(result: dict[str, Any]) -> bytes:
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return buf.getvalue()
+
+
+def _find_interference(out_dir: Path, fingerprint: str | None) -> tuple[dict[str, Any], bytes | None] | None:
+    """The interference results of this model (same fingerprint) under ``out_dir``, with the heatmap."""
+    for path in sorted(out_dir.glob("*/interference.json")):
+        data = _read_json(path)
+        if data is not None and fingerprint is not None and data.get("fingerprint") == fingerprint:
+            return data, _read_bytes(path.parent / "leakage.png")
+    return None
+
+
+def _interference(found: tuple[dict[str, Any], bytes | None] | None) -> str:
+    if found is None:
+        return _note("No interference results for this model: run make interference.")
+    data, png = found
+    accuracy = ", ".join(
+        f"{t} {_num(r.get('accuracy'), '.2f')}" for t, r in data.get("classifier_report", {}).items()
+    )
+    rows = [
+        [kind, name, fmt_number(mean_leakage(s["leakage"])), fmt_number(mean_additivity(s["additivity"]))]
+        for kind, basis in data.get("bases", {}).items()
+        for name, s in basis.get("scorers", {}).items()
+    ]
+    scorers = "".join(f"<li><b>{_e(k)}</b>: {_e(v)}</li>" for k, v in data.get("scorers", {}).items())
+    strengths = ", ".join(f"{s:g}" for s in data.get("strengths", []))
+    body = (
+        f"<p>Each trait steered alone at {_e(strengths)} and every "
+        f"pair at +-{_e(data.get('pair_strength'))} (alpha units) on {len(data.get('prompts', []))} held-out "
+        f"prompts at layer {_e(data.get('layer'))}. Leakage: slope of another trait's score per unit "
+        "of an axis, relative to the axis's own trait (0 = independent). Additivity: R<sup>2</sup> of a "
+        "pair's measured effect against the sum of its single effects (1 = additive).</p>"
+        f"<ul>{scorers}</ul><p>Pole classifiers' held-out accuracy: {_e(accuracy)}.</p>"
+        + _table(["basis", "scorer", "mean off-diagonal |leakage|", "mean additivity R²"], rows)
+    )
+    return body + (_image(png, "leakage matrices") if png else "")
 
 
 def _section(anchor: str, title: str, body: str) -> str:

@@ -133,7 +133,19 @@ class Objective:
     def score(self, weights: np.ndarray) -> tuple[list[Scored], list[list[str]]]:
         """Steer, generate and judge a population of weight vectors [candidates, k]."""
         texts = self.answers(weights)
-        return self.judge_texts(texts), texts
+        return self.within_budget(self.judge_texts(texts), weights), texts
+
+    def within_budget(self, scored: list[Scored], weights: np.ndarray) -> list[Scored]:
+        """``scored`` with optimize.norm_penalty per alpha unit of steering norm beyond optimize.max_norm."""
+        limit = self.cfg.optimize.max_norm
+        if limit is None:
+            return scored
+        norms = (self.deltas(weights).norm(dim=-1) / self.basis.scale).tolist()  # alpha units, [candidates]
+        penalty = self.cfg.optimize.norm_penalty
+        return [
+            replace(s, objective=s.objective + penalty * max(0.0, n - limit))
+            for s, n in zip(scored, norms, strict=True)
+        ]
 
     def judge_texts(self, texts: list[list[str]]) -> list[Scored]:
         """Persona fit (and coherence) of steered answers [candidate][prompt]."""
@@ -311,7 +323,7 @@ def _iterate(runs: list[_Run], max_iterations: int, log: Any) -> None:
         texts = _answers_together(active, candidates)
         for run, cands, answers in zip(active, candidates, texts, strict=True):
             assert run.objective is not None
-            scored = run.objective.judge_texts(answers)
+            scored = run.objective.within_budget(run.objective.judge_texts(answers), cands)
             _tell(run, cands, scored, time.perf_counter() - started, log, prefix=len(runs) > 1)
 
 
@@ -504,7 +516,10 @@ def _run_digest(
 ) -> str:
     """Everything that determines the optimisation's trajectory (not where it is saved)."""
     # Where inputs live and how runs are grouped do not change a persona's trajectory.
-    where = ("save_dir", "restart", "persona_dir", "prompts_file", "layers", "personas")
+    where: tuple[str, ...] = ("save_dir", "restart", "persona_dir", "prompts_file", "layers", "personas")
+    # Without a damage budget its penalty does nothing: left out, so earlier runs still resume.
+    if cfg.optimize.max_norm is None:
+        where += ("max_norm", "norm_penalty")
     opt = {k: v for k, v in asdict(cfg.optimize).items() if k not in where}
     # The persona axis contrasts the samples with answers to every training prompt, not just these.
     axis = {}
@@ -515,7 +530,7 @@ def _run_digest(
             "v": RUN_VERSION,
             "model": fingerprint,
             "generation": asdict(cfg.generation) | {"max_batch": None},
-            "steering": asdict(cfg.steering) | {"trait_vector_dir": None},
+            "steering": _steering_key(cfg),
             "judge": {
                 k: v
                 for k, v in asdict(cfg.judge).items()
@@ -544,6 +559,15 @@ def _run_digest(
         },
         16,
     )
+
+
+def _steering_key(cfg: Config) -> dict[str, Any]:
+    """The steering section as the run digest sees it: where vectors live does not matter, and the
+    default basis is left out so that runs made before steering.basis existed still resume."""
+    data = asdict(cfg.steering) | {"trait_vector_dir": None}
+    if data["basis"] == "traits":
+        del data["basis"]
+    return data
 
 
 def _paths(save_dir: Path, persona_id: str) -> dict[str, Path]:

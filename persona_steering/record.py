@@ -101,6 +101,7 @@ class PersonaRecord:
     vector_method: str | None = None
     positions: str | None = None
     summary: str | None = None
+    basis: str | None = None  # steering.basis; None in results written before the option
     residual_scale: float | None = None
     fingerprint: str | None = None
     judge: str | None = None
@@ -145,6 +146,7 @@ class PersonaRecord:
             vector_method=_str(data.get("vector_method", steering.get("vector_method"))),
             positions=_str(steering.get("positions")),
             summary=_str(steering.get("summary")),
+            basis=_str(steering.get("basis")),
             residual_scale=_float(data.get("residual_scale")),
             fingerprint=_str(data.get("fingerprint")),
             judge=_str(data.get("judge")),

@@ -53,6 +53,22 @@ def unit(vectors: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return vectors / norms.clamp_min(eps)
 
 
+def symmetric_orthogonalize(directions: torch.Tensor) -> torch.Tensor:
+    """Löwdin's symmetric orthogonalisation D' = (D D^T)^(-1/2) D of rows ``directions`` [k, hidden].
+
+    The orthonormal rows closest to D in the Frobenius norm: no row is privileged (unlike
+    Gram-Schmidt, which keeps the first and bends the rest), and rows that are already
+    orthonormal come back unchanged. Raises ValueError when the rows are linearly dependent.
+    """
+    d = directions.float()
+    gram = d @ d.T  # [k, k]
+    eigvals, eigvecs = torch.linalg.eigh(gram.double())
+    if float(eigvals.min()) <= 1e-10 * max(float(eigvals.max()), 1e-30):
+        raise ValueError("the directions are linearly dependent: they cannot be orthogonalised")
+    inv_sqrt = eigvecs @ torch.diag(eigvals.rsqrt()) @ eigvecs.T  # [k, k]
+    return (inv_sqrt @ d.double()).float()  # [k, hidden]
+
+
 def combine(vectors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """sum_i w_i v_i for one weight vector [k] or a batch of them [batch, k]; vectors [k, hidden]."""
     return weights.to(vectors.dtype) @ vectors

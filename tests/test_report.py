@@ -21,7 +21,7 @@ from persona_steering.optimize import run_optimize
 from persona_steering.record import PersonaRecord
 from persona_steering.rendering import fmt_interval
 
-SECTIONS = ["persona", "configuration", "convergence", "weights", "evaluation", "answers"]
+SECTIONS = ["persona", "configuration", "convergence", "weights", "evaluation", "answers", "interference"]
 VOID = {"meta", "img", "br", "hr", "link", "input"}
 NASTY = '<script>alert("x")</script> & <b>bold</b>'
 
@@ -154,3 +154,37 @@ def test_report_bad_input_is_one_line_and_writes_nothing(finished, tmp_path, cap
     assert report_cli(overrides, "--out-dir", str(out), "--save-dir", str(runs)) == 2
     assert "p1_evaluation.json is not valid JSON" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_interference_section_summarises_the_model_s_results(finished):
+    from persona_steering.interference_report import mean_additivity, mean_leakage
+
+    root, _ = finished
+    result = json.loads((root / "runs" / "p1_optimization.json").read_text())
+    leakage = [[1.0, 0.5], [-0.25, 1.0]]
+    additivity = [{"r2": 0.8, "pair": [0, 1]}]
+    data = {
+        "fingerprint": result["fingerprint"],
+        "strengths": [-1, 1],
+        "pair_strength": 0.5,
+        "prompts": ["a"],
+        "layer": 2,
+        "scorers": {"classifier": NASTY},
+        "classifier_report": {"T1": {"accuracy": 0.9}},
+        "bases": {"traits": {"scorers": {"classifier": {"leakage": leakage, "additivity": additivity}}}},
+    }
+    text = render_report(PersonaRecord.from_dict(result), None, interference=(data, None))
+    page = Page(text)
+    assert page.balanced and "script" not in page.tags
+    assert ["traits", "classifier", f"{mean_leakage(leakage):.2f}", f"{mean_additivity(additivity):.2f}"] == (
+        page.cells[-4:]
+    )
+    assert mean_leakage(leakage) == pytest.approx(0.375) and "T1 0.90" in text
+    # Written by make interference for this model: run_report finds it by fingerprint.
+    folder = root / "interference" / "some-slug"
+    folder.mkdir(parents=True)
+    (folder / "interference.json").write_text(json.dumps(data))
+    from persona_steering.html_report import _find_interference
+
+    assert _find_interference(root / "interference", result["fingerprint"]) == (data, None)
+    assert _find_interference(root / "interference", "another") is None

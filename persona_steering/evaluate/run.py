@@ -135,6 +135,7 @@ def prepare(cfg: Config) -> Setup:
         s.summary,
         fingerprint=ident.fingerprint,
         axis_file=files.axis,
+        kind=s.basis,
     )
     if result is not None:
         result.check_basis(basis)
@@ -171,8 +172,9 @@ def effective_config(cfg: Config, result: PersonaRecord | None, notes: list[str]
         positions=result.positions or cfg.steering.positions,
         summary=result.summary or cfg.steering.summary,
         persona_axis=PERSONA_AXIS in result.traits,
+        basis=result.basis or "traits",
     )
-    for name in ("layer", "alpha", "vector_method", "positions", "summary", "persona_axis"):
+    for name in ("layer", "alpha", "vector_method", "positions", "summary", "persona_axis", "basis"):
         if getattr(steering, name) != getattr(cfg.steering, name):
             notes.append(
                 f"steering.{name} = {getattr(steering, name)} from the optimisation result "
@@ -190,6 +192,8 @@ def effective_config(cfg: Config, result: PersonaRecord | None, notes: list[str]
         sigma0=float(opt_saved.get("sigma0", cfg.optimize.sigma0)),
         initial_weights=opt_saved.get("initial_weights", cfg.optimize.initial_weights),
         coherence_penalty=float(opt_saved.get("coherence_penalty", cfg.optimize.coherence_penalty)),
+        max_norm=opt_saved.get("max_norm", cfg.optimize.max_norm),
+        norm_penalty=float(opt_saved.get("norm_penalty", cfg.optimize.norm_penalty)),
     )
     judge = replace(cfg.judge, coherence=bool(saved.get("judge", {}).get("coherence", cfg.judge.coherence)))
     return replace(cfg, steering=steering, optimize=optimize, judge=judge, traits=traits)

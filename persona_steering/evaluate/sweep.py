@@ -148,26 +148,41 @@ def projections(
     Returns:
         One projection per answer; None for an empty answer (it has no response tokens).
     """
-    keys = [_projection_key(rt, a, layer, direction) for a in answers]
+    return projections_many(rt, cache, answers, layer, direction.reshape(1, -1), max_batch)[0]
+
+
+def projections_many(
+    rt: Runtime,
+    cache: Cache,
+    answers: list[Answer],
+    layer: int,
+    directions: torch.Tensor,
+    max_batch: int = 32,
+) -> list[list[float | None]]:
+    """``projections`` on several directions [k, hidden] at once: [k][answers], one forward per answer."""
+    keys = [[_projection_key(rt, a, layer, d) for a in answers] for d in directions]
     values: dict[str, float] = {}
-    todo: dict[str, Answer] = {}
-    for key, answer in zip(keys, answers, strict=True):
-        kd = digest(key)
-        if kd in values or kd in todo or not answer.ids:
+    todo: dict[str, Answer] = {}  # answers missing at least one direction, by their first key
+    for i, answer in enumerate(answers):
+        if not answer.ids or digest(keys[0][i]) in todo:
             continue
-        hit = cache.get("projection", key)
-        if hit is not None:
+        for per_direction in keys:
+            kd = digest(per_direction[i])
+            hit = values.get(kd, cache.get("projection", per_direction[i]))
+            if hit is None:
+                todo[digest(keys[0][i])] = answer
+                break
             values[kd] = float(hit)
-        else:
-            todo[kd] = answer
     if todo:
         rows = [Pair("", "", a.text, a.prompt, tuple(a.ids)) for a in todo.values()]
         acts, _ = record_activations(rt, rows, max_batch, desc="projections")
-        proj = acts["response_avg"][:, layer] @ direction.float()  # [rows]
-        for (kd, answer), value in zip(todo.items(), proj.tolist(), strict=True):
-            values[kd] = value
-            cache.set("projection", _projection_key(rt, answer, layer, direction), value)
-    return [values.get(digest(k)) for k in keys]
+        proj = acts["response_avg"][:, layer] @ directions.float().T  # [rows, k]
+        for answer, row in zip(todo.values(), proj.tolist(), strict=True):
+            for d, value in zip(directions, row, strict=True):
+                key = _projection_key(rt, answer, layer, d)
+                values[digest(key)] = value
+                cache.set("projection", key, value)
+    return [[values.get(digest(k)) for k in per_direction] for per_direction in keys]
 
 
 def _projection_key(rt: Runtime, answer: Answer, layer: int, direction: torch.Tensor) -> dict[str, Any]:

@@ -128,12 +128,7 @@ class OfflineJudge(Judge):
         return self._styles[key]
 
     def _features(self, texts: list[str]) -> torch.Tensor:
-        """[len(texts), 384 + 12] float64: MiniLM embedding and style rates of each text."""
-        emb = self.embedder.embed(texts).double()
-        rates = torch.tensor(
-            [[float(style_features([t])[k]) for k in STYLE_FEATURES] for t in texts], dtype=torch.float64
-        ).reshape(len(texts), len(STYLE_FEATURES))
-        return torch.cat([emb, rates], 1)
+        return text_features(self.embedder, texts)
 
     # -- fluency -----------------------------------------------------------------------------
 
@@ -234,6 +229,15 @@ def shuffled(text: str) -> str:
     return " ".join(ws)
 
 
+def text_features(embedder: Embedder, texts: list[str]) -> torch.Tensor:
+    """[len(texts), 384 + 12] float64: MiniLM embedding and style rates of each text."""
+    emb = embedder.embed(texts).double()
+    rates = torch.tensor(
+        [[float(style_features([t])[k]) for k in STYLE_FEATURES] for t in texts], dtype=torch.float64
+    ).reshape(len(texts), len(STYLE_FEATURES))
+    return torch.cat([emb, rates], 1)
+
+
 @dataclass
 class StyleModel:
     """A fitted persona-voice classifier and the out-of-fold scores that calibrate it."""
@@ -282,11 +286,19 @@ def fit_style(pos: torch.Tensor, neg: torch.Tensor, folds: int = FOLDS) -> Style
         model = _logistic(x[train], y[train])
         oof[test] = _decide(model, x[test])
     auc = _auc(oof[: len(pos)], oof[len(pos) :])
+    # Balanced held-out accuracy: each class's share of out-of-fold decisions on its side of 0.
+    accuracy = 0.5 * float((oof[: len(pos)] > 0).double().mean() + (oof[len(pos) :] <= 0).double().mean())
     mean, std, weight, bias = _logistic(x, y)
     negatives = oof[len(pos) :]
     # Silverman's rule: a smooth CDF, so nearby answers get nearby scores (CMA-ES sees a slope).
     bandwidth = max(1.06 * float(negatives.std()) * len(negatives) ** -0.2, 1e-6)
-    report = {"auc": round(auc, 4), "folds": folds, "samples": len(pos), "contrast": len(neg)}
+    report = {
+        "auc": round(auc, 4),
+        "accuracy": round(accuracy, 4),
+        "folds": folds,
+        "samples": len(pos),
+        "contrast": len(neg),
+    }
     return StyleModel(mean, std, weight, bias, negatives, bandwidth, report)
 
 
