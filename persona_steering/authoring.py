@@ -8,9 +8,9 @@ into ``extract`` and ``eval`` alternately, so that any drift in the LLM's orderi
 one theme after another) lands in both halves. The file goes to ``<trait_dir>/<NAME>.yaml`` and an
 existing one is kept unless ``overwrite``.
 
-HTTP failures are retried with the judge's own policy (the same retry predicate and Retry-After
-aware backoff from ``judges/openai.py``, within ``judge.max_attempts`` and
-``judge.max_retry_seconds``); failures that every call would repeat stop at once with a JudgeError.
+Calls go through ``api.ChatClient``, as the judge's do: transient HTTP failures are retried within
+``judge.max_attempts`` and ``judge.max_retry_seconds``; failures that every call would repeat stop at
+once with a JudgeError.
 """
 
 from __future__ import annotations
@@ -23,20 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import openai
 import yaml
-from tenacity import (
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_before_delay,
-    wait_random_exponential,
-)
 
+from persona_steering.api import FAILURES, ChatClient, describe
 from persona_steering.cache import atomic_write_text
 from persona_steering.config import Config, ConfigError, JudgeConfig
 from persona_steering.judges import JudgeError
-from persona_steering.judges.openai import MAX_BACKOFF, _read_key, _retryable, _wait_retry_after
 from persona_steering.traits import DefinitionError, Trait, load_trait
 
 NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,39}")
@@ -94,7 +86,7 @@ def run_new_trait(cfg: Config, request: TraitRequest, log: Callable[[str], None]
         The written trait, as ``traits.load_trait`` reads it back.
     """
     path = check_request(request)
-    client, retrying = _client(cfg.judge)
+    client = _client(cfg.judge)
     messages = [
         {
             "role": "user",
@@ -108,7 +100,7 @@ def run_new_trait(cfg: Config, request: TraitRequest, log: Callable[[str], None]
     ]
     reason = ""
     for draft in range(1, MAX_DRAFTS + 1):
-        reply = _chat(client, retrying, cfg.judge, messages)
+        reply = _chat(client, messages)
         try:
             text = trait_yaml(request, parse_draft(reply))
             validate_yaml(request.name, text)
@@ -209,48 +201,27 @@ def validate_yaml(name: str, text: str) -> Trait:
     return trait
 
 
-def _client(cfg: JudgeConfig, backoff: float = 0.5) -> tuple[openai.OpenAI, Retrying]:
-    """The OpenAI client and retry policy, built as the openai judge builds them."""
+def _client(cfg: JudgeConfig) -> ChatClient:
+    """The judge endpoint's client; ConfigError or JudgeError naming the fix when there is none."""
     if cfg.backend != "openai":
         raise ConfigError(
             f"new-trait needs an LLM that can write, but judge.backend is {cfg.backend!r}: "
             f"use {HOW_TO_CONFIGURE}"
         )
     try:
-        key = _read_key(cfg.api_key_env, Path(".env"))
-    except JudgeError:
-        raise JudgeError(
-            f"new-trait needs an API key for the openai backend: set {cfg.api_key_env} in the environment "
-            f"or .env ({HOW_TO_CONFIGURE})"
-        ) from None
-    # The SDK's own retries would retry spent quota and ignore the time budget: off, as in the judge.
-    client = openai.OpenAI(api_key=key, base_url=cfg.base_url, timeout=cfg.timeout, max_retries=0)
-    retrying = Retrying(
-        retry=retry_if_exception(_retryable),
-        wait=_wait_retry_after(wait_random_exponential(multiplier=backoff, max=MAX_BACKOFF)),
-        stop=stop_after_attempt(cfg.max_attempts) | stop_before_delay(cfg.max_retry_seconds),
-        reraise=True,
-    )
-    return client, retrying
+        return ChatClient(cfg, "new-trait")
+    except JudgeError as exc:
+        raise JudgeError(f"{exc}; use {HOW_TO_CONFIGURE}") from None
 
 
-def _chat(client: openai.OpenAI, retrying: Retrying, cfg: JudgeConfig, messages: list[dict[str, str]]) -> str:
+def _chat(client: ChatClient, messages: list[dict[str, str]]) -> str:
     """One chat completion's text, retried on transient failures; JudgeError when it cannot work."""
     try:
-        response = retrying.copy()(
-            client.chat.completions.create,
-            model=cfg.model,
-            messages=messages,  # type: ignore[arg-type]
-            temperature=TEMPERATURE,
-            max_tokens=MAX_TOKENS,
-        )
-    except (openai.OpenAIError, json.JSONDecodeError) as exc:
-        status = getattr(exc, "status_code", None)
-        # Class and status only: a server's message may quote the key back.
+        response = client.chat(messages, temperature=TEMPERATURE, max_tokens=MAX_TOKENS)
+    except FAILURES as exc:
         raise JudgeError(
-            f"the LLM at {client.base_url} (model {cfg.model!r}) failed: {type(exc).__name__}"
-            + (f" ({status})" if status is not None else "")
-            + "; check judge.model, judge.base_url and the key"
+            f"the LLM at {client.endpoint} (model {client.model!r}) failed: {describe(exc)}; "
+            "check judge.model, judge.base_url and the key"
         ) from None
     if not response.choices or not response.choices[0].message.content:
         return ""

@@ -26,7 +26,6 @@ Outputs in ``<out_dir>/``: ``models.json``, ``models.md`` and ``models.png``.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -35,28 +34,16 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import openai
 import torch
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_before_delay,
-    wait_random_exponential,
-)
 
 from persona_steering import __version__
+from persona_steering.api import FAILURES, ChatClient, describe
 from persona_steering.cache import Cache, atomic_write_json, atomic_write_text, digest
 from persona_steering.config import Config, ConfigError, GenerationConfig, JudgeConfig, ModelConfig
 from persona_steering.evaluate.core import json_safe
 from persona_steering.evaluate.stats import bootstrap_interval
 from persona_steering.generation import Request, generate
 from persona_steering.judges import Judge, JudgeError, Query, build_judge
-
-# The judge's retry policy pieces, shared rather than copied: answering a question is the same kind
-# of call to the same kind of endpoint, and must fail and back off the same way.
-from persona_steering.judges.openai import MAX_BACKOFF, _describe, _read_key, _retryable, _wait_retry_after
 from persona_steering.rendering import NA, fmt_interval, markdown_table, save_figure, subplots
 from persona_steering.runtime import EMBEDDED, ModelIdentity, ModelLoadError, identify, load_runtime
 from persona_steering.traits import Trait, load_traits
@@ -304,37 +291,32 @@ def _index_key(spec: ModelSpec, request: Request, gen: GenerationConfig, seed: i
 
 
 class ApiModel:
-    """A model behind an OpenAI-compatible chat endpoint, called with the judge's retry policy.
+    """A model behind an OpenAI-compatible chat endpoint, called through ``api.ChatClient``.
 
     Transient failures are retried within ``judge.max_attempts`` and ``judge.max_retry_seconds``; a
     question that still fails has no answer (None, not cached). Failures every call would repeat
-    (401, 403, 404, spent quota) raise ModelLoadError.
+    (401, 403, 404, spent quota, a dead endpoint) raise ModelLoadError.
     """
 
     def __init__(self, name: str, base_url: str | None, cfg: JudgeConfig, env_file: str = ".env") -> None:
         self.name = name
         self.cfg = cfg
         try:
-            self._secret = _read_key(cfg.api_key_env, Path(env_file))
-        except JudgeError:
-            raise ModelLoadError(
-                f"{OPENAI_PREFIX}{name} needs an API key: set {cfg.api_key_env} in the environment or "
-                f"in {env_file} (judge.api_key_env names the variable)"
-            ) from None
-        self._client = openai.OpenAI(
-            api_key=self._secret, base_url=base_url, timeout=cfg.timeout, max_retries=0
-        )
-        self._retrying = Retrying(
-            retry=retry_if_exception(_retryable),
-            wait=_wait_retry_after(wait_random_exponential(multiplier=0.5, max=MAX_BACKOFF)),
-            stop=stop_after_attempt(cfg.max_attempts) | stop_before_delay(cfg.max_retry_seconds),
-            before_sleep=self._log_retry,
-            reraise=True,
-        )
+            self._client = ChatClient(
+                cfg,
+                f"{OPENAI_PREFIX}{name}",
+                model=name,
+                base_url=base_url,
+                options="--models and --base-url",
+                env_file=env_file,
+                logger=logger,
+            )
+        except JudgeError as exc:
+            raise ModelLoadError(str(exc)) from None
 
     @property
     def endpoint(self) -> str:
-        return str(self._client.base_url)
+        return self._client.endpoint
 
     def answer(self, requests: Sequence[Request], max_tokens: int, cache: Cache) -> list[str | None]:
         """Answers in order, from the cache where present; equal calls are sent once."""
@@ -366,52 +348,26 @@ class ApiModel:
     def _ask_all(self, calls: list[dict[str, Any]]) -> list[str | None]:
         if not calls:
             return []
+        self._client.reset()
         with ThreadPoolExecutor(min(self.cfg.concurrency, len(calls)), thread_name_prefix="answer") as pool:
             futures = [pool.submit(self._ask, c) for c in calls]
             try:
                 return [f.result() for f in futures]
-            except ModelLoadError:
+            except JudgeError as exc:
+                self._client.stop(str(exc))
                 for f in futures:
                     f.cancel()  # every queued call would fail the same way
-                raise
+                raise ModelLoadError(str(exc)) from None
 
     def _ask(self, call: dict[str, Any]) -> str | None:
-        def send() -> Any:
-            return self._client.chat.completions.create(
-                model=call["model"], messages=call["messages"], **call["settings"]
-            )
-
         try:
-            response = self._retrying.copy()(send)  # a copy per call: calls run on many threads
-        except (openai.OpenAIError, json.JSONDecodeError) as exc:
-            fatal = self._fatal(exc)
-            if fatal is not None:
-                raise ModelLoadError(fatal) from None
-            logger.warning("%s%s gave no answer: %s", OPENAI_PREFIX, self.name, _describe(exc))
+            response = self._client.chat(call["messages"], **call["settings"])
+        except FAILURES as exc:
+            logger.warning("%s%s gave no answer: %s", OPENAI_PREFIX, self.name, describe(exc))
             return None
         if not response.choices or response.choices[0].message.content is None:
             return None
         return str(response.choices[0].message.content).strip()
-
-    def _fatal(self, exc: BaseException) -> str | None:
-        """A message for failures that every call would repeat, else None; never contains the key."""
-        where = f"{OPENAI_PREFIX}{self.name} at {self.endpoint}"
-        if isinstance(exc, openai.RateLimitError) and exc.code == "insufficient_quota":
-            return f"{where}: quota exhausted for the key in {self.cfg.api_key_env}"
-        if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)):
-            text = " ".join(str(exc).split()).replace(self._secret, "***")[:200]
-            return (
-                f"{where}: {_describe(exc)} {text}; check --base-url, the model name and "
-                f"the key in {self.cfg.api_key_env}"
-            )
-        return None
-
-    def _log_retry(self, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        # Class and status only: server messages may quote the key back.
-        logger.warning(
-            "%s%s: %s (attempt %d); retrying", OPENAI_PREFIX, self.name, _describe(exc), state.attempt_number
-        )
 
 
 # --- scores and summary ------------------------------------------------------------------------------
