@@ -31,7 +31,7 @@ from persona_steering.config import Config
 from persona_steering.evaluate.core import json_safe
 from persona_steering.generation import Request, generate, vector_digest
 from persona_steering.layers import normalize_layer
-from persona_steering.report import fmt_number, markdown_table, save_figure, subplots
+from persona_steering.rendering import fmt_number, markdown_table, save_figure, subplots
 from persona_steering.runtime import Runtime, identify, load_runtime
 from persona_steering.steering import steer
 from persona_steering.store import VectorFileError

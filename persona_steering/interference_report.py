@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from persona_steering.report import fmt_number, markdown_table, plot_heatmaps, save_figure, subplots
+from persona_steering.rendering import fmt_number, markdown_table, plot_heatmaps, save_figure, subplots
 
 
 def render_interference(data: dict[str, Any]) -> str:
