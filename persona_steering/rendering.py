@@ -17,13 +17,21 @@ from persona_steering.cache import atomic_write_bytes
 NA = "n/a"
 
 
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub-flavoured Markdown table; cells are str()-ed and pipes escaped."""
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str = "") -> str:
+    """A GitHub-flavoured Markdown table; cells are str()-ed and pipes escaped.
+
+    Args:
+        headers: column titles.
+        rows: one sequence of cells per row.
+        align: one letter per column, "l" (left) or "r" (right, for numbers); columns past its end
+            are left-aligned.
+    """
 
     def cell(value: Any) -> str:
         return str(value).replace("|", "\\|").replace("\n", " ")
 
-    lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    rule = "".join("---:|" if a == "r" else "---|" for a in align.ljust(len(headers), "l"))
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + rule]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 

@@ -11,7 +11,6 @@ import torch
 import yaml
 from tests_helpers import write_fake_vectors
 
-from persona_steering import bench
 from persona_steering.bench import METHODS, BenchSettings, run_bench
 from persona_steering.cli import main
 from persona_steering.config import ConfigError, load_config
@@ -161,7 +160,8 @@ def test_bfloat16_rows_are_rechecked_in_float32(tmp_path: Path, overrides: list[
 def test_float32_recheck_reruns_differing_rows(tmp_path: Path, overrides: list[str], monkeypatch) -> None:
     """A batched row that differs from its seed-loop row (as bf16 padding can make it) is generated
     again both ways in float32; there the two agree, so the difference was numerics, not a bug."""
-    from persona_steering.bench import Timed, _float32_recheck, _Generation
+    from persona_steering.bench import generation as bench_generation
+    from persona_steering.bench.generation import Population, Timed, float32_recheck
     from persona_steering.config import GenerationConfig
     from persona_steering.generation import Request, chat_text
     from persona_steering.runtime import load_runtime
@@ -171,7 +171,7 @@ def test_float32_recheck_reruns_differing_rows(tmp_path: Path, overrides: list[s
     prompts = PROMPTS[:2]
     deltas = torch.randn(2, rt.hidden_size, generator=torch.Generator().manual_seed(0))
     texts = [chat_text(rt.tokenizer, Request(p)) for p in prompts]
-    run = _Generation(
+    run = Population(
         rt, GenerationConfig(max_new_tokens=5, max_batch=4), prompts, texts, deltas, 2, "response", 0
     )
     ids, _, _ = run.per_row()
@@ -181,9 +181,9 @@ def test_float32_recheck_reruns_differing_rows(tmp_path: Path, overrides: list[s
     timed["per-row"] = Timed([1.0], tampered, 1, 1, 1.0)
     loaded = []
     monkeypatch.setattr(
-        bench, "load_runtime", lambda m, *a: loaded.append(m.precision) or load_runtime(m, *a)
+        bench_generation, "load_runtime", lambda m, *a: loaded.append(m.precision) or load_runtime(m, *a)
     )
-    recheck = _float32_recheck(cfg, run, timed)
+    recheck = float32_recheck(cfg, run, timed)
     assert recheck == {"rows": 1, "identical_in_float32": 1, "row_indices": [2]}
     assert loaded == ["32-true"]
 
@@ -199,7 +199,7 @@ def test_bench_settings_quick_and_errors(overrides: list[str], capsys) -> None:
 
 
 def test_busy_cpu_is_flagged() -> None:
-    from persona_steering.bench import _busy_note
+    from persona_steering.bench.run import _busy_note
 
     env = {"device_type": "cpu", "cpus": 2, "threads": 2}
     assert _busy_note(env | {"load_average": {"start": 0.3, "end": 2.4}}) is None  # only our own threads
