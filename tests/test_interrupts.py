@@ -49,7 +49,14 @@ def _start(args: list[str], cwd: Path) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell without job control starts background jobs with SIGINT ignored, and Python keeps
+        # an inherited SIG_IGN; the user pressing Ctrl-C has it at its default.
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _interrupt_mid_judging(proc: subprocess.Popen, server: FakeOpenAI, ckpt: Path, sig: int) -> float:
