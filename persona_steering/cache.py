@@ -13,7 +13,7 @@ import os
 import sqlite3
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -111,8 +111,9 @@ class Cache:
     def key(self, namespace: str, key_obj: Any) -> str:
         return f"{namespace}:{digest(key_obj)}"
 
-    def get(self, namespace: str, key_obj: Any) -> Any | None:
-        """The stored value, or None on a miss (absent or unreadable)."""
+    def get(self, namespace: str, key_obj: Any, valid: Callable[[Any], bool] | None = None) -> Any | None:
+        """The stored value, or None on a miss: absent, unreadable, or (with ``valid``) of the wrong
+        shape, which the caller then recomputes and overwrites."""
         try:
             raw = self._store.get(self.key(namespace, key_obj))
         except (UnsafeEntry, OSError, UnicodeDecodeError) as exc:
@@ -124,6 +125,8 @@ class Cache:
                 value = json.loads(raw)
             except ValueError:
                 value = None
+        if value is not None and valid is not None and not valid(value):
+            value = None
         counter = self.hits if value is not None else self.misses
         counter[namespace] = counter.get(namespace, 0) + 1
         return value

@@ -12,6 +12,8 @@ R1-R5 (the mean difference, unit length, in the traits' units).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from persona_steering.cache import Cache, digest
@@ -44,7 +46,8 @@ def persona_directions(
         "layer": layer,
         "rows": digest([[r.prompt_text, list(r.answer_ids)] for r in pos + neg]),
     }
-    hit = cache.get("persona_vector", key) if cache is not None else None
+    hidden = rt.hidden_size
+    hit = None if cache is None else cache.get("persona_vector", key, lambda v: _directions_row(v, hidden))
     if hit is not None:
         return {name: torch.tensor(hit[name], dtype=torch.float32) for name in DIRECTIONS}, len(pos)
     acts, _ = record_activations(rt, pos + neg, cfg.generation.max_batch, desc="persona activations")
@@ -54,6 +57,13 @@ def persona_directions(
     if cache is not None:
         cache.set("persona_vector", key, {name: v.tolist() for name, v in out.items()})
     return out, n
+
+
+def _directions_row(value: Any, hidden: int) -> bool:
+    """A cached row of persona directions: a list of ``hidden`` numbers per method."""
+    return isinstance(value, dict) and all(
+        isinstance(value.get(name), list) and len(value[name]) == hidden for name in DIRECTIONS
+    )
 
 
 def contrast_rows(

@@ -141,3 +141,21 @@ def test_wrong_shaped_generation_entry_is_a_miss(tiny_rt, tmp_path):
         [again] = generate(tiny_rt, [Request("hello !")], gen, cache=cache)
         assert again.text == first.text and again.ids == first.ids  # generated again
         assert json.loads(cache._store.get(row)) == {"text": first.text, "ids": first.ids}  # and repaired
+
+
+def test_a_row_of_the_wrong_shape_is_a_miss_that_the_caller_overwrites(tmp_path):
+    from persona_steering.evaluate.models import _text_row
+    from persona_steering.evaluate.sweep import _number
+    from persona_steering.persona_axis import _directions_row
+
+    with Cache(tmp_path / "c") as cache:
+        cache.set("answers", "k", {"text": 5})  # e.g. an edited row
+        assert cache.get("answers", "k") == {"text": 5}  # without a check it reads back as stored
+        assert cache.get("answers", "k", _text_row) is None
+        assert cache.misses["answers"] == 1 and cache.hits["answers"] == 1
+        cache.set("answers", "k", {"text": "fine"})
+        assert cache.get("answers", "k", _text_row) == {"text": "fine"}
+    assert _number(1.5) and not _number("1.5") and not _number(True) and not _number([1.0])
+    assert _directions_row({"mean_diff": [0.0] * 4, "pca": [1.0] * 4}, 4)
+    assert not _directions_row({"mean_diff": [0.0] * 4, "pca": [1.0] * 3}, 4)
+    assert not _directions_row({"mean_diff": [0.0] * 4}, 4)

@@ -246,7 +246,7 @@ def _answers(
         log(f"{spec.label}: {len(requests)} answers from {spec.api.endpoint}")
         return list(spec.api.answer(requests, cfg.generation.max_new_tokens, cache))
     keys = [_index_key(spec, r, cfg.generation, cfg.seed) for r in requests]
-    hits = [cache.get(INDEX, k) for k in keys]
+    hits = [cache.get(INDEX, k, _text_row) for k in keys]
     cached = [h["text"] for h in hits if h is not None]
     if len(cached) == len(keys):
         log(f"{spec.label}: {len(keys)} answers from the cache")
@@ -257,6 +257,11 @@ def _answers(
     for key, text in zip(keys, texts, strict=True):
         cache.set(INDEX, key, {"text": text})
     return list(texts)
+
+
+def _text_row(value: Any) -> bool:
+    """A cached answer row: {"text": str}."""
+    return isinstance(value, dict) and isinstance(value.get("text"), str)
 
 
 def _generate_local(spec: ModelSpec, requests: list[Request], cfg: Config, cache: Cache) -> list[str]:
@@ -334,7 +339,7 @@ class ApiModel:
         for call in calls:
             kd = digest(call)
             if kd not in done and kd not in todo:
-                hit = cache.get(API, call)
+                hit = cache.get(API, call, _text_row)
                 if hit is not None:
                     done[kd] = hit["text"]
                 else:

@@ -168,7 +168,7 @@ def projections_many(
             continue
         for per_direction in keys:
             kd = digest(per_direction[i])
-            hit = values.get(kd, cache.get("projection", per_direction[i]))
+            hit = values.get(kd, cache.get("projection", per_direction[i], _number))
             if hit is None:
                 todo[digest(keys[0][i])] = answer
                 break
@@ -346,3 +346,8 @@ def render_sweep(data: dict[str, Any]) -> str:
         f"coherence {fmt_number(base['coherence']['mean'], 0)}.\n\n"
     )
     return head + markdown_table(["layer \\ coef", *(f"{c:g}" for c in data["coefs"])], rows)
+
+
+def _number(value: Any) -> bool:
+    """A cached projection: a plain number."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
