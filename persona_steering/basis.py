@@ -8,7 +8,7 @@ the layer's own activation size, which transfers between models and layers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -45,18 +45,8 @@ class TraitBasis:
         """This basis plus the persona axis 'P' (``direction`` [hidden], normalised here), last."""
         if PERSONA_AXIS in self.traits:
             raise ValueError("the basis already has a persona axis")
-        row = unit(direction.float().reshape(1, -1))
-        return TraitBasis(
-            traits=[*self.traits, PERSONA_AXIS],
-            layer=self.layer,
-            directions=torch.cat([self.directions, row]),
-            scale=self.scale,
-            method=self.method,
-            summary=self.summary,
-            fingerprint=self.fingerprint,
-            num_layers=self.num_layers,
-            kind=self.kind,
-        )
+        directions = torch.cat([self.directions, unit(direction.float().reshape(1, -1))])
+        return replace(self, traits=[*self.traits, PERSONA_AXIS], directions=directions)
 
     def orthogonal(self) -> TraitBasis:
         """The symmetric (Löwdin) orthogonalisation of these directions: orthonormal, closest to them."""

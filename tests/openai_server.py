@@ -34,7 +34,7 @@ import socket
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -255,3 +255,20 @@ def _handler(state: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
 def ln(p: float) -> float:
     """Natural log, for writing top_logprobs as probabilities."""
     return math.log(p)
+
+
+PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+
+
+def isolated_server(monkeypatch: Any, tmp_path: Any, key_env: str, key: str) -> Iterator[FakeOpenAI]:
+    """A fresh server for one test: the key in the environment, no proxy, a cwd without a .env.
+
+    Use as a pytest fixture body: ``yield from isolated_server(monkeypatch, tmp_path, ENV, KEY)``.
+    """
+    for var in PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv(key_env, key)
+    monkeypatch.chdir(tmp_path)
+    with FakeOpenAI() as srv:
+        yield srv

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from openai_server import FakeOpenAI
+from openai_server import FakeOpenAI, isolated_server
 
 from persona_steering.api import ChatClient
 from persona_steering.config import JudgeConfig
@@ -18,13 +18,7 @@ HELLO = [{"role": "user", "content": "hello"}]
 
 @pytest.fixture
 def server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    monkeypatch.setenv(KEY_ENV, KEY)
-    monkeypatch.chdir(tmp_path)
-    with FakeOpenAI() as srv:
-        yield srv
+    yield from isolated_server(monkeypatch, tmp_path, KEY_ENV, KEY)
 
 
 def client(server: FakeOpenAI, **overrides) -> ChatClient:

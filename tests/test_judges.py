@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from openai_server import FakeOpenAI, ln
+from openai_server import FakeOpenAI, isolated_server, ln
 
 from persona_steering.cache import Cache
 from persona_steering.config import JudgeConfig
@@ -46,13 +46,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture
 def server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """A fresh server per test; the key in the environment; no proxy; cwd without a .env."""
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    monkeypatch.setenv(KEY_ENV, KEY)
-    monkeypatch.chdir(tmp_path)
-    with FakeOpenAI() as srv:
-        yield srv
+    yield from isolated_server(monkeypatch, tmp_path, KEY_ENV, KEY)
 
 
 def make_judge(server: FakeOpenAI, **overrides) -> OpenAIJudge:
