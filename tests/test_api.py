@@ -1,14 +1,16 @@
-"""api.ChatClient, the one OpenAI-compatible client, over real HTTP to tests/openai_server.py."""
+"""api.ChatClient, the one OpenAI-compatible client, over real HTTP to persona_steering/fake_openai.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import openai
 import pytest
-from openai_server import FakeOpenAI, isolated_server
+from tests_helpers import isolated_server
 
 from persona_steering.api import ChatClient
 from persona_steering.config import JudgeConfig
+from persona_steering.fake_openai import FakeOpenAI
 from persona_steering.judges import JudgeError
 
 KEY_ENV = "API_TEST_KEY"
@@ -64,3 +66,13 @@ def test_missing_key_names_the_caller_and_the_variable(server: FakeOpenAI, monke
     monkeypatch.delenv(KEY_ENV)
     with pytest.raises(JudgeError, match=f"the test needs an API key: set {KEY_ENV}"):
         client(server)
+
+
+def test_fake_server_refuses_past_its_request_budget(server: FakeOpenAI) -> None:
+    server.max_requests = 2
+    c = client(server, max_attempts=1)
+    assert c.chat(HELLO, temperature=0, max_tokens=3).choices[0].message.content == "4"
+    assert c.chat(HELLO, temperature=0, max_tokens=3).choices[0].message.content == "4"
+    with pytest.raises(openai.InternalServerError, match="budget spent"):
+        c.chat(HELLO, temperature=0, max_tokens=3)
+    assert server.injected["budget"] == 1 and len(server.requests) == 3

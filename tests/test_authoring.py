@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from openai_server import FakeOpenAI
 
 from persona_steering.authoring import NUM_QUESTIONS, parse_draft
 from persona_steering.cli import main
+from persona_steering.fake_openai import FakeOpenAI
 from persona_steering.persona_builder import select_samples
 from persona_steering.style import style_features
 from persona_steering.traits import DefinitionError, build_judge_prompt, load_persona, load_trait

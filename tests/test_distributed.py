@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from openai_server import FakeOpenAI
 
 from persona_steering.cache import Cache
 from persona_steering.config import load_config
+from persona_steering.fake_openai import FakeOpenAI
 from persona_steering.optimize import run_optimize
 from persona_steering.store import load_vectors
 

@@ -326,7 +326,7 @@ def test_registry_finds_every_method_module():
 
 
 def test_two_judges_report_agreement(project, monkeypatch):
-    from openai_server import FakeOpenAI
+    from persona_steering.fake_openai import FakeOpenAI
 
     root, overrides = project
     write_result(root, {"T1": 1.0, "T2": 1.0})

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from openai_server import FakeOpenAI
 from tests_helpers import perturbed_copy
 
 from persona_steering.cli import main
 from persona_steering.config import GenerationConfig
 from persona_steering.evaluate import models as zoo
+from persona_steering.fake_openai import FakeOpenAI
 from persona_steering.generation import Request, generate
 
 KEY_ENV = "PS_ZOO_TEST_KEY"

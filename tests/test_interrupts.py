@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-from openai_server import FakeOpenAI
 from tests_helpers import JUDGE_KEY as KEY
 from tests_helpers import JUDGE_KEY_ENV as KEY_ENV
 from tests_helpers import assert_same_run, judge_score
 
 from persona_steering.cache import Cache
 from persona_steering.cli import main
+from persona_steering.fake_openai import FakeOpenAI
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CONCURRENCY = 2

@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
-from openai_server import FakeOpenAI
 from tests_helpers import JUDGE_KEY, JUDGE_KEY_ENV, judge_score
 
 from persona_steering.cache import Cache
 from persona_steering.cli import main
 from persona_steering.config import load_config
+from persona_steering.fake_openai import FakeOpenAI
 from persona_steering.judges.openai import OpenAIJudge
 from persona_steering.optimize import run_optimize
 

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from openai_server import FakeOpenAI, isolated_server, ln
+from tests_helpers import isolated_server
 
 from persona_steering.cache import Cache
 from persona_steering.config import JudgeConfig
+from persona_steering.fake_openai import FakeOpenAI, ln
 from persona_steering.judges import JudgeError, Query, Verdict, build_judge
 from persona_steering.judges.base import SCALES, render
 from persona_steering.judges.openai import OpenAIJudge

@@ -5,14 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 
 from persona_steering.config import load_config
 from persona_steering.extraction import run_vectors
+from persona_steering.fake_openai import FakeOpenAI
 from persona_steering.store import save_vectors
 
 JUDGE_KEY_ENV = "PS_TEST_JUDGE_KEY"
@@ -138,3 +140,20 @@ def assert_same_run(a: dict, b: dict, label: object = "") -> None:
     """Two optimisation results are the same run: weights, scores, history and config digest."""
     for key in RUN_KEYS:
         assert a[key] == b[key], (label, key) if label else key
+
+
+PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+
+
+def isolated_server(monkeypatch: Any, tmp_path: Any, key_env: str, key: str) -> Iterator[FakeOpenAI]:
+    """A fresh fake server for one test: the key in the environment, no proxy, a cwd without a .env.
+
+    Use as a pytest fixture body: ``yield from isolated_server(monkeypatch, tmp_path, ENV, KEY)``.
+    """
+    for var in PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv(key_env, key)
+    monkeypatch.chdir(tmp_path)
+    with FakeOpenAI() as srv:
+        yield srv

@@ -1,5 +1,8 @@
 """A real HTTP server on 127.0.0.1 that speaks enough OpenAI chat completions for the SDK, with faults.
 
+The one fake endpoint: the tests inject faults through it, and ``make bench`` times the judge's
+fan-out against it (``delay`` per reply, ``max_requests`` and ``max_seconds`` as a budget).
+
 Each request consumes the next scripted behaviour (``"ok"`` once the script is empty):
 
 - ``"ok"``: reply ``server.content`` (or ``server.content_fn(request)``); with logprobs when asked,
@@ -17,6 +20,8 @@ Each request consumes the next scripted behaviour (``"ok"`` once the script is e
 - ``"non-json"``: 200 with an HTML page (text/html), as a proxy in the way would send.
 - ``"non-utf8"``: 200, application/json, whose body is not UTF-8.
 - ``"drop"``: close the connection without a reply.
+- past ``max_requests`` requests or ``max_seconds`` after the server started, every request gets
+  a 503 ("budget spent"), so a runaway client cannot keep it busy.
 
 With ``server.faults = {behaviour: probability}`` and the script empty, each request draws its
 behaviour from that mix (seeded by ``server.seed``; "ok" for the rest); ``server.injected`` counts
@@ -34,7 +39,7 @@ import socket
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -59,7 +64,14 @@ class Recorded:
 class FakeOpenAI:
     """Context manager running the server in a background thread; stops it (and any hang) on exit."""
 
-    def __init__(self, content: str = "4", delay: float = 0.0, hang: float = 2.0) -> None:
+    def __init__(
+        self,
+        content: str = "4",
+        delay: float = 0.0,
+        hang: float = 2.0,
+        max_requests: int | None = None,
+        max_seconds: float | None = None,
+    ) -> None:
         self.content = content
         self.content_fn: Callable[[dict[str, Any]], str] | None = None
         """When set, ok replies answer content_fn(request body) instead of ``content``."""
@@ -68,6 +80,9 @@ class FakeOpenAI:
         """Seconds every non-hanging reply waits first (for concurrency tests)."""
         self.hang = hang
         self.requests: list[Recorded] = []
+        self.max_requests = max_requests
+        self.max_seconds = max_seconds
+        self._started = time.monotonic()
         self.faults: dict[str, float] = {}
         self.seed = 0
         self.injected: Counter[str] = Counter()
@@ -92,6 +107,7 @@ class FakeOpenAI:
             self._script.extend(behaviours)
 
     def __enter__(self) -> FakeOpenAI:
+        self._started = time.monotonic()
         self._thread.start()
         return self
 
@@ -105,9 +121,17 @@ class FakeOpenAI:
     def _next(self, record: Recorded) -> Behaviour:
         with self._lock:
             self.requests.append(record)
+            if self._spent():
+                self.injected["budget"] += 1
+                return "budget"
             behaviour = self._script.popleft() if self._script else self._draw()
             self.injected[behaviour if isinstance(behaviour, str) else behaviour[0]] += 1
             return behaviour
+
+    def _spent(self) -> bool:
+        over_count = self.max_requests is not None and len(self.requests) > self.max_requests
+        over_time = self.max_seconds is not None and time.monotonic() - self._started > self.max_seconds
+        return over_count or over_time
 
     def _draw(self) -> Behaviour:
         if not self.faults:
@@ -149,6 +173,8 @@ def _handler(state: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 if state._stop.is_set():
                     return None
                 return self._ok(request, state.content, state.top_logprobs)
+            if name == "budget":
+                return self._error(503, None, "fake server budget spent")
             if name == "429":  # at once, delay or not: the pause it asks for is what tests measure
                 headers = {"Retry-After": str(arg)} if arg is not None else {}
                 return self._error(429, "rate_limit_exceeded", "Rate limit reached", headers)
@@ -241,13 +267,16 @@ def _handler(state: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             headers: dict[str, str] | None = None,
             content_type: str = "application/json",
         ) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            for key, value in (headers or {}).items():
-                self.send_header(key, value)
-            self.end_headers()
-            self.wfile.write(body)
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up (timeout): nothing to answer
 
     return Handler
 
@@ -255,20 +284,3 @@ def _handler(state: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
 def ln(p: float) -> float:
     """Natural log, for writing top_logprobs as probabilities."""
     return math.log(p)
-
-
-PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
-
-
-def isolated_server(monkeypatch: Any, tmp_path: Any, key_env: str, key: str) -> Iterator[FakeOpenAI]:
-    """A fresh server for one test: the key in the environment, no proxy, a cwd without a .env.
-
-    Use as a pytest fixture body: ``yield from isolated_server(monkeypatch, tmp_path, ENV, KEY)``.
-    """
-    for var in PROXY_VARS:
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    monkeypatch.setenv(key_env, key)
-    monkeypatch.chdir(tmp_path)
-    with FakeOpenAI() as srv:
-        yield srv
