@@ -16,6 +16,7 @@ import torch
 from persona_steering.cache import bytes_digest, digest
 from persona_steering.config import BASES, PERSONA_AXIS, ConfigError, SteeringConfig
 from persona_steering.layers import normalize_layer
+from persona_steering.steering import SteeringSpec
 from persona_steering.store import VectorFileError, load_vectors, save_vectors
 from persona_steering.vectors import symmetric_orthogonalize, unit
 
@@ -40,6 +41,10 @@ class TraitBasis:
                 f"{w.shape[-1]} weights for {len(self.traits)} traits ({', '.join(self.traits)})"
             )
         return alpha * self.scale * (w.reshape(-1, len(self.traits)) @ self.directions)
+
+    def spec(self, weights: torch.Tensor, alpha: float, positions: str = "response") -> SteeringSpec:
+        """How to steer one row per weight vector [batch, k] (or [k]): at this basis's layer."""
+        return SteeringSpec(self.layer, self.deltas(weights, alpha), positions)
 
     def with_axis(self, direction: torch.Tensor) -> TraitBasis:
         """This basis plus the persona axis 'P' (``direction`` [hidden], normalised here), last."""

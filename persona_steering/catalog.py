@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from persona_steering.basis import TraitBasis, load_basis
-from persona_steering.config import PERSONA_AXIS, PERSONA_ID, Config, ConfigError
+from persona_steering.config import PERSONA_AXIS, PERSONA_ID, POSITIONS, Config, ConfigError
 from persona_steering.record import PersonaFiles, PersonaRecord
 from persona_steering.scheduler import Steering
 from persona_steering.store import VectorFileError
@@ -98,8 +98,8 @@ class Catalog:
         positions = spec.get("positions", self.cfg.steering.positions)
         if not _number(alpha) or isinstance(layer, bool) or not isinstance(layer, int):
             raise ConfigError("steering.alpha must be a number and steering.layer an integer")
-        if positions not in ("response", "prompt", "all"):
-            raise ConfigError(f"steering.positions must be response, prompt or all, got {positions!r}")
+        if positions not in POSITIONS:
+            raise ConfigError(f"steering.positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
         s = self.cfg.steering
         try:
             basis = self._basis(tuple(traits), layer, s.vector_method, s.summary)

@@ -149,6 +149,8 @@ class VectorsConfig:
 
 
 BASES = ("traits", "orthogonal")
+POSITIONS = ("response", "prompt", "all")
+"""Where steering adds its vector; what each means is ``steering.py``'s to say."""
 """steering.basis: the trait directions as extracted, or their symmetric orthogonalisation."""
 BACKENDS = ("offline", "embedding", "openai", "local")
 
@@ -222,8 +224,10 @@ class SteeringConfig:
     def __post_init__(self) -> None:
         if not 0 < check_finite("steering.alpha", self.alpha) <= MAX_ALPHA:
             raise ConfigError(f"steering.alpha must be in (0, {MAX_ALPHA:g}], got {self.alpha}")
-        if self.positions not in ("response", "prompt", "all"):
-            raise ConfigError(f"steering.positions must be response, prompt or all, got {self.positions!r}")
+        if self.positions not in POSITIONS:
+            raise ConfigError(
+                f"steering.positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}"
+            )
         if self.vector_method not in ("mean_diff", "svd", "pca"):
             raise ConfigError(
                 f"steering.vector_method must be mean_diff, svd or pca, got {self.vector_method!r}"

@@ -29,11 +29,11 @@ from persona_steering.basis import TraitBasis, load_basis
 from persona_steering.cache import Cache, atomic_write_json, atomic_write_text
 from persona_steering.config import Config
 from persona_steering.evaluate.core import json_safe
-from persona_steering.generation import Request, generate, vector_digest
+from persona_steering.generation import Request, generate
 from persona_steering.layers import normalize_layer
 from persona_steering.rendering import fmt_number, markdown_table, save_figure, subplots
 from persona_steering.runtime import Runtime, identify, load_runtime
-from persona_steering.steering import steer
+from persona_steering.steering import SteeringSpec, steer, vector_digest
 from persona_steering.store import VectorFileError
 from persona_steering.style import loops
 from persona_steering.traits import load_prompts
@@ -165,9 +165,7 @@ def _point(
         rt,
         requests,
         cfg.generation,
-        deltas=deltas.repeat_interleave(n, 0),
-        layer=basis.layer,
-        positions=cfg.steering.positions,
+        steering=SteeringSpec(basis.layer, deltas, cfg.steering.positions).repeat(n),
         cache=cache,
         seed=cfg.seed,
         desc=f"damage layer {basis.layer}",

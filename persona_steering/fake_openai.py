@@ -98,8 +98,7 @@ class FakeOpenAI:
 
     @property
     def base_url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
 
     def push(self, *behaviours: Behaviour) -> None:
         """Queue behaviours for the next requests, in order."""
@@ -183,7 +182,8 @@ def _handler(state: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 content = state.content_fn(request) if state.content_fn else state.content
                 return self._ok(request, content, state.top_logprobs)
             if name == "logprobs":
-                return self._ok(request, max(arg, key=arg.get), arg)
+                top: dict[str, float] = arg or {}
+                return self._ok(request, max(top, key=lambda t: top[t]), top)
             if name.startswith("text:"):
                 return self._ok(request, name[len("text:") :], None)
             if name == "nologprobs":

@@ -18,11 +18,11 @@ import torch
 from jinja2 import TemplateError
 from tqdm.auto import tqdm
 
-from persona_steering.cache import Cache, bytes_digest, digest
+from persona_steering.cache import Cache, digest
 from persona_steering.config import GenerationConfig
 from persona_steering.distributed import gather_objects, on_main, rank, world_size
 from persona_steering.runtime import Runtime
-from persona_steering.steering import steer
+from persona_steering.steering import SteeringSpec
 
 GENERATION_VERSION = 2
 """Part of every generation's cache key: bump it when this module would answer differently."""
@@ -83,42 +83,31 @@ def _templated(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
 
-def vector_digest(vector: torch.Tensor) -> str:
-    return bytes_digest(vector.detach().to("cpu", torch.float32).contiguous().numpy().tobytes(), 32)
-
-
 def generate(
     rt: Runtime,
     requests: Sequence[Request],
     gen: GenerationConfig,
     *,
-    deltas: torch.Tensor | None = None,
-    layer: int | None = None,
-    positions: str = "response",
+    steering: SteeringSpec | None = None,
     cache: Cache | None = None,
     seed: int = 0,
     desc: str | None = None,
 ) -> list[Answer]:
-    """Answers for ``requests`` in order; each row steered by its own ``deltas`` row if given.
+    """Answers for ``requests`` in order; each row steered by its own ``steering`` row if given.
 
     Args:
         rt: the loaded model.
         requests: what to answer.
         gen: generation settings (``max_batch`` rows per forward).
-        deltas: [len(requests), hidden] vectors added at ``layer``; an all-zero row is unsteered.
-        layer: hidden_states row to steer (required with deltas).
-        positions: response, prompt or all.
+        steering: one vector per request, its layer and positions; an all-zero row is unsteered.
         cache: memo store; a warm call does no model work.
         seed: sampling seed (unused when greedy).
         desc: progress bar label; None hides the bar.
     """
-    if deltas is not None:
-        if layer is None:
-            raise ValueError("layer is required when deltas are given")
-        if deltas.shape[0] != len(requests):
-            raise ValueError(f"{deltas.shape[0]} steering rows for {len(requests)} requests")
+    if steering is not None and len(steering) != len(requests):
+        raise ValueError(f"{len(steering)} steering rows for {len(requests)} requests")
     texts = [chat_text(rt.tokenizer, r) for r in requests]
-    keys = [_row_key(rt, texts[i], gen, seed, deltas, layer, positions, i) for i in range(len(requests))]
+    keys = [_row_key(rt, texts[i], gen, seed, steering, i) for i in range(len(requests))]
     fabric = getattr(rt, "fabric", None)
     hits, todo = on_main(fabric, lambda: _lookup(keys, cache))  # rank 0 alone reads the cache
     results = {kd: Answer(text=h["text"], ids=h["ids"], prompt=texts[i]) for kd, (h, i) in hits.items()}
@@ -132,10 +121,8 @@ def generate(
         idx = [i for _, i in block[me::world]]
         outs: list[list[int]] = []
         if idx:
-            chunk_deltas = None if deltas is None else deltas[idx]
-            outs = _generate_batch(
-                rt, [texts[i] for i in idx], gen, chunk_deltas, layer, positions, [keys[i] for i in idx], seed
-            )
+            chunk = None if steering is None else steering.rows(idx)
+            outs = _generate_batch(rt, [texts[i] for i in idx], gen, chunk, [keys[i] for i in idx], seed)
         for (kd, i), ids in zip(block, gather_objects(fabric, outs, len(block)), strict=True):
             text = rt.tokenizer.decode(ids, skip_special_tokens=True).strip()
             results[kd] = Answer(text=text, ids=ids, prompt=texts[i])
@@ -179,31 +166,19 @@ def generate_population(
     rt: Runtime,
     prompts: Sequence[str],
     gen: GenerationConfig,
-    deltas: torch.Tensor,
-    layer: int,
-    positions: str = "response",
+    steering: SteeringSpec,
     *,
     cache: Cache | None = None,
     seed: int = 0,
     desc: str | None = None,
 ) -> list[list[Answer]]:
-    """Answers [candidate][prompt] for ``deltas`` [candidates, hidden]: every (candidate, prompt)
-    row in one ``generate`` call (chunked by ``max_batch``), each row with its candidate's vector.
-    This is how optimisation, evaluation and the benchmark answer a whole population."""
+    """Answers [candidate][prompt] for ``steering``'s rows (one per candidate): every (candidate,
+    prompt) row in one ``generate`` call (chunked by ``max_batch``), each row with its candidate's
+    vector. This is how optimisation, evaluation and the benchmark answer a whole population."""
     n = len(prompts)
-    rows = [Request(p) for _ in range(len(deltas)) for p in prompts]  # candidate-major
-    out = generate(
-        rt,
-        rows,
-        gen,
-        deltas=deltas.repeat_interleave(n, dim=0),  # [candidates * prompts, hidden]
-        layer=layer,
-        positions=positions,
-        cache=cache,
-        seed=seed,
-        desc=desc,
-    )
-    return [out[c * n : (c + 1) * n] for c in range(len(deltas))]
+    rows = [Request(p) for _ in range(len(steering)) for p in prompts]  # candidate-major
+    out = generate(rt, rows, gen, steering=steering.repeat(n), cache=cache, seed=seed, desc=desc)
+    return [out[c * n : (c + 1) * n] for c in range(len(steering))]
 
 
 def _row_key(
@@ -211,18 +186,13 @@ def _row_key(
     text: str,
     gen: GenerationConfig,
     seed: int,
-    deltas: torch.Tensor | None,
-    layer: int | None,
-    positions: str,
+    steering: SteeringSpec | None,
     i: int,
 ) -> dict[str, Any]:
     """Everything that determines a row's answer. max_batch is left out: in float32 it does not
     change greedy tokens (padding numerics in bf16 can, see docs/FACTS.md); the seed only matters
     when sampling."""
     settings = {k: v for k, v in dataclasses.asdict(gen).items() if k != "max_batch"}
-    steering = None
-    if deltas is not None and bool(deltas[i].abs().max() > 0):
-        steering = {"layer": layer, "positions": positions, "vector": vector_digest(deltas[i])}
     return {
         "model": rt.fingerprint,
         "dtype": str(rt.model.dtype),
@@ -232,7 +202,7 @@ def _row_key(
         "prompt": text,
         "gen": settings,
         "seed": seed if gen.temperature > 0 else None,
-        "steer": steering,
+        "steer": None if steering is None else steering.row_key(i),
     }
 
 
@@ -241,9 +211,7 @@ def _generate_batch(
     rt: Runtime,
     texts: list[str],
     gen: GenerationConfig,
-    deltas: torch.Tensor | None,
-    layer: int | None,
-    positions: str,
+    steering: SteeringSpec | None,
     keys: list[dict[str, Any]],
     seed: int,
 ) -> list[list[int]]:
@@ -258,19 +226,16 @@ def _generate_batch(
     generators = None
     if gen.temperature > 0:
         generators = [torch.Generator().manual_seed(int(digest([seed, k], 15), 16)) for k in keys]
-    ctx: Any = nullcontext()
-    if deltas is not None and layer is not None:
-        ctx = steer(rt.model, layer, deltas, positions, attention_mask=mask)
+    ctx: Any = nullcontext() if steering is None else steering.apply(rt.model, attention_mask=mask)
     out_ids = torch.full((batch, gen.max_new_tokens), pad, dtype=torch.long, device=rt.device)
     lengths = torch.full((batch,), gen.max_new_tokens, dtype=torch.long, device=rt.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=rt.device)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     extra = last_logits_only(rt.model)
-    # Under response steering (and without steering) no prompt token but the last is steered, so the
-    # prompt's prefix is computed once per distinct prompt (one per prompt, not per candidate, in a
-    # population) and only the last prompt token runs per row, steered.
+    # Unless the prefix is steered, the prompt's prefix is computed once per distinct prompt (one per
+    # prompt, not per candidate, in a population) and only the last prompt token runs per row, steered.
     past = None
-    if ids.shape[1] > 1 and (deltas is None or positions == "response"):
+    if ids.shape[1] > 1 and (steering is None or not steering.steers_prefix):
         with rt.autocast():
             past = shared_prefix(rt, ids[:, :-1], mask[:, :-1], position_ids[:, :-1], extra)
     with ctx, rt.autocast():

@@ -204,15 +204,12 @@ def _steered(
     """Answers [cell][prompt], flattened, from one batched generate call per basis."""
     n = len(setup.prompts)
     weights = torch.tensor(setup.cells, dtype=torch.float32)  # [cells, k]
-    deltas = basis.deltas(weights, 1.0).repeat_interleave(n, dim=0)  # [cells * prompts, hidden]
     requests = [Request(p) for _ in setup.cells for p in setup.prompts]
     return generate(
         rt,
         requests,
         gen,
-        deltas=deltas,
-        layer=basis.layer,
-        positions=cfg.steering.positions,
+        steering=basis.spec(weights, 1.0, cfg.steering.positions).repeat(n),  # [cells * prompts] rows
         cache=cache,
         seed=cfg.seed,
         desc=f"interference ({basis.kind})",

@@ -32,6 +32,7 @@ from persona_steering.generation import Request, generate
 from persona_steering.layers import decoder_blocks, normalize_layer, untuple
 from persona_steering.rendering import save_figure
 from persona_steering.runtime import Runtime, identify, load_runtime
+from persona_steering.steering import SteeringSpec
 from persona_steering.store import VectorFileError, load_vectors
 from persona_steering.traits import load_traits
 from persona_steering.vectors import unit
@@ -214,17 +215,15 @@ def plot_tokens(result: MonitorResult, path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
-def _steering(
-    cfg: Config, weights: dict[str, float], slug: str, fingerprint: str
-) -> tuple[torch.Tensor, int] | None:
-    """([1, hidden] delta, layer) for non-zero weights, checked before the model loads; else None."""
+def _steering(cfg: Config, weights: dict[str, float], slug: str, fingerprint: str) -> SteeringSpec | None:
+    """The steering of the one answer for non-zero weights, checked before the model loads; else None."""
     if not any(weights.values()):
         return None
     parse_weights(",".join(f"{k}={v}" for k, v in weights.items()), cfg.traits)  # unknown names
     s = cfg.steering
     basis = configured_basis(s, cfg.traits, slug, fingerprint)
     w = torch.tensor([[weights.get(t, 0.0) for t in cfg.traits]])
-    return basis.deltas(w, s.alpha), basis.layer
+    return basis.spec(w, s.alpha, s.positions)
 
 
 def _labels(cfg: Config, trait: str) -> tuple[str, str]:
@@ -240,18 +239,15 @@ def _generate_and_record(
     cfg: Config,
     settings: MonitorSettings,
     row: int,
-    steering: tuple[torch.Tensor, int] | None,
+    steering: SteeringSpec | None,
 ) -> tuple[str, list[int], torch.Tensor]:
     """(answer text, its token ids, [tokens, hidden] state that chose each token)."""
-    deltas, layer = steering if steering is not None else (None, None)
     with record_last_states(rt.model, row) as states:
         [answer] = generate(
             rt,
             [Request(settings.prompt, settings.system)],
             cfg.generation,
-            deltas=deltas,
-            layer=layer,
-            positions=cfg.steering.positions,
+            steering=steering,
             cache=None,
             seed=cfg.seed,
         )

@@ -53,6 +53,7 @@ from persona_steering.judges import Judge, JudgeError, Query, Verdict, build_jud
 from persona_steering.persona_axis import NoContrastError, persona_directions
 from persona_steering.record import PersonaFiles, PersonaRecord
 from persona_steering.runtime import Runtime, identify, load_runtime
+from persona_steering.steering import SteeringSpec
 from persona_steering.traits import Persona, load_persona, load_prompts
 from persona_steering.vectors import unit
 
@@ -121,9 +122,7 @@ class Objective:
             self.rt,
             self.prompts,
             self.cfg.generation,
-            deltas,
-            self.basis.layer,
-            self.cfg.steering.positions,
+            SteeringSpec(self.basis.layer, deltas, self.cfg.steering.positions),
             cache=self.cache,
             seed=self.cfg.seed,
             desc="steered answers",

@@ -21,7 +21,7 @@ import torch
 
 from persona_steering.generation import eos_ids, kv_cache, last_logits_only, penalise_repeats, shared_prefix
 from persona_steering.runtime import Runtime
-from persona_steering.steering import steer
+from persona_steering.steering import steer, steers_decode, steers_prefix
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ class Scheduler:
         per row, steered; rows that steer the prompt run their whole prompt steered.
         """
         jobs = [j for j in jobs if not j.cancelled.is_set()]
-        shared = [j for j in jobs if j.steering.delta is None or j.steering.positions == "response"]
+        shared = [j for j in jobs if j.steering.delta is None or not steers_prefix(j.steering.positions)]
         for group in (shared, [j for j in jobs if j not in shared]):
             if group:
                 self._prefill_group(group, share_prefix=group is shared)
@@ -260,7 +260,7 @@ class Scheduler:
         with contextlib.ExitStack() as stack, self.rt.autocast():
             # one token per row: steered unless the row steers its prompt only
             for (layer, _), deltas in _deltas(
-                self.rows, lambda s: None if s.positions == "prompt" else "response"
+                self.rows, lambda s: "response" if steers_decode(s.positions) else None
             ).items():
                 stack.enter_context(steer(model, layer, deltas, "response"))
             out = model(

@@ -27,6 +27,7 @@ from persona_steering.cache import atomic_write_json, atomic_write_text
 from persona_steering.config import Config, ConfigError, GenerationConfig
 from persona_steering.generation import generate_population
 from persona_steering.runtime import Runtime, load_runtime
+from persona_steering.steering import SteeringSpec
 from persona_steering.traits import load_prompts
 
 
@@ -236,7 +237,8 @@ def _offline(
         max_batch=len(ids) * len(prompts),
     )
     t0 = time.perf_counter()
-    out = generate_population(rt, prompts, gen, deltas, personas[0].steering.layer or cfg.steering.layer)
+    layer = personas[0].steering.layer or cfg.steering.layer
+    out = generate_population(rt, prompts, gen, SteeringSpec(layer, deltas))
     seconds = time.perf_counter() - t0
     return seconds, sum(len(a.ids) for answers in out for a in answers)
 

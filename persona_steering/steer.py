@@ -24,14 +24,11 @@ def steered_examples(
     w = torch.tensor([[weights.get(t, 0.0) for t in cfg.traits]])
     with Cache(cfg.cache_dir) as cache:
         base = generate(rt, [Request(p) for p in prompts], cfg.generation, cache=cache, seed=cfg.seed)
-        deltas = basis.deltas(w, cfg.steering.alpha).repeat(len(prompts), 1)
         steered = generate(
             rt,
             [Request(p) for p in prompts],
             cfg.generation,
-            deltas=deltas,
-            layer=basis.layer,
-            positions=cfg.steering.positions,
+            steering=basis.spec(w, cfg.steering.alpha, cfg.steering.positions).repeat(len(prompts)),
             cache=cache,
             seed=cfg.seed,
         )

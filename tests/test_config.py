@@ -61,7 +61,7 @@ def test_precision_mode_and_code_version_reach_the_generation_key(tiny_model_dir
             ModelConfig(name=str(tiny_model_dir), accelerator="cpu", precision=precision),
             cache_dir=tiny_model_dir / "cache",
         )
-        keys[precision] = _row_key(rt, "x", GenerationConfig(), 0, None, None, "response", 0)
+        keys[precision] = _row_key(rt, "x", GenerationConfig(), 0, None, 0)
     a, b = keys["32-true"], keys["bf16-mixed"]
     assert a["dtype"] == b["dtype"] and digest(a) != digest(b)
     assert a["precision"] == "32-true" and b["precision"] == "bf16-mixed" and a["v"] == GENERATION_VERSION

@@ -628,7 +628,7 @@ def test_every_answer_setting_has_its_own_generation_cache_key(tiny_rt):
     cfg = load_config(None, ["seed=5", "evaluate.samples=3", "evaluate.sample_temperature=0.7"])
     settings = answer_settings(cfg)
     assert [(g.temperature, seed) for g, seed, _ in settings] == [(0.0, 5), (0.7, 6), (0.7, 7), (0.7, 8)]
-    keys = [_row_key(tiny_rt, "x", g, seed, None, None, "response", 0) for g, seed, _ in settings]
+    keys = [_row_key(tiny_rt, "x", g, seed, None, 0) for g, seed, _ in settings]
     assert len({digest(k) for k in keys}) == 4  # temperature and seed both reach the key
     assert keys[1]["gen"]["temperature"] == 0.7 and keys[1]["seed"] == 6 and keys[0]["seed"] is None
     assert len(answer_settings(load_config(None, ["evaluate.samples=0"]))) == 1

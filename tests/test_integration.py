@@ -64,9 +64,7 @@ def test_vectors_and_steering_on_embedded_model(embedded_rt, embedded_cache, tmp
     gen = GenerationConfig(max_new_tokens=16)
     with Cache(embedded_cache) as cache:
         base = generate(embedded_rt, prompts, gen, cache=cache)
-        zero = generate(embedded_rt, prompts, gen, deltas=basis.deltas(torch.zeros(2, 1), 1.0), layer=20)
-        steered = generate(
-            embedded_rt, prompts, gen, deltas=basis.deltas(torch.tensor([[1.0], [-1.0]]), 1.0), layer=20
-        )
+        zero = generate(embedded_rt, prompts, gen, steering=basis.spec(torch.zeros(2, 1), 1.0))
+        steered = generate(embedded_rt, prompts, gen, steering=basis.spec(torch.tensor([[1.0], [-1.0]]), 1.0))
     assert [a.ids for a in zero] == [a.ids for a in base]
     assert all(s.ids != b.ids for s, b in zip(steered, base))

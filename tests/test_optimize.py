@@ -244,7 +244,7 @@ def test_lockstep_personas_equal_alone_and_share_generate_calls(project, monkeyp
     real = generation.generate
 
     def counting(rt, requests, *a, **k):
-        if k.get("deltas") is not None:
+        if k.get("steering") is not None:
             calls.append(len(requests))
         return real(rt, requests, *a, **k)
 

@@ -428,14 +428,14 @@ def test_concurrent_requests_equal_their_answers_alone(served, client, monkeypat
 
 def test_server_answer_equals_the_offline_generate_path(served, client):
     from persona_steering.generation import Request, generate
+    from persona_steering.steering import SteeringSpec
 
     server, _, cfg = served
     rt = server.scheduler.rt
     persona = server.app.state.catalog.get("grandpa")
     gen = dataclasses.replace(cfg.generation, max_new_tokens=12)
-    offline = generate(
-        rt, [Request("how was your weekend ?")], gen, deltas=persona.steering.delta[None], layer=2
-    )
+    steering = SteeringSpec(2, persona.steering.delta[None])
+    offline = generate(rt, [Request("how was your weekend ?")], gen, steering=steering)
     assert ask(client, "grandpa", max_tokens=12).strip() == offline[0].text
 
 

@@ -7,7 +7,7 @@ from persona_steering.config import GenerationConfig
 from persona_steering.extraction import capture_layers
 from persona_steering.generation import Request, chat_text, generate, generate_population
 from persona_steering.layers import LayerError, decoder_blocks, normalize_layer
-from persona_steering.steering import steer
+from persona_steering.steering import SteeringSpec, steer
 
 QUESTIONS = ["how was your weekend ?", "what should i cook for dinner ?", "tell me about a trip", "hello !"]
 
@@ -70,9 +70,7 @@ def _record_steered_positions(rt, positions, reqs, max_new_tokens=5):
             rt,
             reqs,
             GenerationConfig(max_new_tokens=max_new_tokens),
-            deltas=delta,
-            layer=2,
-            positions=positions,
+            steering=SteeringSpec(2, delta, positions),
         )
         steered = list(seen)
         seen.clear()
@@ -96,7 +94,7 @@ def test_positions_response_prompt_all_through_generate(tiny_rt):
         try:
             delta = torch.full((2, tiny_rt.hidden_size), 100.0)
             generate(
-                tiny_rt, reqs, GenerationConfig(max_new_tokens=4), deltas=delta, layer=2, positions=positions
+                tiny_rt, reqs, GenerationConfig(max_new_tokens=4), steering=SteeringSpec(2, delta, positions)
             )
             steered = list(inputs)
             inputs.clear()
@@ -138,15 +136,15 @@ def test_zero_delta_equals_unsteered_and_rows_are_independent(tiny_rt):
     reqs = [Request(q) for q in QUESTIONS]
     gen = GenerationConfig(max_new_tokens=8)
     base = generate(tiny_rt, reqs, gen)
-    zero = generate(tiny_rt, reqs, gen, deltas=torch.zeros(4, tiny_rt.hidden_size), layer=2)
+    zero = generate(tiny_rt, reqs, gen, steering=SteeringSpec(2, torch.zeros(4, tiny_rt.hidden_size)))
     assert [a.ids for a in zero] == [a.ids for a in base]
     torch.manual_seed(1)
     deltas = torch.randn(4, tiny_rt.hidden_size) * 5
     deltas[1] = 0
-    mixed = generate(tiny_rt, reqs, gen, deltas=deltas, layer=2)
+    mixed = generate(tiny_rt, reqs, gen, steering=SteeringSpec(2, deltas))
     assert mixed[1].ids == base[1].ids  # a zero row is unaffected by its neighbours' vectors
     for i in (0, 2, 3):  # each steered row equals that prompt run alone with its own vector
-        alone = generate(tiny_rt, [reqs[i]], gen, deltas=deltas[i : i + 1], layer=2)
+        alone = generate(tiny_rt, [reqs[i]], gen, steering=SteeringSpec(2, deltas[i : i + 1]))
         assert alone[0].ids == mixed[i].ids
     assert any(mixed[i].ids != base[i].ids for i in (0, 2, 3))
 
@@ -160,14 +158,14 @@ def test_population_prompt_prefix_runs_once_per_prompt(tiny_rt):
     shapes = []
     h = decoder_blocks(tiny_rt.model)[0].register_forward_pre_hook(lambda m, a: shapes.append(a[0].shape[:2]))
     try:
-        together = generate_population(tiny_rt, prompts, gen, deltas, layer=2)
+        together = generate_population(tiny_rt, prompts, gen, SteeringSpec(2, deltas))
     finally:
         h.remove()
     prompt_len = max(len(_encode(tiny_rt, [chat_text(tiny_rt.tokenizer, Request(p))])[0][0]) for p in prompts)
     assert list(shapes[:2]) == [(2, prompt_len - 1), (6, 1)]
     for c in range(3):
         for p in range(2):
-            alone = generate(tiny_rt, [Request(prompts[p])], gen, deltas=deltas[c : c + 1], layer=2)
+            alone = generate(tiny_rt, [Request(prompts[p])], gen, steering=SteeringSpec(2, deltas[c : c + 1]))
             assert alone[0].ids == together[c][p].ids, (c, p)
     assert len({tuple(together[c][0].ids) for c in range(3)}) > 1  # the vectors do something
 
@@ -179,12 +177,12 @@ def test_prefix_cache_that_cannot_expand_runs_per_row(tiny_rt, monkeypatch):
     prompts = [QUESTIONS[0], QUESTIONS[3]]
     gen = GenerationConfig(max_new_tokens=4)
     deltas = torch.randn(3, tiny_rt.hidden_size, generator=torch.Generator().manual_seed(2)) * 5
-    shared = generate_population(tiny_rt, prompts, gen, deltas, layer=2)
+    shared = generate_population(tiny_rt, prompts, gen, SteeringSpec(2, deltas))
     monkeypatch.delattr(cache_utils.Cache, "reorder_cache")
     batches = []
     h = decoder_blocks(tiny_rt.model)[0].register_forward_pre_hook(lambda m, a: batches.append(a[0].shape[0]))
     try:
-        per_row = generate_population(tiny_rt, prompts, gen, deltas, layer=2)
+        per_row = generate_population(tiny_rt, prompts, gen, SteeringSpec(2, deltas))
     finally:
         h.remove()
     assert batches[:3] == [2, 6, 6]  # distinct prompts, then all rows again, then the last prompt token

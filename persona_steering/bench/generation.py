@@ -32,7 +32,7 @@ from persona_steering.extraction import Pair, capture_layers, record_activations
 from persona_steering.generation import Request, eos_ids, generate, generate_population
 from persona_steering.layers import normalize_layer
 from persona_steering.runtime import Runtime, load_runtime
-from persona_steering.steering import steer
+from persona_steering.steering import SteeringSpec
 from persona_steering.store import VectorFileError
 from persona_steering.vectors import unit
 
@@ -112,6 +112,10 @@ class Population:
     positions: str
     seed: int
 
+    def spec(self, deltas: torch.Tensor) -> SteeringSpec:
+        """These vectors [rows, hidden] at the population's layer and positions."""
+        return SteeringSpec(self.layer, deltas, self.positions)
+
     @property
     def rows(self) -> list[tuple[int, int]]:
         """(candidate, prompt) per row, candidate-major as in ``Objective.answers``."""
@@ -137,9 +141,7 @@ class Population:
         """What optimisation does (``generation.generate_population``): every row in one call."""
         if rows is not None:  # a subset (the float32 re-check): same code path, chosen rows
             return self._generate(rows, self.gen), 1, -(-len(rows) // self.gen.max_batch)
-        answers = generate_population(
-            self.rt, self.prompts, self.gen, self.deltas, self.layer, self.positions, seed=self.seed
-        )
+        answers = generate_population(self.rt, self.prompts, self.gen, self.spec(self.deltas), seed=self.seed)
         ids = [a.ids for cand in answers for a in cand]
         return ids, 1, -(-len(ids) // self.gen.max_batch)
 
@@ -151,9 +153,7 @@ class Population:
             self.rt,
             requests,
             gen,
-            deltas=deltas,
-            layer=self.layer,
-            positions=self.positions,
+            steering=self.spec(deltas),
             cache=None,
             seed=self.seed,
         )
@@ -167,7 +167,7 @@ class Population:
         ids = ids.to(rt.device)  # [1, prompt_len]
         mask = torch.ones_like(ids)
         eos = sorted(eos_ids(rt))
-        with steer(rt.model, self.layer, delta[None], self.positions, attention_mask=mask), rt.autocast():
+        with self.spec(delta[None]).apply(rt.model, attention_mask=mask), rt.autocast():
             out = rt.model.generate(
                 input_ids=ids,
                 attention_mask=mask,
@@ -294,11 +294,11 @@ def bench_lockstep(run: Population, personas: int) -> dict[str, Any]:
 
     def alone() -> None:
         for g in groups:
-            generate_population(run.rt, prompts, run.gen, g, run.layer, run.positions, seed=run.seed)
+            generate_population(run.rt, prompts, run.gen, run.spec(g), seed=run.seed)
 
     def together() -> None:
         all_rows = torch.cat(groups)
-        generate_population(run.rt, prompts, run.gen, all_rows, run.layer, run.positions, seed=run.seed)
+        generate_population(run.rt, prompts, run.gen, run.spec(all_rows), seed=run.seed)
 
     seconds = {}
     for name, fn in (("alone", alone), ("lockstep", together)):

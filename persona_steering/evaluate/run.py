@@ -35,6 +35,7 @@ from persona_steering.judges import build_judge
 from persona_steering.optimize import _initial_weights
 from persona_steering.record import PersonaFiles, PersonaRecord
 from persona_steering.runtime import Runtime, identify, load_runtime
+from persona_steering.steering import SteeringSpec
 from persona_steering.store import VectorFileError
 from persona_steering.traits import Persona, Trait, load_persona, load_prompts, load_traits
 
@@ -251,9 +252,7 @@ def _answer(ctx: Context, plans: dict[str, Plan], prompts: list[str]) -> dict[st
             ctx.rt,
             requests,
             gen,
-            deltas=deltas,
-            layer=ctx.basis.layer,
-            positions=ctx.cfg.steering.positions,
+            steering=SteeringSpec(ctx.basis.layer, deltas, ctx.cfg.steering.positions),
             cache=ctx.cache,
             seed=seed,
             desc=desc,

@@ -29,11 +29,12 @@ from persona_steering.cache import Cache, atomic_write_json, digest
 from persona_steering.config import Config, ConfigError
 from persona_steering.evaluate.core import json_safe
 from persona_steering.extraction import Pair, record_activations
-from persona_steering.generation import Answer, Request, generate, vector_digest
+from persona_steering.generation import Answer, Request, generate
 from persona_steering.judges import Judge, Query, build_judge
 from persona_steering.layers import normalize_layer
 from persona_steering.rendering import fmt_number, markdown_table, plot_heatmaps
 from persona_steering.runtime import Runtime, identify, load_runtime
+from persona_steering.steering import SteeringSpec, vector_digest
 from persona_steering.store import VectorFile, VectorFileError, load_vectors
 from persona_steering.traits import Trait, load_traits
 from persona_steering.vectors import unit
@@ -122,9 +123,7 @@ def _steered(rt: Runtime, cfg: Config, setup: SweepSetup, layer: int, cache: Cac
         rt,
         requests,
         cfg.generation,
-        deltas=deltas,
-        layer=layer,
-        positions=s.positions,
+        steering=SteeringSpec(layer, deltas, s.positions),
         cache=cache,
         seed=cfg.seed,
         desc=f"sweep layer {layer}",
