@@ -226,3 +226,15 @@ def _chat(client: ChatClient, messages: list[dict[str, str]]) -> str:
     if not response.choices or not response.choices[0].message.content:
         return ""
     return str(response.choices[0].message.content)
+
+
+def new_trait(cfg: Config, log: Callable[[str], None] = print) -> Trait:
+    """The ``new-trait`` command: ``run_new_trait`` for ``cfg.new_trait`` into ``vectors.trait_dir``."""
+    t = cfg.new_trait
+    request = TraitRequest(t.trait or "", t.description or "", cfg.vectors.trait_dir, t.overwrite)
+    trait = run_new_trait(cfg, request, log)
+    log(
+        f"{trait.name}: {len(trait.instructions)} instruction pairs, {len(trait.extract_questions)} "
+        f"extract and {len(trait.eval_questions)} eval questions; read {trait.path} before `make vectors`"
+    )
+    return trait

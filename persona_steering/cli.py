@@ -89,8 +89,8 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
     "steer": (
         "show unsteered and steered answers for given trait weights",
         [
-            ("--weights", "_weights", str, "e.g. R2=1.0,R5=-0.5 (unnamed traits get 0)"),
-            ("--prompt", "_prompt", str, "what the user says (default: the first 3 training prompts)"),
+            ("--weights", "steer.weights", str, "e.g. R2=1.0,R5=-0.5 (unnamed traits get 0)"),
+            ("--prompt", "steer.prompt", str, "what the user says (default: the first 3 training prompts)"),
             ("--layer", "steering.layer", int, "hidden_states row to steer"),
             ("--alpha", "steering.alpha", float, "strength, in units of the layer's mean residual norm"),
             ("--positions", "steering.positions", str, "response, prompt or all"),
@@ -102,14 +102,25 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
     "bench": (
         "time one CMA-ES generation's answers three ways, the extraction forward and judge fan-out",
         [
-            ("--population", "_population", int, "candidate weight vectors (default 8; --quick 4)"),
-            ("--num-prompts", "_num_prompts", int, "first N training prompts (default 10; --quick 4)"),
-            ("--repeats", "_repeats", int, "timed runs per method (default 1)"),
-            ("--out-dir", "_out_dir", str, "output folder (default runs/bench)"),
-            ("--verdicts", "_verdicts", int, "judge calls in the fan-out measurement (default 100)"),
-            ("--num-personas", "_num_personas", int, "personas in the lockstep measurement (default 4)"),
-            ("--judge-delay", "_judge_delay", float, "seconds the local judge server waits per reply (0.2)"),
-            ("--threads", "_threads", int, "torch CPU threads during the run (default: one per core)"),
+            ("--population", "bench.population", int, "candidate weight vectors (default 8; --quick 4)"),
+            ("--num-prompts", "bench.num_prompts", int, "first N training prompts (default 10; --quick 4)"),
+            ("--repeats", "bench.repeats", int, "timed runs per method (default 1)"),
+            ("--out-dir", "bench.out_dir", str, "output folder (default runs/bench)"),
+            ("--verdicts", "bench.verdicts", int, "judge calls in the fan-out measurement (default 100)"),
+            ("--num-personas", "bench.personas", int, "personas in the lockstep measurement (default 4)"),
+            (
+                "--judge-delay",
+                "bench.judge_delay",
+                float,
+                "seconds the local judge server waits per reply (0.2)",
+            ),
+            ("--threads", "bench.threads", int, "torch CPU threads during the run (default: one per core)"),
+            (
+                "--max-new-tokens",
+                "bench.max_new_tokens",
+                int,
+                "M: new tokens per answer (default 48; --quick 16)",
+            ),
             ("--layer", "steering.layer", int, "hidden_states row to steer"),
             ("--alpha", "steering.alpha", float, "strength, in units of the layer's mean residual norm"),
             ("--trait-vector-dir", "steering.trait_vector_dir", str, "root of vector files"),
@@ -124,16 +135,16 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
             ("--traits", "traits", str, "traits of the basis without --persona-id (default R1..R5)"),
             (
                 "--single-traits",
-                "_single_traits",
+                "export.single_traits",
                 str,
                 "export these traits one file each instead, e.g. R1,R2",
             ),
-            ("--weight", "_weight", float, "trait weight of each --single-traits export (default 1)"),
+            ("--weight", "export.weight", float, "trait weight of each --single-traits export (default 1)"),
             ("--layer", "steering.layer", int, "hidden_states row for --single-traits without --persona-id"),
             ("--alpha", "steering.alpha", float, "strength for --single-traits without --persona-id"),
             ("--trait-vector-dir", "steering.trait_vector_dir", str, "root of vector files"),
-            ("--out", "_out", str, "output file (default runs/export/<persona>.gguf)"),
-            ("--out-dir", "_out_dir", str, "output folder (default runs/export)"),
+            ("--out", "export.out", str, "output file (default runs/export/<persona>.gguf)"),
+            ("--out-dir", "export.out_dir", str, "output folder (default runs/export)"),
         ],
     ),
     "import-gguf": ("read a llama.cpp control-vector GGUF (ours or repeng's) and show its vectors", []),
@@ -243,35 +254,45 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
         "project answers in a CSV/JSONL file onto trait vectors (optionally the shift under a second model)",
         [
             ("--traits", "traits", str, "comma-separated traits (default R1..R5)"),
-            ("--layers", "_layers", str, "comma-separated hidden_states rows (default steering.layer)"),
+            (
+                "--layers",
+                "project.layers",
+                str,
+                "comma-separated hidden_states rows (default steering.layer)",
+            ),
             ("--vector-method", "steering.vector_method", str, "mean_diff, svd or pca"),
             ("--trait-vector-dir", "steering.trait_vector_dir", str, "root of vector files"),
-            ("--compare-model", "_compare_model", str, "a second model (e.g. a fine-tune) read the same way"),
-            ("--out", "_out", str, "output CSV (default <input>_projections.csv beside the input)"),
+            (
+                "--compare-model",
+                "project.compare_model",
+                str,
+                "a second model (e.g. a fine-tune) read the same way",
+            ),
+            ("--out", "project.out", str, "output CSV (default <input>_projections.csv beside the input)"),
         ],
     ),
     "monitor": (
         "colour each token of a generated answer by its projection onto one trait",
         [
-            ("--trait", "_trait", str, "the trait to monitor, e.g. R5"),
-            ("--prompt", "_prompt", str, "what the user says"),
-            ("--system", "_system", str, "an optional system prompt"),
-            ("--read-layer", "_read_layer", int, "hidden_states row to read (default --layer)"),
-            ("--weights", "_weights", str, "steer while monitoring, e.g. R2=1.0 (default unsteered)"),
+            ("--trait", "monitor.trait", str, "the trait to monitor, e.g. R5"),
+            ("--prompt", "steer.prompt", str, "what the user says"),
+            ("--system", "monitor.system", str, "an optional system prompt"),
+            ("--read-layer", "monitor.read_layer", int, "hidden_states row to read (default --layer)"),
+            ("--weights", "steer.weights", str, "steer while monitoring, e.g. R2=1.0 (default unsteered)"),
             ("--layer", "steering.layer", int, "hidden_states row to steer"),
             ("--alpha", "steering.alpha", float, "strength, in units of the layer's mean residual norm"),
             ("--traits", "traits", str, "traits the weights name (default R1..R5)"),
             ("--vector-method", "steering.vector_method", str, "mean_diff, svd or pca"),
             ("--trait-dir", "vectors.trait_dir", str, "folder of trait files (for the poles' labels)"),
             ("--trait-vector-dir", "steering.trait_vector_dir", str, "root of vector files"),
-            ("--out-dir", "_out_dir", str, "folder of the plot and its JSON (default runs/monitor)"),
+            ("--out-dir", "monitor.out_dir", str, "folder of the plot and its JSON (default runs/monitor)"),
         ],
     ),
     "new-trait": (
         "draft a trait definition with the configured LLM and write <trait-dir>/<NAME>.yaml",
         [
-            ("--trait", "_trait", str, "the new trait's name (the file name)"),
-            ("--description", "_description", str, "what the trait is, its two poles"),
+            ("--trait", "new_trait.trait", str, "the new trait's name (the file name)"),
+            ("--description", "new_trait.description", str, "what the trait is, its two poles"),
             ("--trait-dir", "vectors.trait_dir", str, "folder of trait files"),
             ("--judge", "judge.backend", str, "must be openai: the LLM that writes the draft"),
             ("--judge-model", "judge.model", str, "model name at the endpoint"),
@@ -281,11 +302,21 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
     "build-persona": (
         "build personas/<ID>/ from one speaker's turns in a raw_conversations.json (offline)",
         [
-            ("--conversations", "_conversations", str, "JSON list of conversations of {speaker, text} turns"),
-            ("--speaker", "_speaker", str, "whose turns make the persona"),
+            (
+                "--conversations",
+                "build_persona.conversations",
+                str,
+                "JSON list of conversations of {speaker, text} turns",
+            ),
+            ("--speaker", "build_persona.speaker", str, "whose turns make the persona"),
             ("--persona-id", "optimize.persona_id", str, "the new persona's folder name"),
             ("--persona-dir", "optimize.persona_dir", str, "folder of personas"),
-            ("--num-samples", "_num_samples", int, "representative utterances kept (default 15)"),
+            (
+                "--num-samples",
+                "build_persona.num_samples",
+                int,
+                "representative utterances kept (default 15)",
+            ),
         ],
     ),
     "report": (
@@ -294,23 +325,33 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
             ("--persona-id", "optimize.persona_id", str, "persona whose results to show"),
             ("--save-dir", "optimize.save_dir", str, "folder of optimisation and evaluation results"),
             ("--persona-dir", "optimize.persona_dir", str, "folder of personas (for the profile)"),
-            ("--out-dir", "_out_dir", str, "output folder (default runs/report)"),
-            ("--max-examples", "_max_examples", int, "prompts shown with answers side by side (default 4)"),
+            ("--out-dir", "report.out_dir", str, "output folder (default runs/report)"),
+            (
+                "--max-examples",
+                "report.max_examples",
+                int,
+                "prompts shown with answers side by side (default 4)",
+            ),
         ],
     ),
     "evaluate-models": (
         "score several models on the traits' eval questions, unprompted and under pos/neg instructions",
         [
-            ("--models", "_models", str, "comma-separated: embedded, folder, .gguf, hub id, openai:<model>"),
+            (
+                "--models",
+                "models.models",
+                str,
+                "comma-separated: embedded, folder, .gguf, hub id, openai:<model>",
+            ),
             ("--traits", "traits", str, "comma-separated traits (default R1..R5)"),
-            ("--num-questions", "_num_questions", int, "first N eval questions per trait (default 5)"),
+            ("--num-questions", "models.num_questions", int, "first N eval questions per trait (default 5)"),
             (
                 "--models-base-url",
-                "_models_base_url",
+                "models.base_url",
                 str,
                 "endpoint of the openai:<model> entries (default --base-url)",
             ),
-            ("--out-dir", "_out_dir", str, "output folder (default runs/models)"),
+            ("--out-dir", "models.out_dir", str, "output folder (default runs/models)"),
             ("--trait-dir", "vectors.trait_dir", str, "folder of trait files"),
             ("--judge", "judge.backend", str, "offline or embedding (no trait scores), openai or local"),
             ("--judge-model", "judge.model", str, "judge model name (openai) or model (local)"),
@@ -321,13 +362,39 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
     "bench-serve": (
         "time the persona server: concurrent vs one-at-a-time requests, time to first token, vs offline",
         [
-            ("--requests", "_requests", int, "requests in the throughput measurement (default 32)"),
-            ("--num-personas", "_num_personas", int, "scratch personas they are spread over (default 4)"),
-            ("--background", "_background", int, "requests decoding during the first-token probe (16)"),
-            ("--probes", "_probes", int, "first-token measurements, median reported (default 3)"),
-            ("--repeats", "_repeats", int, "runs of the concurrent and offline measurements (default 3)"),
-            ("--threads", "_threads", int, "torch CPU threads during the run (default: one per core)"),
-            ("--out-dir", "_out_dir", str, "output folder (default runs/bench)"),
+            (
+                "--requests",
+                "serve_bench.requests",
+                int,
+                "requests in the throughput measurement (default 32)",
+            ),
+            (
+                "--num-personas",
+                "serve_bench.personas",
+                int,
+                "scratch personas they are spread over (default 4)",
+            ),
+            (
+                "--background",
+                "serve_bench.background",
+                int,
+                "requests decoding during the first-token probe (16)",
+            ),
+            ("--probes", "serve_bench.probes", int, "first-token measurements, median reported (default 3)"),
+            (
+                "--repeats",
+                "serve_bench.repeats",
+                int,
+                "runs of the concurrent and offline measurements (default 3)",
+            ),
+            (
+                "--threads",
+                "serve_bench.threads",
+                int,
+                "torch CPU threads during the run (default: one per core)",
+            ),
+            ("--out-dir", "serve_bench.out_dir", str, "output folder (default runs/bench)"),
+            ("--max-new-tokens", "serve_bench.max_tokens", int, "new tokens per answer (default 48)"),
         ],
     ),
     "serve": (
@@ -402,38 +469,61 @@ def _parser() -> argparse.ArgumentParser:
             help="override any config value by dotted key, e.g. --set generation.temperature=0.7",
         )
         p.add_argument("-v", "--verbose", action="store_true", help="log retries and progress details")
-        for flag, key, typ, help_ in COMMON + options:
+        for flag, key, typ, help_ in _options(name):
             metavar = flag.lstrip("-").upper().replace("-", "_")
             p.add_argument(flag, dest=key, type=typ, default=None, metavar=metavar, help=f"{help_} [{key}]")
-        for flag, dest, help_ in _FLAGS.get(name, []):
-            p.add_argument(flag, dest=dest, action="store_true", help=help_)
-        for dest, help_ in _POSITIONAL.get(name, []):
-            p.add_argument(dest, metavar=dest.lstrip("_").upper(), help=help_)
+        for flag, key, value, help_ in _FLAGS.get(name, []):
+            p.add_argument(
+                flag, dest=key, action="store_const", const=value, default=None, help=f"{help_} [{key}]"
+            )
+        for key, metavar, help_ in _POSITIONAL.get(name, []):
+            p.add_argument(key, metavar=metavar, help=help_)
     return parser
 
 
-_FLAGS: dict[str, list[tuple[str, str, str]]] = {
-    "vectors": [("--filter", "vectors.filter_with_judge", "keep only pairs the judge finds effective")],
+def _options(command: str) -> list[tuple[str, str, Any, str]]:
+    """COMMON then the command's own options; a command's own entry for a common flag replaces it
+    (bench's --max-new-tokens is its M, whose default depends on --quick)."""
+    own = COMMANDS[command][1]
+    flags = {flag for flag, *_ in own}
+    return [o for o in COMMON if o[0] not in flags] + own
+
+
+# Switches: (flag, dotted config key, the value it sets, help).
+_FLAGS: dict[str, list[tuple[str, str, bool, str]]] = {
+    "vectors": [("--filter", "vectors.filter_with_judge", True, "keep only pairs the judge finds effective")],
     "optimize": [
-        ("--restart", "optimize.restart", "discard an existing run of this persona in --save-dir"),
+        ("--restart", "optimize.restart", True, "discard an existing run of this persona in --save-dir"),
         (
             "--coherence",
             "judge.coherence",
+            True,
             "also judge coherence of every steered answer (recorded; used only with --coherence-penalty)",
         ),
     ],
     "bench": [
-        ("--quick", "_quick", "P=4 candidates, N=4 prompts, M=16 tokens (about 2 minutes on a CPU)"),
-        ("--no-stages", "_no_stages", "skip the cold/warm runs of the vectors and optimize stages"),
+        (
+            "--quick",
+            "bench.quick",
+            True,
+            "P=4 candidates, N=4 prompts, M=16 tokens (about 2 minutes on a CPU)",
+        ),
+        ("--no-stages", "bench.stages", False, "skip the cold/warm runs of the vectors and optimize stages"),
     ],
-    "new-trait": [("--overwrite", "_overwrite", "replace an existing trait file")],
-    "build-persona": [("--overwrite", "_overwrite", "replace an existing persona folder")],
+    "new-trait": [("--overwrite", "new_trait.overwrite", True, "replace an existing trait file")],
+    "build-persona": [("--overwrite", "build_persona.overwrite", True, "replace an existing persona folder")],
 }
 
-# Positional arguments: (dest, help).
-_POSITIONAL: dict[str, list[tuple[str, str]]] = {
-    "import-gguf": [("_file", "the .gguf control-vector file")],
-    "project": [("_answers", "CSV or JSONL file with prompt (or question), answer and optional system")],
+# Positional arguments: (dotted config key, or an _underscore name the config does not hold; metavar; help).
+_POSITIONAL: dict[str, list[tuple[str, str, str]]] = {
+    "import-gguf": [("_file", "FILE", "the .gguf control-vector file (read and shown; nothing is written)")],
+    "project": [
+        (
+            "project.input",
+            "ANSWERS",
+            "CSV or JSONL file with prompt (or question), answer and optional system [project.input]",
+        )
+    ],
 }
 
 
@@ -445,14 +535,9 @@ def _config(args: argparse.Namespace) -> Config:
     values = {
         key: value
         for key, value in vars(args).items()
-        if ("." in key or key in ("seed", "cache_dir", "traits")) and value is not None and value is not False
+        if ("." in key or key in ("seed", "cache_dir", "traits")) and value is not None
     }
     return load_config(path, list(args.overrides), values)
-
-
-def _given(**options: Any) -> dict[str, Any]:
-    """The options the user gave: None means "not given", so the stage's own default applies."""
-    return {k: v for k, v in options.items() if v is not None}
 
 
 def _run_vectors(cfg: Config, args: argparse.Namespace) -> int:
@@ -482,43 +567,23 @@ def _run_optimize(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _run_steer(cfg: Config, args: argparse.Namespace) -> int:
-    from persona_steering.basis import parse_weights
-    from persona_steering.steer import render_examples, steered_examples
+    from persona_steering.steer import run_steer
 
-    weights = parse_weights(args._weights, cfg.traits)
-    print(render_examples(steered_examples(cfg, weights, [args._prompt] if args._prompt else None)))
+    print(run_steer(cfg))
     return 0
 
 
 def _run_bench(cfg: Config, args: argparse.Namespace) -> int:
-    from persona_steering.bench import BenchSettings, run_bench
+    from persona_steering.bench import run_bench
 
-    given = vars(args)
-    settings = BenchSettings.from_options(
-        quick=args._quick,
-        population=args._population,
-        num_prompts=args._num_prompts,
-        repeats=args._repeats,
-        out_dir=args._out_dir,
-        verdicts=args._verdicts,
-        personas=args._num_personas,
-        judge_delay=args._judge_delay,
-        threads=args._threads,
-        stages=False if args._no_stages else None,
-        max_new_tokens=given["generation.max_new_tokens"],
-        max_batch=given["generation.max_batch"],
-    )
-    run_bench(cfg, settings)
+    run_bench(cfg)
     return 0
 
 
 def _run_export_gguf(cfg: Config, args: argparse.Namespace) -> int:
-    from persona_steering.export import export_persona
+    from persona_steering.export import run_export
 
-    traits = [t.strip() for t in args._single_traits.split(",") if t.strip()] if args._single_traits else None
-    options = _given(weight=args._weight, out=args._out, out_dir=args._out_dir)
-    for path in export_persona(cfg, cfg.optimize.persona_id, traits, **options):
-        print(f"wrote {path}")
+    run_export(cfg)
     return 0
 
 
@@ -576,94 +641,51 @@ def _run_similarity(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _run_project(cfg: Config, args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from persona_steering.projection import run_project
 
-    from persona_steering.projection import ProjectSettings, parse_layers, run_project
-
-    out = Path(args._out) if args._out else None
-    settings = ProjectSettings(Path(args._answers), parse_layers(args._layers), out, args._compare_model)
-    print(run_project(cfg, settings)["markdown"])
+    print(run_project(cfg)["markdown"])
     return 0
 
 
 def _run_monitor(cfg: Config, args: argparse.Namespace) -> int:
     from persona_steering import monitor
-    from persona_steering.basis import parse_weights
 
-    settings = monitor.MonitorSettings(
-        args._trait or "",
-        args._prompt or "",
-        args._read_layer,
-        parse_weights(args._weights),
-        args._system,
-        **_given(out_dir=args._out_dir),
-    )
-    print(monitor.render(monitor.run_monitor(cfg, settings), color=sys.stdout.isatty()))
+    print(monitor.render(monitor.run_monitor(cfg), color=sys.stdout.isatty()))
     return 0
 
 
 def _run_new_trait(cfg: Config, args: argparse.Namespace) -> int:
-    from persona_steering.authoring import TraitRequest, run_new_trait
+    from persona_steering.authoring import new_trait
 
-    request = TraitRequest(args._trait or "", args._description or "", cfg.vectors.trait_dir, args._overwrite)
-    trait = run_new_trait(cfg, request)
-    print(
-        f"{trait.name}: {len(trait.instructions)} instruction pairs, {len(trait.extract_questions)} "
-        f"extract and {len(trait.eval_questions)} eval questions; read {trait.path} before `make vectors`"
-    )
+    new_trait(cfg)
     return 0
 
 
 def _run_build_persona(cfg: Config, args: argparse.Namespace) -> int:
-    from persona_steering.persona_builder import PersonaRequest, run_build_persona
+    from persona_steering.persona_builder import build_persona
 
-    request = PersonaRequest(
-        args._conversations or "",
-        args._speaker or "",
-        cfg.optimize.persona_id or "",
-        cfg.optimize.persona_dir,
-        overwrite=args._overwrite,
-        **_given(num_samples=args._num_samples),
-    )
-    persona = run_build_persona(request)
-    print(f"{persona.id}: {len(persona.samples)} samples\n\n{persona.profile}")
+    build_persona(cfg)
     return 0
 
 
 def _run_report(cfg: Config, args: argparse.Namespace) -> int:
     from persona_steering.html_report import run_report
 
-    run_report(cfg, **_given(out_dir=args._out_dir, max_examples=args._max_examples))
+    run_report(cfg)
     return 0
 
 
 def _run_evaluate_models(cfg: Config, args: argparse.Namespace) -> int:
-    from persona_steering.evaluate.models import ModelsSettings, run_models
+    from persona_steering.evaluate.models import render_run, run_models
 
-    settings = ModelsSettings.parse(
-        args._models or cfg.model.name, args._num_questions, args._models_base_url, args._out_dir
-    )
-    result = run_models(cfg, settings)
-    print(f"{result.markdown}\nwrote {result.folder}/models.json, models.md, models.png")
+    print(render_run(run_models(cfg)))
     return 0
 
 
 def _run_bench_serve(cfg: Config, args: argparse.Namespace) -> int:
-    from persona_steering.serve_bench import ServeBenchSettings, run_serve_bench
+    from persona_steering.serve_bench import run_serve_bench
 
-    settings = ServeBenchSettings(
-        **_given(
-            requests=args._requests,
-            personas=args._num_personas,
-            max_tokens=vars(args)["generation.max_new_tokens"],
-            background=args._background,
-            probes=args._probes,
-            repeats=args._repeats,
-            out_dir=args._out_dir,
-            threads=args._threads,
-        )
-    )
-    run_serve_bench(cfg, settings)
+    run_serve_bench(cfg)
     return 0
 
 

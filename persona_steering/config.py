@@ -473,6 +473,188 @@ class ServeConfig:
 
 
 @dataclass
+class SteerConfig:
+    """steer (and monitor, which steers while it reads): what is said and the trait weights."""
+
+    weights: str | None = None
+    """Trait weights, e.g. 'R2=1.0,R5=-0.5' (unnamed traits get 0); None = unsteered (monitor)."""
+    prompt: str | None = None
+    """What the user says; None = the first 3 training prompts (steer; monitor needs one)."""
+
+
+@dataclass
+class BenchConfig:
+    """bench: what one benchmark run measures (bench/settings.py resolves the quick sizes)."""
+
+    quick: bool = False
+    """P=4 candidates, N=4 prompts, M=16 tokens where those are not given (about 2 minutes on a CPU)."""
+    population: int | None = None
+    """P: candidate weight vectors (one CMA-ES generation); None = 8 (4 with quick)."""
+    num_prompts: int | None = None
+    """N: first training prompts answered by every candidate; None = 10 (4 with quick)."""
+    max_new_tokens: int | None = None
+    """M: new tokens per answer (greedy); None = 48 (16 with quick). The bench's --max-new-tokens."""
+    repeats: int = 1
+    """Timed runs per method (median and spread); the seed-loop dominates the run time."""
+    out_dir: str = "runs/bench"
+    """Where bench.json, bench.md and bench.png go."""
+    personas: int = 4
+    """Personas for the lockstep measurement (one generate per persona vs one for all)."""
+    verdicts: int = 100
+    """Judge calls in the fan-out measurement."""
+    judge_delay: float = 0.2
+    """Seconds the local OpenAI-compatible server waits before each reply."""
+    threads: int | None = None
+    """torch CPU threads during the run; None = torch's default (one per core)."""
+    stages: bool = True
+    """Also time the vectors and optimize stages cold, with a warm cache, and fully warm."""
+
+    def __post_init__(self) -> None:
+        for name in ("population", "num_prompts", "max_new_tokens", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"bench --{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("repeats", "verdicts", "personas"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"bench --{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= check_finite("bench.judge_delay", self.judge_delay) <= 10:
+            raise ConfigError(f"bench --judge-delay must be within 0..10 seconds, got {self.judge_delay}")
+
+
+@dataclass
+class ServeBenchConfig:
+    """bench-serve: the persona server's timing run."""
+
+    requests: int = 32
+    """Requests in the throughput measurement (personas x prompts)."""
+    personas: int = 4
+    """Scratch personas the requests are spread over."""
+    max_tokens: int = 48
+    """New tokens per answer (bench-serve's --max-new-tokens)."""
+    background: int = 16
+    """Requests decoding while the time to first token is measured."""
+    probes: int = 3
+    """Time-to-first-token measurements (the median is reported)."""
+    repeats: int = 3
+    """Runs of the concurrent and the offline measurement (medians reported; the one-at-a-time run,
+    the long one, runs once). A shared CPU's load moves single runs by tens of percent."""
+    out_dir: str = "runs/bench"
+    """Where serve.json and serve.md are written."""
+    threads: int | None = None
+    """torch CPU threads during the run (None: torch's default, one per core). On a CPU that other
+    jobs share, 1 avoids intra-op threads spin-waiting on a busy core."""
+
+    def __post_init__(self) -> None:
+        if self.requests < 1 or self.personas < 1 or self.requests % self.personas:
+            raise ConfigError("bench-serve: --requests must be a positive multiple of --num-personas")
+        if self.max_tokens < 1 or self.background < 0 or self.probes < 1 or self.repeats < 1:
+            raise ConfigError(
+                "bench-serve: --max-tokens, --probes, --repeats must be >= 1, --background >= 0"
+            )
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"bench-serve --threads must be >= 1, got {self.threads}")
+
+
+@dataclass
+class MonitorConfig:
+    """monitor: the trait read token by token (prompt and weights are steer.prompt, steer.weights)."""
+
+    trait: str | None = None
+    """The trait to monitor, e.g. R5."""
+    system: str | None = None
+    """An optional system prompt."""
+    read_layer: int | None = None
+    """hidden_states row to read; None = steering.layer."""
+    out_dir: str = "runs/monitor"
+    """Folder of the plot and its JSON."""
+
+
+@dataclass
+class ProjectConfig:
+    """project: answers from a file projected onto the trait vectors."""
+
+    input: str | None = None
+    """CSV or JSONL file with prompt (or question), answer and optional system (the positional)."""
+    layers: list[int] | None = None
+    """hidden_states rows; None = [steering.layer]."""
+    out: str | None = None
+    """Output CSV; None = <input>_projections.csv beside the input."""
+    compare_model: str | None = None
+    """A second model (e.g. a fine-tune) read the same way."""
+
+
+@dataclass
+class ModelsConfig:
+    """evaluate-models: several models on the traits' eval questions."""
+
+    models: str | None = None
+    """Comma-separated model specs: embedded, a folder, a .gguf file, a hub id, or openai:<model>;
+    None = model.name. A string, not a list, so that an empty item is refused, not skipped."""
+    num_questions: int = 5
+    """First N of each trait's eval questions."""
+    base_url: str | None = None
+    """Endpoint of the openai: models; None = judge.base_url (then the SDK default)."""
+    out_dir: str = "runs/models"
+    """Where models.json, models.md and models.png go."""
+
+    def __post_init__(self) -> None:
+        if self.num_questions < 1:
+            raise ConfigError(f"--num-questions must be >= 1, got {self.num_questions}")
+
+
+@dataclass
+class ExportConfig:
+    """export-gguf: the llama.cpp control vector files."""
+
+    single_traits: list[str] | None = None
+    """Export these traits one file each instead of the persona's combination."""
+    weight: float = 1.0
+    """Trait weight of each single-trait export."""
+    out: str | None = None
+    """Output file of the combined export; None = <out_dir>/<persona>.gguf."""
+    out_dir: str = "runs/export"
+    """Folder for default file names."""
+
+    def __post_init__(self) -> None:
+        check_finite("export.weight", self.weight)
+
+
+@dataclass
+class ReportConfig:
+    """report: one HTML page per persona."""
+
+    out_dir: str = "runs/report"
+    """Output folder."""
+    max_examples: int = 4
+    """Prompts shown with their answers side by side."""
+
+
+@dataclass
+class NewTraitConfig:
+    """new-trait: the trait definition an LLM drafts (written to vectors.trait_dir)."""
+
+    trait: str | None = None
+    """The new trait's name (the file name)."""
+    description: str | None = None
+    """What the trait is, its two poles."""
+    overwrite: bool = False
+    """Replace an existing trait file."""
+
+
+@dataclass
+class BuildPersonaConfig:
+    """build-persona: a persona folder from one speaker's turns (id and folder: optimize.*)."""
+
+    conversations: str | None = None
+    """JSON list of conversations of {speaker, text} turns."""
+    speaker: str | None = None
+    """Whose turns make the persona."""
+    num_samples: int = 15
+    """Representative utterances kept."""
+    overwrite: bool = False
+    """Replace an existing persona folder."""
+
+
+@dataclass
 class Config:
     seed: int = 0
     """Seed for sampling, CMA-ES and every random choice."""
@@ -490,6 +672,16 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     interference: InterferenceConfig = field(default_factory=InterferenceConfig)
     damage: DamageConfig = field(default_factory=DamageConfig)
+    steer: SteerConfig = field(default_factory=SteerConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    serve_bench: ServeBenchConfig = field(default_factory=ServeBenchConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    project: ProjectConfig = field(default_factory=ProjectConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    new_trait: NewTraitConfig = field(default_factory=NewTraitConfig)
+    build_persona: BuildPersonaConfig = field(default_factory=BuildPersonaConfig)
     traits: list[str] = field(default_factory=lambda: list(DEFAULT_TRAITS))
     """Traits combined by steering and optimisation."""
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -273,3 +274,12 @@ def _field(reader: Any, key: str) -> Any:
     """A GGUF metadata value, or None when the key is absent."""
     field = reader.get_field(key)
     return None if field is None else field.contents()
+
+
+def run_export(cfg: Config, log: Callable[[str], None] = print) -> list[Path]:
+    """The ``export-gguf`` command: ``export_persona`` with ``cfg.export``; logs each path written."""
+    e = cfg.export
+    paths = export_persona(cfg, cfg.optimize.persona_id, e.single_traits, e.weight, e.out, e.out_dir)
+    for path in paths:
+        log(f"wrote {path}")
+    return paths

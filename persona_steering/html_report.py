@@ -28,7 +28,6 @@ from persona_steering.judges.base import PARTS as FIT_PARTS
 from persona_steering.record import PersonaFiles, PersonaRecord
 from persona_steering.rendering import NA, fmt_interval, fmt_number, fmt_test
 
-DEFAULT_OUT_DIR = "runs/report"
 MAX_EXAMPLES = 4
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1150px; margin: 2em auto; color: #222; }
@@ -46,23 +45,19 @@ pre.profile { white-space: pre-wrap; background: #f7f7f7; padding: .8em; }
 """
 
 
-def run_report(
-    cfg: Config,
-    out_dir: str = DEFAULT_OUT_DIR,
-    max_examples: int = MAX_EXAMPLES,
-    log: Callable[[str], None] = print,
-) -> Path:
+def run_report(cfg: Config, log: Callable[[str], None] = print) -> Path:
     """Write ``<out_dir>/<persona_id>.html`` for ``cfg.optimize.persona_id``.
 
     Args:
-        cfg: ``optimize.persona_id``, ``optimize.save_dir`` and ``optimize.persona_dir`` are read.
-        out_dir: output folder.
-        max_examples: prompts shown with their answers side by side.
+        cfg: ``optimize.persona_id``, ``optimize.save_dir`` and ``optimize.persona_dir`` are read;
+            ``report.out_dir`` (output folder) and ``report.max_examples`` (prompts shown with their
+            answers side by side).
         log: where progress lines go.
 
     Returns:
         The path of the page.
     """
+    out_dir, max_examples = cfg.report.out_dir, cfg.report.max_examples
     persona_id = cfg.optimize.persona_id
     if not persona_id:
         raise ConfigError("optimize.persona_id is required (--persona-id ID, or make report PERSONA=ID)")

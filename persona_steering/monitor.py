@@ -54,6 +54,13 @@ class MonitorSettings:
     system: str | None = None
     out_dir: str = DEFAULT_OUT_DIR
 
+    @classmethod
+    def from_config(cls, cfg: Config) -> MonitorSettings:
+        """``cfg.monitor`` with the prompt and weights of ``cfg.steer`` (one --prompt, one --weights)."""
+        m = cfg.monitor
+        weights = parse_weights(cfg.steer.weights)
+        return cls(m.trait or "", cfg.steer.prompt or "", m.read_layer, weights, m.system, m.out_dir)
+
 
 @dataclass
 class MonitorResult:
@@ -72,17 +79,18 @@ class MonitorResult:
     json: str
 
 
-def run_monitor(cfg: Config, settings: MonitorSettings, log: Callable[[str], None] = print) -> MonitorResult:
+def run_monitor(cfg: Config, log: Callable[[str], None] = print) -> MonitorResult:
     """Generate one answer to ``settings.prompt`` and project each token's state onto the trait.
 
     Args:
-        cfg: model, generation, steering (for ``weights``) and vector settings.
-        settings: the trait, prompt, layer to read and optional steering weights.
+        cfg: model, generation, steering (for ``weights``) and vector settings; ``monitor`` (the trait,
+            layer to read, system prompt, output folder) and ``steer`` (prompt, optional weights).
         log: where progress lines go.
 
     Returns:
         The tokens and their projections (unit trait vector at the read layer, raw activation units).
     """
+    settings = MonitorSettings.from_config(cfg)
     if not settings.trait or not settings.prompt.strip():
         raise ConfigError("monitor needs --trait NAME and --prompt TEXT")
     ident = identify(cfg.model)

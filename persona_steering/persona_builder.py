@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from persona_steering.cache import atomic_write_bytes, atomic_write_json, atomic_write_text
-from persona_steering.config import ConfigError, check_persona_id
+from persona_steering.config import Config, ConfigError, check_persona_id
 from persona_steering.style import describe_style, style_features, words
 from persona_steering.traits import DefinitionError, Persona, build_judge_prompt, load_persona
 
@@ -205,3 +205,19 @@ def _write_folder(target: Path, files: dict[str, Any], overwrite: bool) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def build_persona(cfg: Config, log: Callable[[str], None] = print) -> Persona:
+    """The ``build-persona`` command: ``cfg.build_persona`` into ``optimize.persona_dir/persona_id``."""
+    b = cfg.build_persona
+    request = PersonaRequest(
+        b.conversations or "",
+        b.speaker or "",
+        cfg.optimize.persona_id or "",
+        cfg.optimize.persona_dir,
+        num_samples=b.num_samples,
+        overwrite=b.overwrite,
+    )
+    persona = run_build_persona(request, log)
+    log(f"{persona.id}: {len(persona.samples)} samples\n\n{persona.profile}")
+    return persona

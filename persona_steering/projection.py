@@ -70,18 +70,27 @@ class ProjectSettings:
     out: Path | None = None
     compare_model: str | None = None
 
+    @classmethod
+    def from_config(cls, cfg: Config) -> ProjectSettings:
+        """``cfg.project``; ConfigError without an input file."""
+        p = cfg.project
+        if not p.input:
+            raise ConfigError("project needs the answers file (project.input)")
+        return cls(Path(p.input), p.layers or None, Path(p.out) if p.out else None, p.compare_model)
 
-def run_project(cfg: Config, settings: ProjectSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Project every answer of ``settings.input`` onto ``cfg.traits`` at the requested layers.
+
+def run_project(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Project every answer of ``project.input`` onto ``cfg.traits`` at the requested layers.
 
     Args:
-        cfg: traits, vector folder and method, model, batch size.
-        settings: input file, layers, output path, optional second model.
+        cfg: traits, vector folder and method, model, batch size; ``project``: input file, layers,
+            output path, optional second model.
         log: where progress lines go.
 
     Returns:
         ``{"columns": {name: [value or None per row]}, "markdown": str, "files": {...}}``.
     """
+    settings = ProjectSettings.from_config(cfg)
     rows, fields = read_answers(settings.input)
     out = settings.out or settings.input.with_name(f"{settings.input.stem}_projections.csv")
     if out.suffix.lower() != ".csv":
@@ -126,16 +135,6 @@ def run_project(cfg: Config, settings: ProjectSettings, log: Callable[[str], Non
     files = _write(out, rows, fields, columns, compare, table, meta)
     log(f"wrote {files['csv']} ({len(rows)} rows, {len(columns)} projection columns)")
     return {"columns": columns, "compare": compare, "markdown": table, "files": files}
-
-
-def parse_layers(text: str | None) -> list[int] | None:
-    """'10,20,-1' -> [10, 20, -1]; None or '' -> None (steering.layer); ConfigError naming the bad item."""
-    if not text or not text.strip():
-        return None
-    try:
-        return [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise ConfigError(f"--layers {text!r} must be comma-separated integers, e.g. 10,20") from None
 
 
 def read_answers(path: Path) -> tuple[list[AnswerRow], list[str]]:

@@ -17,54 +17,22 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from persona_steering.cache import atomic_write_json, atomic_write_text
-from persona_steering.config import Config, ConfigError, GenerationConfig
+from persona_steering.config import Config, ConfigError, GenerationConfig, ServeBenchConfig
 from persona_steering.generation import generate_population
 from persona_steering.runtime import Runtime, load_runtime
 from persona_steering.steering import SteeringSpec
 from persona_steering.traits import load_prompts
 
 
-@dataclass
-class ServeBenchSettings:
-    requests: int = 32
-    """Requests in the throughput measurement (personas x prompts)."""
-    personas: int = 4
-    """Scratch personas the requests are spread over."""
-    max_tokens: int = 48
-    """New tokens per answer."""
-    background: int = 16
-    """Requests decoding while the time to first token is measured."""
-    probes: int = 3
-    """Time-to-first-token measurements (the median is reported)."""
-    repeats: int = 3
-    """Runs of the concurrent and the offline measurement (medians reported; the one-at-a-time run,
-    the long one, runs once). A shared CPU's load moves single runs by tens of percent."""
-    out_dir: str = "runs/bench"
-    """Where serve.json and serve.md are written."""
-    threads: int | None = None
-    """torch CPU threads during the run (None: torch's default, one per core). On a CPU that other
-    jobs share, 1 avoids intra-op threads spin-waiting on a busy core."""
-
-    def __post_init__(self) -> None:
-        if self.requests < 1 or self.personas < 1 or self.requests % self.personas:
-            raise ConfigError("bench-serve: --requests must be a positive multiple of --num-personas")
-        if self.max_tokens < 1 or self.background < 0 or self.probes < 1 or self.repeats < 1:
-            raise ConfigError(
-                "bench-serve: --max-tokens, --probes, --repeats must be >= 1, --background >= 0"
-            )
-
-
-def run_serve_bench(
-    cfg: Config, settings: ServeBenchSettings, rt: Runtime | None = None, log: Any = print
-) -> dict[str, Any]:
-    """Measure; write ``serve.json`` and ``serve.md`` into ``settings.out_dir``; return the result."""
+def run_serve_bench(cfg: Config, rt: Runtime | None = None, log: Any = print) -> dict[str, Any]:
+    """Measure; write ``serve.json`` and ``serve.md`` into ``serve_bench.out_dir``; return the result."""
+    settings = cfg.serve_bench
     cfg.model.require_one_process("bench-serve")
     before = torch.get_num_threads()
     if settings.threads is not None:
@@ -75,7 +43,7 @@ def run_serve_bench(
         torch.set_num_threads(before)
 
 
-def _measure(cfg: Config, settings: ServeBenchSettings, rt: Runtime | None, log: Any) -> dict[str, Any]:
+def _measure(cfg: Config, settings: ServeBenchConfig, rt: Runtime | None, log: Any) -> dict[str, Any]:
     import openai
 
     from persona_steering.serve import build_app, serving
@@ -189,7 +157,7 @@ def _asker(client: Any, max_tokens: int) -> Any:
     return ask
 
 
-def _ttft(client: Any, scheduler: Any, rows: list[tuple[str, str]], settings: ServeBenchSettings) -> float:
+def _ttft(client: Any, scheduler: Any, rows: list[tuple[str, str]], settings: ServeBenchConfig) -> float:
     """Seconds to the first streamed token of a request sent while ``background`` rows decode."""
     stop = threading.Event()
 

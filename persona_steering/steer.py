@@ -44,3 +44,10 @@ def render_examples(examples: list[dict[str, str]]) -> str:
         f"user:      {ex['prompt']}\nunsteered: {ex['baseline']}\nsteered:   {ex['steered']}\n"
         for ex in examples
     )
+
+
+def run_steer(cfg: Config) -> str:
+    """The ``steer`` command: the examples of ``steer.weights`` on ``steer.prompt``, rendered."""
+    weights = parse_weights(cfg.steer.weights, cfg.traits)
+    prompts = [cfg.steer.prompt] if cfg.steer.prompt else None
+    return render_examples(steered_examples(cfg, weights, prompts))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from tests_helpers import write_trait
 
 from persona_steering.basis import load_basis
 from persona_steering.cli import main
-from persona_steering.config import load_config
+from persona_steering.config import MonitorConfig, SteerConfig, load_config
 from persona_steering.extraction import run_vectors
 from persona_steering.generation import Request, chat_text
 from persona_steering.monitor import NEGATIVE, NEUTRAL, POSITIVE, MonitorSettings, render_tokens, run_monitor
@@ -224,8 +225,11 @@ def test_project_bad_input_is_one_line_and_writes_nothing(project, tmp_path, cap
 def test_monitor_values_are_the_states_that_chose_each_token(project, tmp_path):
     root, overrides = project
     cfg = load_config(None, overrides)
-    settings = MonitorSettings("T1", "how was your weekend ?", layer=2, out_dir=str(tmp_path))
-    result = run_monitor(cfg, settings, log=lambda *_: None)
+    monitored = MonitorConfig(trait="T1", read_layer=2, out_dir=str(tmp_path))
+    cfg = replace(cfg, monitor=monitored, steer=SteerConfig(prompt="how was your weekend ?"))
+    settings = MonitorSettings.from_config(cfg)
+    assert (settings.trait, settings.layer, settings.weights) == ("T1", 2, {})
+    result = run_monitor(cfg, log=lambda *_: None)
     assert result.ids and len(result.values) == len(result.ids) == len(result.tokens)
     rt = load_runtime(cfg.model, cfg.cache_dir)
     prompt = rt.tokenizer(chat_text(rt.tokenizer, Request(settings.prompt)), add_special_tokens=False)[
@@ -244,9 +248,7 @@ def test_monitor_values_are_the_states_that_chose_each_token(project, tmp_path):
     # Steering T1 at the read layer: the first state (the last prompt token, the same input either way)
     # moves along the read direction by exactly alpha * scale * (steering direction . read direction).
     steered = run_monitor(
-        cfg,
-        MonitorSettings("T1", settings.prompt, 2, {"T1": 1.0}, out_dir=str(tmp_path)),
-        log=lambda *_: None,
+        replace(cfg, steer=SteerConfig(weights="T1=1.0", prompt=settings.prompt)), log=lambda *_: None
     )
     basis = load_basis(root / "vectors", rt.slug, ["T1", "T2"], 2)
     shift = float(basis.deltas(torch.tensor([1.0, 0.0]), 2.0)[0] @ u)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from tests_helpers import write_fake_vectors
 
 from persona_steering.bench import METHODS, BenchSettings, run_bench
 from persona_steering.cli import main
-from persona_steering.config import ConfigError, load_config
+from persona_steering.config import BenchConfig, ConfigError, load_config
 from persona_steering.runtime import identify
 
 PROMPTS = ["how was your day ?", "what should i cook for dinner ?", "tell me about a trip", "hello !"]
@@ -118,18 +119,21 @@ def test_bench_with_trait_vectors_and_repeats(tmp_path: Path, overrides: list[st
     write_fake_vectors(
         tmp_path / "vectors" / slug, tiny_rt.fingerprint, tiny_rt.model_id, ["T1", "T2"], seed=1
     )
-    settings = BenchSettings(
-        population=2,
-        num_prompts=2,
-        max_new_tokens=5,
-        repeats=2,
-        max_batch=8,
-        out_dir=str(tmp_path / "b"),
-        verdicts=4,
-        judge_delay=0.0,
-        stages=False,
+    cfg = replace(
+        cfg,
+        generation=replace(cfg.generation, max_batch=8),
+        bench=BenchConfig(
+            population=2,
+            num_prompts=2,
+            max_new_tokens=5,
+            repeats=2,
+            out_dir=str(tmp_path / "b"),
+            verdicts=4,
+            judge_delay=0.0,
+            stages=False,
+        ),
     )
-    result = run_bench(cfg, settings, rt=tiny_rt, log=lambda *_: None)
+    result = run_bench(cfg, rt=tiny_rt, log=lambda *_: None)
     assert result["vectors"] == "trait vectors T1, T2 at layer 2" and result["stages"] is None
     _check_consistent(result, rows=4)
 
@@ -138,18 +142,21 @@ def test_bfloat16_rows_are_rechecked_in_float32(tmp_path: Path, overrides: list[
     """In bf16 a batched row may differ from its single-row run (padding numerics); every such row
     is re-run both ways in float32, where they must agree."""
     cfg = load_config(None, [o for o in overrides if "precision" not in o] + ["model.precision=bf16-true"])
-    settings = BenchSettings(
-        population=3,
-        num_prompts=4,
-        max_new_tokens=8,
-        max_batch=12,
-        out_dir=str(tmp_path / "b"),
-        verdicts=2,
-        judge_delay=0.0,
-        personas=1,
-        stages=False,
+    cfg = replace(
+        cfg,
+        generation=replace(cfg.generation, max_batch=12),
+        bench=BenchConfig(
+            population=3,
+            num_prompts=4,
+            max_new_tokens=8,
+            out_dir=str(tmp_path / "b"),
+            verdicts=2,
+            judge_delay=0.0,
+            personas=1,
+            stages=False,
+        ),
     )
-    result = run_bench(cfg, settings, log=lambda *_: None)
+    result = run_bench(cfg, log=lambda *_: None)
     assert result["environment"]["dtype"] == "bfloat16"
     recheck = result["float32_recheck"]
     some_differ = any(result["identical"][m]["rows"] < 12 for m in METHODS[1:])
@@ -189,10 +196,12 @@ def test_float32_recheck_reruns_differing_rows(tmp_path: Path, overrides: list[s
 
 
 def test_bench_settings_quick_and_errors(overrides: list[str], capsys) -> None:
-    quick = BenchSettings.from_options(quick=True, max_new_tokens=None, population=6)
+    quick = BenchSettings.from_config(load_config(None, ["bench.quick=true", "bench.population=6"]))
     assert (quick.population, quick.num_prompts, quick.max_new_tokens) == (6, 4, 16)
+    plain = BenchSettings.from_config(load_config(None, []))
+    assert (plain.population, plain.num_prompts, plain.max_new_tokens) == (8, 10, 48)
     with pytest.raises(ConfigError, match="--repeats must be >= 1"):
-        BenchSettings(repeats=0)
+        load_config(None, ["bench.repeats=0"])
     code = main(["bench", *sum((["--set", o] for o in overrides), []), "--num-prompts", "99"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--num-prompts 99" in err[0], err

@@ -248,24 +248,37 @@ def test_stage_text_is_rendered_by_the_stage_modules():
 
 
 def test_one_flag_one_meaning():
-    from persona_steering.cli import COMMANDS, COMMON
+    from persona_steering.cli import _FLAGS, _POSITIONAL, COMMANDS, _options
 
     meaning: dict[str, set[str]] = {}
-    for _, options in COMMANDS.values():
-        for flag, key, _, _ in COMMON + options:
+    for command in COMMANDS:
+        for flag, key, _, _ in _options(command):
             meaning.setdefault(flag, set()).add(key)
+            assert "." in key or key in ("seed", "cache_dir", "traits"), (command, flag, key)
+    for flags in _FLAGS.values():
+        assert all("." in key for _, key, _, _ in flags)
+    # Every option is a config key; import-gguf's file alone is read and shown, never configured.
+    assert [key for p in _POSITIONAL.values() for key, _, _ in p if "." not in key] == ["_file"]
     shared = {flag for flag, keys in meaning.items() if len(keys) > 1}
-    # Each of these names the command's own output folder, grid or sample size; --traits is the
-    # extraction list for `vectors` and the combined traits elsewhere.
+    # Each of these names the command's own output folder or file, grid, sample size, repeats or
+    # threads; --traits is the extraction list for `vectors` and the combined traits elsewhere;
+    # --max-new-tokens is generation.max_new_tokens except for bench (M, whose default --quick
+    # changes) and bench-serve (tokens per answer), which keep their own defaults.
     per_command = {
         "--out-dir",
+        "--out",
         "--layers",
         "--read-layer",
         "--num-prompts",
         "--trait",
         "--num-questions",
         "--traits",
+        "--repeats",
+        "--num-personas",
+        "--threads",
+        "--max-new-tokens",
     }
     assert shared <= per_command, shared - per_command
     assert meaning["--layer"] == {"steering.layer"} and meaning["--base-url"] == {"judge.base_url"}
     assert meaning["--personas"] == {"optimize.personas"}
+    assert meaning["--prompt"] == {"steer.prompt"} and meaning["--weights"] == {"steer.weights"}

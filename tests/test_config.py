@@ -74,3 +74,20 @@ def test_stages_that_do_not_share_work_refuse_several_processes(stage, capsys, t
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{stage} runs in one process" in err[0], err
     assert list(tmp_path.iterdir()) == []  # nothing written, nothing loaded
+
+
+def test_a_command_option_reaches_the_config_digest_by_flag_and_by_set():
+    """bench --population was an _underscore option outside the config; now it is bench.population."""
+    from persona_steering.cli import _config, _parser
+
+    def config(*argv: str):
+        return _config(_parser().parse_args(["bench", *argv]))
+
+    by_flag, by_set = config("--population", "4"), config("--set", "bench.population=4")
+    assert by_flag.bench.population == by_set.bench.population == 4
+    assert by_flag.digest() == by_set.digest() and by_flag.digest("bench") == by_set.digest("bench")
+    other = config("--population", "6")
+    assert other.bench.population == 6 and other.digest() != by_flag.digest()
+    assert other.digest("bench") != by_flag.digest("bench") and config().bench.population is None
+    assert config("--population", "6", "--set", "bench.population=4").bench.population == 6  # flag wins
+    assert config("--no-stages").bench.stages is False and config().bench.stages is True

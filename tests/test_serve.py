@@ -503,11 +503,14 @@ def test_serve_config_is_checked_and_holds_no_key():
 
 
 def test_bench_serve_runs_end_to_end(tmp_path, tiny_model_dir):
-    from persona_steering.serve_bench import ServeBenchSettings, run_serve_bench
+    from dataclasses import replace
+
+    from persona_steering.config import ServeBenchConfig
+    from persona_steering.serve_bench import run_serve_bench
 
     repo = Path(__file__).resolve().parents[1]
     cfg = serve_config(tmp_path, tiny_model_dir, f"optimize.prompts_file={repo / 'configs' / 'prompts.yaml'}")
-    settings = ServeBenchSettings(
+    settings = ServeBenchConfig(
         requests=4,
         personas=2,
         max_tokens=4,
@@ -516,7 +519,7 @@ def test_bench_serve_runs_end_to_end(tmp_path, tiny_model_dir):
         repeats=1,
         out_dir=str(tmp_path / "bench"),
     )
-    result = run_serve_bench(cfg, settings, log=lambda *_: None)
+    result = run_serve_bench(replace(cfg, serve_bench=settings), log=lambda *_: None)
     assert result["peak_rows"] >= 2 and result["same_answers"] == 4
     assert result["speedup"] > 0 and result["ttft_median_s"] > 0
     assert (tmp_path / "bench" / "serve.json").is_file() and "throughput ratio" in (

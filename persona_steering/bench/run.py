@@ -41,20 +41,20 @@ from persona_steering.runtime import Runtime, load_runtime
 from persona_steering.traits import load_prompts
 
 
-def run_bench(
-    cfg: Config, settings: BenchSettings, rt: Runtime | None = None, log: Any = print
-) -> dict[str, Any]:
+def run_bench(cfg: Config, rt: Runtime | None = None, log: Any = print) -> dict[str, Any]:
     """Measure; write ``bench.json``, ``bench.md`` and ``bench.png`` into ``settings.out_dir``; print.
 
     Args:
-        cfg: model, steering (layer, alpha, positions, vectors), traits, prompts file, judge concurrency.
-        settings: population, prompts, tokens, repeats, batch size, threads, output folder, judge fan-out.
+        cfg: model, steering (layer, alpha, positions, vectors), traits, prompts file, judge concurrency,
+            generation.max_batch, and ``bench``: population, prompts, tokens, repeats, threads, output
+            folder, judge fan-out.
         rt: an already loaded model (tests); loaded from ``cfg.model`` when None.
         log: where progress and the table go.
 
     Returns:
         The JSON-safe result written to ``bench.json``.
     """
+    settings = BenchSettings.from_config(cfg)
     prompts = load_prompts(cfg.optimize.prompts_file, "train")
     if settings.num_prompts > len(prompts):
         raise ConfigError(

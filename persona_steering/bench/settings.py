@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from persona_steering.config import ConfigError
+from persona_steering.config import Config, ConfigError
+
+DEFAULTS = {"population": 8, "num_prompts": 10, "max_new_tokens": 48}
+"""P, N and M of a run where ``bench.*`` leaves them None."""
+QUICK = {"population": 4, "num_prompts": 4, "max_new_tokens": 16}
+"""P, N and M under ``bench.quick`` (--quick) where not given: about 2 minutes on a CPU."""
 
 
 @dataclass
 class BenchSettings:
-    """What one benchmark run measures."""
+    """What one benchmark run measures: ``cfg.bench`` with the (quick) sizes resolved."""
 
     population: int = 8
     """P: candidate weight vectors (one CMA-ES generation)."""
@@ -46,7 +50,19 @@ class BenchSettings:
             raise ConfigError(f"bench --judge-delay must be within 0..10 seconds, got {self.judge_delay}")
 
     @classmethod
-    def from_options(cls, quick: bool = False, **given: Any) -> BenchSettings:
-        """Defaults (or the --quick ones), then every option the user gave (None = not given)."""
-        base = {"population": 4, "num_prompts": 4, "max_new_tokens": 16} if quick else {}
-        return cls(**(base | {k: v for k, v in given.items() if v is not None}))
+    def from_config(cls, cfg: Config) -> BenchSettings:
+        """``cfg.bench``: the defaults (or the quick ones) where P, N or M is None."""
+        b = cfg.bench
+        base = QUICK if b.quick else DEFAULTS
+        return cls(
+            population=b.population or base["population"],
+            num_prompts=b.num_prompts or base["num_prompts"],
+            max_new_tokens=b.max_new_tokens or base["max_new_tokens"],
+            repeats=b.repeats,
+            out_dir=b.out_dir,
+            personas=b.personas,
+            verdicts=b.verdicts,
+            judge_delay=b.judge_delay,
+            threads=b.threads,
+            stages=b.stages,
+        )

@@ -91,16 +91,11 @@ class ModelsSettings:
             raise ConfigError(f"--num-questions must be >= 1, got {self.num_questions}")
 
     @classmethod
-    def parse(
-        cls, models: str, num_questions: int | None, base_url: str | None, out_dir: str | None
-    ) -> ModelsSettings:
-        """Settings from CLI strings; None takes the default."""
-        return cls(
-            tuple(m.strip() for m in models.split(",")),
-            5 if num_questions is None else num_questions,
-            base_url,
-            out_dir or cls.out_dir,
-        )
+    def from_config(cls, cfg: Config) -> ModelsSettings:
+        """``cfg.models``; no models named = the configured model alone."""
+        m = cfg.models
+        specs = tuple(s.strip() for s in (m.models or cfg.model.name).split(","))
+        return cls(specs, m.num_questions, m.base_url, m.out_dir)
 
 
 @dataclass(frozen=True)
@@ -141,19 +136,20 @@ class ModelsResult:
     folder: Path
 
 
-def run_models(cfg: Config, settings: ModelsSettings, log: Callable[[str], None] = print) -> ModelsResult:
+def run_models(cfg: Config, log: Callable[[str], None] = print) -> ModelsResult:
     """Answer, judge and summarise every model on every trait; write JSON, Markdown and a plot.
 
     Args:
         cfg: traits (``cfg.traits``, ``vectors.trait_dir``), generation, judge and statistics settings;
             ``model`` gives precision and accelerator of the local models.
-        settings: the models, questions per trait, endpoint and output folder.
+            ``models``: the models, questions per trait, endpoint and output folder.
         log: where progress lines go.
 
     Returns:
         The data written to ``models.json``, its Markdown rendering and the output folder.
     """
     cfg.model.require_one_process("evaluate-models")
+    settings = ModelsSettings.from_config(cfg)
     setup = prepare_models(cfg, settings)
     # Several models and no single policy model: the offline judge's coherence and trait verdicts
     # need none, and are the embedding judge's (a repetition heuristic; traits n/a).
@@ -600,3 +596,8 @@ def _errors(mean: float, low: float | None, high: float | None) -> tuple[float, 
     if low is None or high is None or math.isnan(mean):
         return 0.0, 0.0
     return mean - low, high - mean
+
+
+def render_run(result: ModelsResult) -> str:
+    """What ``evaluate-models`` prints: the Markdown and where the files went."""
+    return f"{result.markdown}\nwrote {result.folder}/models.json, models.md, models.png"
