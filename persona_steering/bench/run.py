@@ -6,7 +6,6 @@ Expected time at the defaults (P=8, N=10, M=48) on a 2-core CPU: seed-loop ~5 mi
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import platform
 import time
@@ -77,7 +76,7 @@ def _measure(
 ) -> dict[str, Any]:
     """Every measurement of one run, as the JSON-safe result (without the load check)."""
     rt = rt or load_runtime(cfg.model, cfg.cache_dir, cfg.seed)
-    max_batch = settings.max_batch or cfg.generation.max_batch
+    max_batch = cfg.generation.max_batch
     gen = GenerationConfig(
         max_new_tokens=settings.max_new_tokens, temperature=0.0, max_batch=max_batch
     )  # greedy
@@ -111,7 +110,7 @@ def _measure(
         "version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "environment": _environment(rt),
-        "settings": dataclasses.asdict(settings) | extra,
+        "settings": settings.as_dict() | extra,
         "vectors": source,
         "prompt_tokens": prompt_tokens * len(deltas),
         "methods": method_summary(timed),

@@ -84,7 +84,7 @@ def _stage_config(
             cfg.generation,
             max_new_tokens=settings.max_new_tokens,
             temperature=0.0,
-            max_batch=settings.max_batch or cfg.generation.max_batch,
+            max_batch=cfg.generation.max_batch,
         ),
         vectors=dataclasses.replace(
             cfg.vectors, traits=traits, pairs_per_question=1, filter_with_judge=False, out_dir=vectors
