@@ -12,7 +12,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed: pip ins
 pytest.importorskip("uvicorn", reason="the serve extra is not installed: pip install -e '.[serve]'")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the serve extra)")
 
-from test_serve import PERSONAS, TRAITS, Server, serve_config, write_persona  # noqa: E402
+from serve_helpers import PERSONAS, TRAITS, Server, serve_config, write_persona  # noqa: E402
 from tests_helpers import write_fake_vectors  # noqa: E402
 
 from persona_steering.runtime import identify, load_runtime  # noqa: E402
