@@ -41,7 +41,7 @@ from persona_steering.traits import load_prompts
 
 
 def run_bench(cfg: Config, rt: Runtime | None = None, log: Any = print) -> dict[str, Any]:
-    """Measure; write ``bench.json``, ``bench.md`` and ``bench.png`` into ``settings.out_dir``; print.
+    """Measure; write ``bench.json``, ``bench.md`` and ``bench.png`` into ``settings.bench.out_dir``; print.
 
     Args:
         cfg: model, steering (layer, alpha, positions, vectors), traits, prompts file, judge concurrency,
@@ -60,14 +60,14 @@ def run_bench(cfg: Config, rt: Runtime | None = None, log: Any = print) -> dict[
             f"bench --num-prompts {settings.num_prompts}: {cfg.optimize.prompts_file} has {len(prompts)}"
         )
     load_start = os.getloadavg()[0]  # before our own work adds to it
-    with _torch_threads(settings.threads):
+    with _torch_threads(settings.bench.threads):
         result = _measure(cfg, settings, prompts[: settings.num_prompts], rt, log)
     result["environment"]["load_average"] = {"start": load_start, "end": os.getloadavg()[0]}
     result["busy"] = _busy_note(result["environment"])
     table = render.bench_markdown(result)
-    _write_outputs(Path(settings.out_dir), result, table)
+    _write_outputs(Path(settings.bench.out_dir), result, table)
     log(table)
-    log(f"wrote {Path(settings.out_dir) / 'bench.json'}, bench.md, bench.png")
+    log(f"wrote {Path(settings.bench.out_dir) / 'bench.json'}, bench.md, bench.png")
     return result
 
 
@@ -90,12 +90,12 @@ def _measure(
     )
     log(
         f"bench: P={settings.population} candidates x N={len(prompts)} prompts x M={gen.max_new_tokens} "
-        f"tokens, {settings.repeats} repeat(s); the seed-loop is the slow part (~5 min at the defaults "
+        f"tokens, {settings.bench.repeats} repeat(s); the seed-loop is the slow part (~5 min at the defaults "
         "on 2 idle CPU cores)"
     )
     run = Population(rt, gen, prompts, texts, deltas, basis.layer, cfg.steering.positions, cfg.seed)
     run.warm_up()
-    timed = time_methods(run, settings.repeats, log)
+    timed = time_methods(run, settings.bench.repeats, log)
     identical = {m: count_identical(timed["seed-loop"].ids, timed[m].ids) for m in METHODS[1:]}
     extra = {
         "max_batch": gen.max_batch,
@@ -117,9 +117,9 @@ def _measure(
         "identical": {m: {"rows": identical[m], "of": len(run.rows)} for m in METHODS[1:]},
         "float32_recheck": float32_recheck(cfg, run, timed) if rt.model.dtype != torch.float32 else None,
         "extraction": bench_extraction(run, timed["per-row"].ids),
-        "lockstep": bench_lockstep(run, settings.personas),
-        "judge": bench_judge(cfg.judge, settings.verdicts, settings.judge_delay, log),
-        "stages": bench_stages(cfg, rt, settings, log) if settings.stages else None,
+        "lockstep": bench_lockstep(run, settings.bench.personas),
+        "judge": bench_judge(cfg.judge, settings.bench.verdicts, settings.bench.judge_delay, log),
+        "stages": bench_stages(cfg, rt, settings, log) if settings.bench.stages else None,
     }
 
 

@@ -19,7 +19,7 @@ class BenchSettings:
     """What one benchmark run measures: ``cfg.bench`` with P, N and M resolved (quick or default).
 
     Every other option (repeats, out_dir, personas, verdicts, judge_delay, threads, stages) is read
-    from ``cfg.bench`` as it is, through attribute access: one owner, ``config.BenchConfig``.
+    from ``settings.bench`` as it is: one owner, ``config.BenchConfig``.
     """
 
     population: int
@@ -29,11 +29,6 @@ class BenchSettings:
     max_new_tokens: int
     """M: new tokens per answer (greedy)."""
     bench: BenchConfig
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name == "bench":  # copy/pickle probe before bench is set
-            raise AttributeError(name)
-        return getattr(self.bench, name)
 
     def as_dict(self) -> dict[str, Any]:
         """Every option, flat, with P, N and M resolved (what the result records)."""
