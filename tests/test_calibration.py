@@ -20,19 +20,14 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 DATA = "tests/data/judge_calibration"
 PERSONAS = sorted(load_calibration(DATA))
 
-# Measured on 2026-12-03 (offline judge v3, SmolLM2-135M-Instruct): `persona-steering judge-check`.
+# Measured on 2026-12-05 (offline judge v4, SmolLM2-135M-Instruct): `persona-steering judge-check`.
 BELOW_0_9 = {
-    "cheerful_best_friend": 0.845,
-    "corporate_consultant": 0.852,
-    "nostalgic_grandpa": 0.777,
-    "stoic_engineer": 0.889,
+    "cheerful_best_friend": 0.875,
+    "nostalgic_grandpa": 0.889,
 }
 DEGENERATE_ABOVE_UNSTEERED = {
-    "cheerful_best_friend": 2,
-    "corporate_consultant": 1,
-    "dramatic_storyteller": 1,
-    "nostalgic_grandpa": 3,
-    "stoic_engineer": 2,
+    "nostalgic_grandpa": 1,
+    "stoic_engineer": 1,
 }
 
 

@@ -402,6 +402,31 @@ def test_embedding_persona_like_answer_has_more_style(embedding_judge) -> None:
     assert up - 0.5 == pytest.approx(0.5 - down, abs=1e-3)  # tanh is odd
 
 
+def test_relevance_is_retrieval_of_the_asked_question_among_the_pool(embedding_judge) -> None:
+    from persona_steering.judges.embedding import relevance
+
+    pool = (
+        "What should I cook for dinner tonight?",
+        "How do I fix a flat bicycle tyre?",
+        "Can you recommend a good book?",
+        "What is the weather usually like in spring?",
+        "How do I ask my boss for a raise?",
+    )
+
+    def rel(question: str, answer: str) -> float:
+        q = Query("persona_fit", question, answer, baseline="", samples=SAMPLES, questions=pool)
+        return relevance(embedding_judge.embedder, q)[0]
+
+    on_topic = "Pasta with garlic, olive oil and a few tomatoes is quick and makes a good dinner."
+    # The same answer is fully relevant to its own question, and less to every other one: it is
+    # closer to the dinner question than to theirs, so r < 1 for each.
+    assert rel(pool[0], on_topic) == 1.0
+    assert all(rel(q, on_topic) <= 0.5 for q in pool[1:])
+    # Stock persona phrases that point at no question score below the on-topic answer.
+    assert rel(pool[1], SAMPLES[1]) < rel(pool[1], "Take the wheel off, find the hole and patch the tube.")
+    assert rel(pool[0], "   ") == 0.0
+
+
 def test_embedding_loop_has_low_fluency(embedding_judge) -> None:
     loop = "Arr, the sea be calling. " * 8
     [verdict] = embedding_judge.judge([pirate(loop, "I had a quiet day at home.")])

@@ -80,24 +80,33 @@ class Embedder:
 
 
 def relevance(embedder: Embedder, query: Query) -> tuple[float, str]:
-    """Does the answer answer *this* question? In [0, 1], relative to the unsteered answer.
+    """Does the answer answer *this* question? In [0, 1], by retrieval among the prompt pool.
 
-    ``lift(x)`` is the cosine of x's embedding to the asked question minus its mean cosine to every
-    question in ``query.questions`` (the prompt pool): text that is equally close to any prompt, such
-    as a persona's stock phrases or a story that ignores the question, has no lift, however close it
-    is to all of them. Relevance is ``lift(answer) / lift(baseline)``, clipped to [0, 1]: as on topic
-    as the unsteered answer scores 1. Without a pool, the plain cosines to the question are compared.
+    With a pool (``query.questions``): ``r`` is the share of the pool's other questions to which
+    the answer's embedding is less similar than to the question that was asked (ties count half),
+    and relevance is ``max(0, 2r - 1)``. An answer that could only have been written for its own
+    question scores 1; text that fits any prompt equally, such as a persona's stock phrases, a loop
+    of warm words or a story that ignores the question, sits at chance (r ~ 0.5) and scores ~0.
+    It is a rank, so an answer in a voice that shares few words with the question is not marked
+    down for its register, only for pointing at another question.
+
+    Without a pool, the answer's cosine to the question is compared with the unsteered answer's:
+    as close as the baseline or closer scores 1, less scales down to 0.
     """
     if not query.answer.strip():
         return 0.0, "empty answer"
-    pool = list(dict.fromkeys([query.question, *query.questions]))
-    vq = embedder.embed(pool)  # [questions, 384]; row 0 is the asked question
-    va, vb = embedder.embed([query.answer, query.baseline or query.answer])
-    ca, cb = float(va @ vq[0]), float(vb @ vq[0])
-    la = ca - float((vq @ va).mean()) if len(pool) > 1 else ca
-    lb = cb - float((vq @ vb).mean()) if len(pool) > 1 else cb
-    score = 1.0 if la >= lb else max(la, 0.0) / lb if lb > 0 else 0.0
-    return score, f"lift to the question {la:.3f} vs baseline {lb:.3f}"
+    va, vq = embedder.embed([query.answer, query.question])
+    own = float(va @ vq)
+    others = [q for q in dict.fromkeys(query.questions) if q != query.question]
+    if others:
+        sims = embedder.embed(others) @ va  # [others]
+        below = float((sims < own).sum()) + 0.5 * float((sims == own).sum())
+        r = below / len(others)
+        return max(0.0, 2.0 * r - 1.0), f"closer to its question than to {below:g} of {len(others)} others"
+    [vb] = embedder.embed([query.baseline or query.answer])
+    base = float(vb @ vq)
+    score = 1.0 if own >= base else max(own, 0.0) / base if base > 0 else 0.0
+    return score, f"cosine to the question {own:.3f} vs baseline {base:.3f}"
 
 
 class EmbeddingJudge(Judge):
