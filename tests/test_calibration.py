@@ -8,13 +8,11 @@ turns it into a failure that asks for the mark to go.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 
 from persona_steering.cache import Cache
 from persona_steering.calibration import CLASSES, check_persona, load_calibration, pairwise_accuracy
-from persona_steering.config import Config, ModelConfig
+from persona_steering.config import load_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 DATA = "tests/data/judge_calibration"
@@ -52,8 +50,9 @@ def results(embedded_cache) -> dict:
     from persona_steering.judges import build_judge
     from persona_steering.runtime import load_runtime
 
-    cfg = Config()
-    cfg = replace(cfg, cache_dir=str(embedded_cache), model=ModelConfig(accelerator="cpu"))
+    # What `persona-steering judge-check` runs: configs/default.yaml (its repetition penalty
+    # decides the unsteered answers every degenerate one is held against), on the CPU.
+    cfg = load_config("configs/default.yaml", ["model.accelerator=cpu", f"cache_dir={embedded_cache}"])
     rt = load_runtime(cfg.model, cfg.cache_dir)
     judge = build_judge(cfg.judge, rt, cfg.cache_dir)
     with Cache(cfg.cache_dir) as cache:
