@@ -426,7 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate) if handles_signals else None
     try:
         cfg = _config(args)
-        return int(_STAGES[args.command](cfg, args) or 0)
+        code = int(_STAGES[args.command](cfg, args) or 0)
+        _leave_process_group(finished=True)
+        return code
     except (KeyboardInterrupt, Terminated) as exc:
         # The stage has unwound: checkpoints and cache entries are written whole or not at all.
         print(
@@ -440,10 +442,18 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(143 if isinstance(exc, Terminated) else 130)
     except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
+        _leave_process_group(finished=False)
         return 2
     finally:
         if handles_signals:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _leave_process_group(finished: bool) -> None:
+    if "torch" in sys.modules:  # commands that never loaded torch have no process group to leave
+        from persona_steering.distributed import leave_process_group
+
+        leave_process_group(finished)
 
 
 class Terminated(BaseException):

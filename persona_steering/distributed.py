@@ -49,6 +49,19 @@ def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def leave_process_group(finished: bool) -> None:
+    """End a command's process group in step: every rank that finished waits for the others, then
+    all tear gloo/NCCL down before the interpreter exits. Left to the interpreter's exit, a rank
+    whose peer has already closed its sockets can abort in gloo's destructor (SIGABRT, seen on CI)
+    although all the work was done. A rank that failed does not wait: its peers may never arrive."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def shard(n: int, fabric: Fabric | None) -> list[int]:
     """This rank's share of rows ``0..n-1``."""
     return list(range(rank(fabric), n, world_size(fabric)))

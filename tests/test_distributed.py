@@ -44,9 +44,18 @@ def _command(stage: str, overrides: list[str], *extra: str) -> list[str]:
 def _run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
     # cwd: a folder without configs/default.yaml, so the CLI reads only the overrides, as load_config does.
     done = subprocess.run(cmd, cwd=cwd, env=_env() | env, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, _why(done.stderr)
     assert "[rank 0/2]" in done.stderr and "[rank 1/2]" in done.stderr, done.stderr[-3000:]
     return done
+
+
+def _why(stderr: str) -> str:
+    """What the ranks themselves said before failing, then the end: a launcher's own traceback
+    (torchrun, `fabric run`) fills the tail and would hide a rank's abort message."""
+    said = [
+        line for line in stderr.splitlines() if re.search(r"error|terminate|what\(\)|abort|fatal", line, re.I)
+    ]
+    return "\n".join(said[:40]) + "\n...\n" + stderr[-1500:]
 
 
 def _files(folder: Path) -> list[str]:
