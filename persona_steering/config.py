@@ -7,7 +7,7 @@ import math
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +106,10 @@ class GenerationConfig:
     every method and stage equally and is part of every generation's cache key."""
     max_batch: int = 64
     """Rows per forward pass; lower it if memory runs out."""
+    finished_rows_leave: bool = True
+    """A row that has produced its end token leaves the decode batch (its KV cache rows are dropped),
+    so it stops costing compute. Greedy float32 answers are the same either way (tested); false keeps
+    every row to the end, for measuring the saving (``make bench``)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -120,6 +124,12 @@ class GenerationConfig:
             raise ConfigError(f"generation.repetition_penalty must be >= 1, got {self.repetition_penalty}")
         if self.max_batch < 1:
             raise ConfigError(f"generation.max_batch must be >= 1, got {self.max_batch}")
+
+    def outcome(self) -> dict[str, Any]:
+        """The settings that decide an answer, for cache keys and run digests: not ``max_batch`` or
+        ``finished_rows_leave``, which only change how rows share forward passes (in float32 not
+        the tokens; padding numerics in bf16 can, see FACTS.md)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("max_batch", "finished_rows_leave")}
 
 
 @dataclass

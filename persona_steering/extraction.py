@@ -335,7 +335,7 @@ def _inputs_digest(cfg: Config, trait: Trait, fingerprint: str, precision: str) 
             "model": fingerprint,
             "precision": precision,
             "trait": trait.digest(),
-            "generation": asdict(cfg.generation) | {"max_batch": None},
+            "generation": cfg.generation.outcome() | {"max_batch": None},  # None: as before outcome()
             "n_per_question": cfg.vectors.n_per_question,
             "pairs_per_question": cfg.vectors.pairs_per_question,
             "filter": [

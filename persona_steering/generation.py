@@ -7,7 +7,6 @@ depend on which other rows share its batch.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -189,10 +188,9 @@ def _row_key(
     steering: SteeringSpec | None,
     i: int,
 ) -> dict[str, Any]:
-    """Everything that determines a row's answer. max_batch is left out: in float32 it does not
-    change greedy tokens (padding numerics in bf16 can, see docs/FACTS.md); the seed only matters
-    when sampling."""
-    settings = {k: v for k, v in dataclasses.asdict(gen).items() if k != "max_batch"}
+    """Everything that determines a row's answer (``GenerationConfig.outcome``: not how rows share
+    forward passes); the seed only matters when sampling."""
+    settings = gen.outcome()
     return {
         "model": rt.fingerprint,
         "dtype": str(rt.model.dtype),
@@ -229,16 +227,17 @@ def _generate_batch(
     ctx: Any = nullcontext() if steering is None else steering.apply(rt.model, attention_mask=mask)
     out_ids = torch.full((batch, gen.max_new_tokens), pad, dtype=torch.long, device=rt.device)
     lengths = torch.full((batch,), gen.max_new_tokens, dtype=torch.long, device=rt.device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=rt.device)
+    live = torch.arange(batch, device=rt.device)  # the batch row of each row still decoding
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     extra = last_logits_only(rt.model)
+    eos_t = torch.tensor(sorted(eos), device=rt.device)
     # Unless the prefix is steered, the prompt's prefix is computed once per distinct prompt (one per
     # prompt, not per candidate, in a population) and only the last prompt token runs per row, steered.
     past = None
     if ids.shape[1] > 1 and (steering is None or not steering.steers_prefix):
         with rt.autocast():
             past = shared_prefix(rt, ids[:, :-1], mask[:, :-1], position_ids[:, :-1], extra)
-    with ctx, rt.autocast():
+    with ctx as steered, rt.autocast():
         if past is None:
             out = rt.model(
                 input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **extra
@@ -253,34 +252,68 @@ def _generate_batch(
                 **extra,
                 **past,
             )
-        seen = None  # [batch, vocab]: tokens each row has produced, for the repetition penalty
+        cache = kv_cache(rt.model, out)
+        leave = gen.finished_rows_leave and droppable(next(iter(cache.values())))
+        seen = None  # [live rows, vocab]: tokens each row has produced, for the repetition penalty
+        finished = torch.zeros(batch, dtype=torch.bool, device=rt.device)  # [live rows]
         for step in range(gen.max_new_tokens):
-            logits = out.logits[:, -1, :].float()  # [batch, vocab]
+            logits = out.logits[:, -1, :].float()  # [live rows, vocab]
             if gen.repetition_penalty != 1.0:
                 if seen is None:
                     seen = torch.zeros_like(logits, dtype=torch.bool)
                 logits = penalise_repeats(logits, seen, gen.repetition_penalty)
             nxt = _pick(logits, gen, generators)
             if seen is not None:
-                seen[torch.arange(batch, device=seen.device), nxt] = True
-            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
-            out_ids[:, step] = nxt
-            is_eos = torch.isin(nxt, torch.tensor(sorted(eos), device=rt.device)) & ~finished
-            lengths = torch.where(is_eos, torch.full_like(lengths, step), lengths)
-            finished |= is_eos
-            if bool(finished.all()) or step == gen.max_new_tokens - 1:
+                seen[torch.arange(len(live), device=seen.device), nxt] = True
+            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)  # rows that ended feed padding
+            out_ids[live, step] = nxt
+            ended = torch.isin(nxt, eos_t) & ~finished
+            lengths[live[ended]] = step
+            finished |= ended
+            if step == gen.max_new_tokens - 1 or bool(finished.all()):
                 break
-            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=mask.device)], dim=1)
             position_ids = position_ids[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            if leave and bool(ended.any()):
+                # Rows that ended leave the batch and stop costing compute (the server's continuous
+                # batching drops rows the same way, with drop_rows).
+                keep = (~finished).nonzero().squeeze(1)
+                mask = drop_rows(next(iter(cache.values())), mask, keep)
+                live, nxt, position_ids, finished = live[keep], nxt[keep], position_ids[keep], finished[keep]
+                seen = None if seen is None else seen[keep]
+                generators = None if generators is None else [generators[int(k)] for k in keep]
+                if steered is not None:
+                    steered.keep(keep)
             out = rt.model(
                 input_ids=nxt[:, None],
                 attention_mask=mask,
                 position_ids=position_ids,
                 use_cache=True,
                 **extra,
-                **kv_cache(rt.model, out),
+                **cache,
             )
+            cache = kv_cache(rt.model, out)
     return [out_ids[b, : int(lengths[b])].tolist() for b in range(batch)]
+
+
+def droppable(cache: Any) -> bool:
+    """Whether rows can leave this KV cache: a plain growing cache of [rows, heads, len, dim] keys and
+    values per layer (not a static, sliding-window or quantised one)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None) or []
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def drop_rows(cache: Any, mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Keep only rows ``keep`` of a left-padded batch: its KV cache in place (see ``droppable``), and
+    its attention mask [rows, len], returned without the left columns no remaining row attends to."""
+    mask = mask[keep]
+    start = int((mask.sum(0) > 0).nonzero()[0])  # first column some remaining row attends to
+    for layer in cache.layers:
+        layer.keys = layer.keys[keep, :, start:]
+        layer.values = layer.values[keep, :, start:]
+    return mask[:, start:]
 
 
 def shared_prefix(

@@ -528,7 +528,7 @@ def _run_digest(
         {
             "v": RUN_VERSION,
             "model": fingerprint,
-            "generation": asdict(cfg.generation) | {"max_batch": None},
+            "generation": cfg.generation.outcome() | {"max_batch": None},  # None: as before outcome()
             "steering": _steering_key(cfg),
             "judge": {
                 k: v

@@ -19,7 +19,15 @@ from typing import Any
 
 import torch
 
-from persona_steering.generation import eos_ids, kv_cache, last_logits_only, penalise_repeats, shared_prefix
+from persona_steering.generation import (
+    drop_rows,
+    droppable,
+    eos_ids,
+    kv_cache,
+    last_logits_only,
+    penalise_repeats,
+    shared_prefix,
+)
 from persona_steering.runtime import Runtime
 from persona_steering.steering import steer, steers_decode, steers_prefix
 
@@ -350,13 +358,7 @@ class Scheduler:
             self._reset()
             return
         assert self._mask is not None
-        keep = torch.tensor(index, device=self._mask.device)
-        mask = self._mask[keep]
-        start = int((mask.sum(0) > 0).nonzero()[0])  # first column some remaining row attends to
-        self._mask = mask[:, start:]
-        for layer in self._cache.layers:
-            layer.keys = layer.keys[keep, :, start:]
-            layer.values = layer.values[keep, :, start:]
+        self._mask = drop_rows(self._cache, self._mask, torch.tensor(index, device=self._mask.device))
         self.rows = [self.rows[b] for b in index]
         self._next = [self._next[b] for b in index]
 
@@ -388,10 +390,8 @@ def _left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
 
 
 def _check_layout(cache: Any) -> None:
-    from transformers.cache_utils import DynamicLayer
-
-    layers = getattr(cache, "layers", None)
-    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+    if not droppable(cache):
+        layers = getattr(cache, "layers", None)
         kinds = sorted({type(layer).__name__ for layer in layers or []}) or [type(cache).__name__]
         raise CacheLayoutError(
             f"serve batches models whose KV cache is a plain DynamicCache; this model uses {', '.join(kinds)}"

@@ -85,7 +85,7 @@ class SteeringSpec:
 
     def apply(
         self, model: torch.nn.Module, attention_mask: torch.Tensor | None = None
-    ) -> AbstractContextManager[None]:
+    ) -> AbstractContextManager[SteeredRows]:
         """The hook, for one generation call over these rows (see ``steer``)."""
         return steer(model, self.layer, self.deltas, self.positions, attention_mask=attention_mask)
 
@@ -97,7 +97,7 @@ def steer(
     deltas: torch.Tensor,
     positions: str = "response",
     attention_mask: torch.Tensor | None = None,
-) -> Iterator[None]:
+) -> Iterator[SteeredRows]:
     """Within the block, add ``deltas[b]`` to row ``b``'s hidden states at ``layer``.
 
     Args:
@@ -117,25 +117,37 @@ def steer(
             f"steering vectors have shape {tuple(deltas.shape)}, expected [batch, {hidden_size}]: "
             "were they extracted from another model?"
         )
+    rows = SteeredRows(deltas)
     calls = 0
 
     def hook(_module: torch.nn.Module, _args: Any, output: Any) -> Any:
         nonlocal calls
         hidden = untuple(output)  # [batch, seq, hidden]
-        if hidden.shape[0] != deltas.shape[0]:
-            raise LayerError(f"batch has {hidden.shape[0]} rows but {deltas.shape[0]} steering vectors")
+        if hidden.shape[0] != rows.deltas.shape[0]:
+            raise LayerError(f"batch has {hidden.shape[0]} rows but {rows.deltas.shape[0]} steering vectors")
         mask = _position_mask(hidden, positions, attention_mask, prefill=calls == 0)  # [batch, seq, 1]
         calls += 1
-        delta = deltas.to(device=hidden.device, dtype=hidden.dtype)[:, None, :]
+        delta = rows.deltas.to(device=hidden.device, dtype=hidden.dtype)[:, None, :]
         return retuple(output, hidden + mask * delta)
 
     # prepend: run before any other hook on the block (transformers records output_hidden_states
     # with its own forward hooks), so everything downstream, recorders included, sees the steered state.
     handle = blocks[row - 1].register_forward_hook(hook, prepend=True)
     try:
-        yield
+        yield rows
     finally:
         handle.remove()
+
+
+class SteeredRows:
+    """The rows a ``steer`` block is steering; a decoder whose finished rows leave the batch calls
+    ``keep`` with the rows that stay, in the same step as it drops them from its KV cache."""
+
+    def __init__(self, deltas: torch.Tensor) -> None:
+        self.deltas = deltas  # [rows, hidden]
+
+    def keep(self, index: torch.Tensor) -> None:
+        self.deltas = self.deltas[index.to(self.deltas.device)]
 
 
 def _position_mask(

@@ -320,3 +320,42 @@ def test_template_without_system_role_gets_system_text_in_the_user_turn(tiny_rt)
         instructed.prompt.startswith("<|im_start|> user be warm\n\nhello !")
         and plain.prompt != instructed.prompt
     )
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_finished_rows_leave_the_batch_with_the_same_answers(tiny_rt, monkeypatch, temperature):
+    """Rows that produce an end token leave the decode batch (fewer rows per later step), and every
+    answer, steered per row, penalised and sampled or greedy, equals the one decoded with all rows kept."""
+    reqs = [Request(q) for q in QUESTIONS] * 2  # 8 rows, prompts of different lengths (left padding)
+    deltas = torch.randn(8, tiny_rt.hidden_size, generator=torch.Generator().manual_seed(5)) * 3
+    deltas[0] = 0
+    spec = SteeringSpec(2, deltas)
+    keep_all = GenerationConfig(
+        max_new_tokens=12, temperature=temperature, repetition_penalty=1.3, finished_rows_leave=False
+    )
+    first = generate(tiny_rt, reqs, keep_all, steering=spec, seed=1)
+    # Make a token the random model emits mid-answer an end token, so rows end at different steps.
+    ends = {t: {a.ids.index(t) for a in first if t in a.ids} for a in first for t in a.ids}  # first steps
+    end = max(ends, key=lambda t: len(ends[t]))
+    assert len(ends[end]) >= 2, ends  # rows end at two different steps at least
+    eos = sorted({*([tiny_rt.model.generation_config.eos_token_id] or []), end} - {None})
+    monkeypatch.setattr(tiny_rt.model.generation_config, "eos_token_id", eos)
+
+    def decode(gen):
+        rows: list[int] = []
+        hook = decoder_blocks(tiny_rt.model)[0].register_forward_pre_hook(
+            lambda m, a: rows.append(a[0].shape[0])
+        )
+        try:
+            answers = generate(tiny_rt, reqs, gen, steering=spec, seed=1)
+        finally:
+            hook.remove()
+        return [a.ids for a in answers], rows
+
+    kept, kept_rows = decode(keep_all)
+    left, left_rows = decode(GenerationConfig(**{**keep_all.__dict__, "finished_rows_leave": True}))
+    assert left == kept
+    assert sum(1 for ids in kept if len(ids) < 12) >= 2  # some rows did end early
+    assert set(kept_rows[1:]) == {8} and left_rows[1] == 8  # the decode steps: all rows, or fewer
+    assert left_rows[-1] < 8 and sorted(left_rows[1:], reverse=True) == left_rows[1:]
+    assert sum(left_rows) < sum(kept_rows[: len(left_rows)])

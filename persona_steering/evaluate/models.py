@@ -30,7 +30,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -279,7 +279,7 @@ def _index_key(spec: ModelSpec, request: Request, gen: GenerationConfig, seed: i
     """What determines a local answer, known without loading: the same inputs ``generate`` keys on,
     with the tokenizer files standing in for the templated prompt. max_batch is left out as there."""
     assert spec.ident is not None
-    settings = {k: v for k, v in asdict(gen).items() if k != "max_batch"}
+    settings = gen.outcome()
     return {
         "model": spec.ident.fingerprint,
         "precision": spec.ident.precision,
