@@ -78,6 +78,7 @@ def test_bench_cli_writes_outputs_and_methods_agree(tmp_path: Path, overrides: l
         "identical",
         "float32_recheck",
         "extraction",
+        "leave",
         "judge",
     } <= set(result)
     s = result["settings"]
@@ -98,6 +99,11 @@ def test_bench_cli_writes_outputs_and_methods_agree(tmp_path: Path, overrides: l
     lock = result["lockstep"]
     assert lock["personas"] == 4 and lock["prompts"] == 2 and lock["rows"] == 4 * 3 * 2
     assert lock["speedup"] == pytest.approx(lock["alone_s"] / lock["lockstep_s"])
+    leave = result["leave"]  # rows leaving the batch change no token; at most they save steps
+    assert leave["rows"] == 3 * 2 and leave["identical_rows"] == leave["rows"]
+    assert leave["max_new_tokens"] == 6 * 4 and 0 <= leave["row_steps_leave"] <= leave["row_steps_keep"]
+    if leave["ended_early"] == 0:
+        assert leave["row_steps_leave"] == leave["row_steps_keep"] == 6 * (6 * 4 - 1)
     # Stages: cold runs work, a warm re-run makes no forward pass; with the cache warm but the outputs
     # gone, optimize replays everything from the cache and vectors re-reads activations only.
     stages = result["stages"]
@@ -108,7 +114,11 @@ def test_bench_cli_writes_outputs_and_methods_agree(tmp_path: Path, overrides: l
     assert opt["cold_over_warm"] == pytest.approx(opt["cold_s"] / opt["warm_s"])
     table = (out / "bench.md").read_text()
     assert "| per-row (ours) | 1 | 3 | 9 |" in table and "9/9" in table and table in printed
-    assert "| vectors |" in table and "| optimize |" in table
+    assert (
+        "| vectors |" in table
+        and "| optimize |" in table
+        and "finished rows leave the batch (6 rows" in table
+    )
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert not list(out.glob(".*tmp"))
 

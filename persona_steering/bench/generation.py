@@ -317,6 +317,42 @@ def bench_lockstep(run: Population, personas: int) -> dict[str, Any]:
     }
 
 
+LEAVE_TOKENS = 4
+"""The rows-leave measurement decodes LEAVE_TOKENS x M tokens, so that answers end at mixed lengths."""
+
+
+def bench_leave(run: Population) -> dict[str, Any]:
+    """One call over every row with ``finished_rows_leave`` off then on: same tokens, the decode
+    row-steps each computes, and seconds. Answers run to LEAVE_TOKENS x M new tokens, on the first
+    LOCKSTEP_PROMPTS prompts (a minute or two on a CPU), so that some end early and some do not."""
+    m = run.gen.max_new_tokens * LEAVE_TOKENS
+    prompts = run.prompts[:LOCKSTEP_PROMPTS]
+    out: dict[str, Any] = {"rows": len(run.deltas) * len(prompts), "max_new_tokens": m}
+    ids: dict[bool, list[list[int]]] = {}
+    for leave in (False, True):
+        gen = dataclasses.replace(run.gen, max_new_tokens=m, finished_rows_leave=leave)
+        sync(run.rt)
+        started = time.perf_counter()
+        answers = generate_population(run.rt, prompts, gen, run.spec(run.deltas), seed=run.seed)
+        sync(run.rt)
+        out["leave_s" if leave else "keep_s"] = time.perf_counter() - started
+        ids[leave] = [a.ids for cand in answers for a in cand]
+    lengths = [len(x) for x in ids[True]]
+    # A decode step feeds one token per row still in the batch; the prefill is the same either way.
+    steps = [min(n + 1, m) - 1 for n in lengths]  # decode forwards after the prefill, per row
+    chunks = [steps[i : i + run.gen.max_batch] for i in range(0, len(steps), run.gen.max_batch)]
+    out |= {
+        "identical_rows": count_identical(ids[False], ids[True]),
+        "ended_early": sum(n < m for n in lengths),
+        "mean_length": sum(lengths) / len(lengths),
+        "row_steps_keep": sum(len(c) * max(c) for c in chunks),
+        "row_steps_leave": sum(steps),
+    }
+    out["row_steps_saved"] = 1 - out["row_steps_leave"] / max(out["row_steps_keep"], 1)
+    out["speedup"] = out["keep_s"] / out["leave_s"]
+    return out
+
+
 def bench_extraction(run: Population, answers: list[list[int]]) -> dict[str, Any]:
     """The all-layer recording forward over the per-row answers: tokens per second."""
     rows = [

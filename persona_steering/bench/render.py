@@ -55,6 +55,7 @@ def bench_markdown(result: dict[str, Any]) -> str:
         f"one generate per persona {lock['alone_s']:.2f} s, one for all "
         f"{lock['lockstep_s']:.2f} s = {lock['speedup']:.1f}x",
         "",
+        *_leave_lines(result.get("leave")),
         *_stages_lines(result.get("stages")),
         *_table(
             [
@@ -195,3 +196,17 @@ def _plot_stages(ax: Any, stages: dict[str, Any]) -> None:
 def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
     """A Markdown table as lines: the first column (names) left-aligned, the numbers right-aligned."""
     return markdown_table(headers, rows, align="l" + "r" * (len(headers) - 1)).splitlines()
+
+
+def _leave_lines(leave: dict[str, Any] | None) -> list[str]:
+    """Finished rows leaving the batch: row-steps and seconds saved (absent from older results)."""
+    if not leave:
+        return []
+    return [
+        f"finished rows leave the batch ({leave['rows']} rows, up to {leave['max_new_tokens']} tokens, "
+        f"{leave['ended_early']} ended early, mean {leave['mean_length']:.0f} tokens): decode row-steps "
+        f"{leave['row_steps_keep']} kept -> {leave['row_steps_leave']} "
+        f"({100 * leave['row_steps_saved']:.0f}% saved), {leave['keep_s']:.2f} s -> {leave['leave_s']:.2f} s "
+        f"= {leave['speedup']:.2f}x, {leave['identical_rows']}/{leave['rows']} rows identical",
+        "",
+    ]

@@ -22,6 +22,7 @@ from persona_steering.bench.generation import (
     METHODS,
     Population,
     bench_extraction,
+    bench_leave,
     bench_lockstep,
     candidate_basis,
     candidate_weights,
@@ -118,6 +119,7 @@ def _measure(
         "float32_recheck": float32_recheck(cfg, run, timed) if rt.model.dtype != torch.float32 else None,
         "extraction": bench_extraction(run, timed["per-row"].ids),
         "lockstep": bench_lockstep(run, settings.bench.personas),
+        "leave": bench_leave(run),
         "judge": bench_judge(cfg.judge, settings.bench.verdicts, settings.bench.judge_delay, log),
         "stages": bench_stages(cfg, rt, settings, log) if settings.bench.stages else None,
     }
