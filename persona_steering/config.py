@@ -104,8 +104,11 @@ class GenerationConfig:
     """CTRL-style penalty on every token this answer has already produced (1 = off): its logit is
     divided by this when positive and multiplied when negative, greedy or sampled alike. Applies to
     every method and stage equally and is part of every generation's cache key."""
-    max_batch: int = 64
-    """Rows per forward pass; lower it if memory runs out."""
+    max_batch: int | None = None
+    """Rows per forward pass. None = as many as fit half the free memory (the GPU's, or the RAM
+    available on a CPU) at the rows' length, at most 256 (``generation.batch_rows``): on a CPU one
+    decode step costs about the same at 16 rows as at 64, so fewer, fuller batches are faster. A
+    number fixes it (lower it if memory runs out)."""
     finished_rows_leave: bool = True
     """A row that has produced its end token leaves the decode batch (its KV cache rows are dropped),
     so it stops costing compute. Greedy float32 answers are the same either way (tested); false keeps
@@ -122,8 +125,10 @@ class GenerationConfig:
             raise ConfigError(f"generation.top_p must be in (0, 1], got {self.top_p}")
         if not self.repetition_penalty >= 1:
             raise ConfigError(f"generation.repetition_penalty must be >= 1, got {self.repetition_penalty}")
-        if self.max_batch < 1:
-            raise ConfigError(f"generation.max_batch must be >= 1, got {self.max_batch}")
+        if self.max_batch is not None and self.max_batch < 1:
+            raise ConfigError(
+                f"generation.max_batch must be >= 1 (or null: from memory), got {self.max_batch}"
+            )
 
     def outcome(self) -> dict[str, Any]:
         """The settings that decide an answer, for cache keys and run digests: not ``max_batch`` or

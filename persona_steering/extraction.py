@@ -30,7 +30,7 @@ from persona_steering.distributed import (
     rank_log,
     shard,
 )
-from persona_steering.generation import Answer, Request, generate, last_logits_only
+from persona_steering.generation import Answer, Request, batch_rows, generate, last_logits_only
 from persona_steering.layers import decoder_blocks, untuple
 from persona_steering.runtime import Runtime, identify, load_runtime
 from persona_steering.store import load_vectors, save_vectors
@@ -218,7 +218,7 @@ def _filter_pairs(
 
 
 def record_activations(
-    rt: Runtime, rows: list[Pair], max_batch: int, desc: str | None = None
+    rt: Runtime, rows: list[Pair], max_batch: int | None, desc: str | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Per-row summaries at every hidden_states row, from one forward per batch.
 
@@ -240,7 +240,7 @@ def record_activations(
 
 @torch.inference_mode()
 def _record_share(
-    rt: Runtime, rows: list[Pair], max_batch: int, desc: str | None
+    rt: Runtime, rows: list[Pair], max_batch: int | None, desc: str | None
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """({summary: [rows, L+1, hidden]}, [summaries, L+2] float64 token-norm sums per row, then counts)."""
     n_rows = len(decoder_blocks(rt.model)) + 1
@@ -249,9 +249,12 @@ def _record_share(
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].answer_ids))
     pad = rt.tokenizer.pad_token_id or 0
     bar = tqdm(total=len(rows), desc=desc, disable=desc is None, leave=False)
-    for start in range(0, len(order), max_batch):
-        idx = order[start : start + max_batch]
-        prompts = [rt.tokenizer(rows[i].prompt_text, add_special_tokens=False)["input_ids"] for i in idx]
+    prompt_ids = [rt.tokenizer(r.prompt_text, add_special_tokens=False)["input_ids"] for r in rows]
+    longest = max((len(p) + len(r.answer_ids) for p, r in zip(prompt_ids, rows, strict=True)), default=1)
+    per_batch = batch_rows(rt, max_batch, longest)
+    for start in range(0, len(order), per_batch):
+        idx = order[start : start + per_batch]
+        prompts = [prompt_ids[i] for i in idx]
         seqs = [p + list(rows[i].answer_ids) for p, i in zip(prompts, idx, strict=True)]
         width = max(len(s) for s in seqs)
         ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=rt.device)

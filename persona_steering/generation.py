@@ -97,7 +97,7 @@ def generate(
     Args:
         rt: the loaded model.
         requests: what to answer.
-        gen: generation settings (``max_batch`` rows per forward).
+        gen: generation settings (``max_batch`` rows per forward, see ``batch_rows``).
         steering: one vector per request, its layer and positions; an all-zero row is unsteered.
         cache: memo store; a warm call does no model work.
         seed: sampling seed (unused when greedy).
@@ -114,9 +114,17 @@ def generate(
     # With several processes each block of max_batch rows per rank is dealt round-robin, decoded,
     # and gathered back to every rank; rank 0 stores the block, so a kill loses one block at most.
     world, me = world_size(fabric), rank(fabric)
+    per_rank = gen.max_batch
+    if per_rank is None and rows:  # from memory; rank 0's choice, so that every rank deals the same blocks
+        longest = max(
+            len(ids)
+            for ids in rt.tokenizer([texts[i] for _, i in rows], add_special_tokens=False)["input_ids"]
+        )
+        per_rank = on_main(fabric, lambda: batch_rows(rt, None, longest + gen.max_new_tokens))
+    per_rank = per_rank or 1
     bar = tqdm(total=len(rows), desc=desc, disable=desc is None or not rows or me != 0, leave=False)
-    for start in range(0, len(rows), gen.max_batch * world):
-        block = rows[start : start + gen.max_batch * world]
+    for start in range(0, len(rows), per_rank * world):
+        block = rows[start : start + per_rank * world]
         idx = [i for _, i in block[me::world]]
         outs: list[list[int]] = []
         if idx:
@@ -294,6 +302,57 @@ def _generate_batch(
             )
             cache = kv_cache(rt.model, out)
     return [out_ids[b, : int(lengths[b])].tolist() for b in range(batch)]
+
+
+AUTO_MAX_ROWS = 256
+"""The most rows ``batch_rows`` picks: the cache stores a batch whole, so a kill loses one batch at most."""
+MEMORY_FRACTION = 0.5
+"""The share of free memory ``batch_rows`` fills, leaving room for the caller and allocator slack."""
+
+
+def batch_rows(rt: Runtime, max_batch: int | None, tokens: int) -> int:
+    """Rows per forward: ``max_batch`` when set; else as many rows of ``tokens`` tokens (prompt plus
+    new tokens) as fit MEMORY_FRACTION of the free memory, between 1 and AUTO_MAX_ROWS, or 64 where
+    the memory or the model's shape cannot be read."""
+    if max_batch is not None:
+        return max_batch
+    per_row, free = row_bytes(rt, tokens), free_memory(rt.device)
+    if per_row is None or free is None:
+        return 64
+    return max(1, min(AUTO_MAX_ROWS, int(MEMORY_FRACTION * free // per_row)))
+
+
+def row_bytes(rt: Runtime, tokens: int) -> int | None:
+    """Bytes one row of ``tokens`` tokens needs at its peak: its KV cache twice (torch.cat copies it
+    as it grows), one layer's activations and attention scores over the whole row (the prefill),
+    and float32 next-token logits a few times over (penalty, softmax, sort)."""
+    c = getattr(rt.model, "config", None)
+    c = getattr(c, "text_config", None) or c
+    layers, hidden = getattr(c, "num_hidden_layers", None), getattr(c, "hidden_size", None)
+    heads, vocab = getattr(c, "num_attention_heads", None), getattr(c, "vocab_size", None)
+    if not (layers and hidden and heads and vocab):
+        return None
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or hidden // heads
+    inter = getattr(c, "intermediate_size", None) or 4 * hidden
+    elem = rt.model.dtype.itemsize
+    kv = 2 * 2 * layers * kv_heads * head_dim * tokens * elem
+    activations = tokens * (4 * hidden + 3 * inter) * 4 + heads * tokens * tokens * 4
+    return int(kv + activations + 4 * vocab * 4)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Free bytes on a CUDA device, or the RAM the kernel reports available (MemAvailable)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def droppable(cache: Any) -> bool:

@@ -186,7 +186,7 @@ def load_directions(
 
 
 def project_rows(
-    rt: Runtime, rows: list[AnswerRow], directions: dict[tuple[str, int], torch.Tensor], max_batch: int
+    rt: Runtime, rows: list[AnswerRow], directions: dict[tuple[str, int], torch.Tensor], max_batch: int | None
 ) -> dict[str, list[float | None]]:
     """{column: one value per row}; None where a summary has no tokens (an empty answer, a 1-token prompt)."""
     tok = rt.tokenizer

@@ -359,3 +359,41 @@ def test_finished_rows_leave_the_batch_with_the_same_answers(tiny_rt, monkeypatc
     assert set(kept_rows[1:]) == {8} and left_rows[1] == 8  # the decode steps: all rows, or fewer
     assert left_rows[-1] < 8 and sorted(left_rows[1:], reverse=True) == left_rows[1:]
     assert sum(left_rows) < sum(kept_rows[: len(left_rows)])
+
+
+def test_rows_per_batch_come_from_free_memory_when_max_batch_is_null(tiny_rt, monkeypatch):
+    """max_batch null: as many rows as fit half the free memory; the answers do not depend on it."""
+    from persona_steering import generation
+
+    per_row = generation.row_bytes(tiny_rt, 40)
+    assert per_row is not None and generation.row_bytes(tiny_rt, 80) > per_row  # longer rows cost more
+    assert generation.batch_rows(tiny_rt, 5, 40) == 5  # a number is taken as it is
+    monkeypatch.setattr(
+        generation, "free_memory", lambda device: int(3.5 * per_row / generation.MEMORY_FRACTION)
+    )
+    assert generation.batch_rows(tiny_rt, None, 40) == 3
+    monkeypatch.setattr(generation, "free_memory", lambda device: 10**15)
+    assert generation.batch_rows(tiny_rt, None, 40) == generation.AUTO_MAX_ROWS
+    monkeypatch.setattr(generation, "free_memory", lambda device: 0)
+    assert generation.batch_rows(tiny_rt, None, 40) == 1
+    monkeypatch.setattr(generation, "free_memory", lambda device: None)  # unreadable: the old fixed size
+    assert generation.batch_rows(tiny_rt, None, 40) == 64
+
+    reqs = [Request(q) for q in QUESTIONS] * 2
+    fixed = generate(tiny_rt, reqs, GenerationConfig(max_new_tokens=6, max_batch=2))
+    tokens = max(len(_encode(tiny_rt, [chat_text(tiny_rt.tokenizer, r)])[0][0]) for r in reqs) + 6
+    monkeypatch.setattr(
+        generation,
+        "free_memory",
+        lambda device: int(3 * generation.row_bytes(tiny_rt, tokens) / generation.MEMORY_FRACTION),
+    )
+    batches: list[int] = []
+    hook = decoder_blocks(tiny_rt.model)[0].register_forward_pre_hook(
+        lambda m, a: batches.append(a[0].shape[0])
+    )
+    try:
+        auto = generate(tiny_rt, reqs, GenerationConfig(max_new_tokens=6, max_batch=None))
+    finally:
+        hook.remove()
+    assert [a.ids for a in auto] == [a.ids for a in fixed]
+    assert max(batches) == 3  # 8 rows in batches of 3, 3 and 2

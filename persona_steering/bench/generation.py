@@ -117,6 +117,12 @@ class Population:
         return SteeringSpec(self.layer, deltas, self.positions)
 
     @property
+    def batch(self) -> int:
+        """Rows per decode batch (the bench resolves ``max_batch`` before it builds the population)."""
+        assert self.gen.max_batch is not None
+        return self.gen.max_batch
+
+    @property
     def rows(self) -> list[tuple[int, int]]:
         """(candidate, prompt) per row, candidate-major as in ``Objective.answers``."""
         return [(c, p) for c in range(len(self.deltas)) for p in range(len(self.prompts))]
@@ -135,15 +141,15 @@ class Population:
         out: list[list[int]] = []
         for c in range(len(self.deltas)):
             out.extend(self._generate([(c, p) for p in range(n)], self.gen))
-        return out, len(self.deltas), len(self.deltas) * -(-n // self.gen.max_batch)
+        return out, len(self.deltas), len(self.deltas) * -(-n // self.batch)
 
     def per_row(self, rows: Sequence[tuple[int, int]] | None = None) -> tuple[list[list[int]], int, int]:
         """What optimisation does (``generation.generate_population``): every row in one call."""
         if rows is not None:  # a subset (the float32 re-check): same code path, chosen rows
-            return self._generate(rows, self.gen), 1, -(-len(rows) // self.gen.max_batch)
+            return self._generate(rows, self.gen), 1, -(-len(rows) // self.batch)
         answers = generate_population(self.rt, self.prompts, self.gen, self.spec(self.deltas), seed=self.seed)
         ids = [a.ids for cand in answers for a in cand]
-        return ids, 1, -(-len(ids) // self.gen.max_batch)
+        return ids, 1, -(-len(ids) // self.batch)
 
     def _generate(self, rows: Sequence[tuple[int, int]], gen: GenerationConfig) -> list[list[int]]:
         """One uncached ``generation.generate`` call over (candidate, prompt) rows, a vector per row."""
@@ -340,7 +346,7 @@ def bench_leave(run: Population) -> dict[str, Any]:
     lengths = [len(x) for x in ids[True]]
     # A decode step feeds one token per row still in the batch; the prefill is the same either way.
     steps = [min(n + 1, m) - 1 for n in lengths]  # decode forwards after the prefill, per row
-    chunks = [steps[i : i + run.gen.max_batch] for i in range(0, len(steps), run.gen.max_batch)]
+    chunks = [steps[i : i + run.batch] for i in range(0, len(steps), run.batch)]
     out |= {
         "identical_rows": count_identical(ids[False], ids[True]),
         "ended_early": sum(n < m for n in lengths),

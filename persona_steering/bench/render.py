@@ -18,7 +18,7 @@ def bench_markdown(result: dict[str, Any]) -> str:
         f"**persona-steering bench** {result['created']}: {env['model_id']} ({env['dtype']}) on "
         f"{env['device']}, torch {env['torch']}, {env['threads']} threads",
         f"P={s['population']} candidates x N={s['num_prompts']} prompts x M={s['max_new_tokens']} new "
-        f"tokens, greedy, layer {s['layer']}, max_batch {s['max_batch']}, {s['repeats']} repeat(s), "
+        f"tokens, greedy, layer {s['layer']}, max_batch {s['max_batch']}{' (from memory)' if s.get('max_batch_from_memory') else ''}, {s['repeats']} repeat(s), "
         f"no cache; {result['vectors']}",
         *([f"**{result['busy']}**"] if result.get("busy") else []),
         "",

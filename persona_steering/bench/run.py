@@ -36,7 +36,7 @@ from persona_steering.bench.settings import BenchSettings
 from persona_steering.bench.stages import bench_stages
 from persona_steering.cache import atomic_write_json, atomic_write_text, canonical_json
 from persona_steering.config import Config, ConfigError, GenerationConfig
-from persona_steering.generation import Request, chat_text
+from persona_steering.generation import Request, batch_rows, chat_text
 from persona_steering.runtime import Runtime, load_runtime
 from persona_steering.traits import load_prompts
 
@@ -77,11 +77,13 @@ def _measure(
 ) -> dict[str, Any]:
     """Every measurement of one run, as the JSON-safe result (without the load check)."""
     rt = rt or load_runtime(cfg.model, cfg.cache_dir, cfg.seed)
-    max_batch = cfg.generation.max_batch
+    texts = [chat_text(rt.tokenizer, Request(p)) for p in prompts]
+    longest = max(len(rt.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    # Resolved here, so the table says how many rows shared a batch (generate resolves it the same way).
+    max_batch = batch_rows(rt, cfg.generation.max_batch, longest + settings.max_new_tokens)
     gen = GenerationConfig(
         max_new_tokens=settings.max_new_tokens, temperature=0.0, max_batch=max_batch
     )  # greedy
-    texts = [chat_text(rt.tokenizer, Request(p)) for p in prompts]
     basis, source = candidate_basis(cfg, rt, texts)
     weights = candidate_weights(cfg, settings.population, len(basis.traits))  # [P, k]
     deltas = basis.deltas(torch.as_tensor(weights, dtype=torch.float32), cfg.steering.alpha)  # [P, hidden]
@@ -100,6 +102,7 @@ def _measure(
     identical = {m: count_identical(timed["seed-loop"].ids, timed[m].ids) for m in METHODS[1:]}
     extra = {
         "max_batch": gen.max_batch,
+        "max_batch_from_memory": cfg.generation.max_batch is None,
         "layer": basis.layer,
         "alpha": cfg.steering.alpha,
         "positions": cfg.steering.positions,

@@ -132,7 +132,12 @@ def _steered(rt: Runtime, cfg: Config, setup: SweepSetup, layer: int, cache: Cac
 
 
 def projections(
-    rt: Runtime, cache: Cache, answers: list[Answer], layer: int, direction: torch.Tensor, max_batch: int = 32
+    rt: Runtime,
+    cache: Cache,
+    answers: list[Answer],
+    layer: int,
+    direction: torch.Tensor,
+    max_batch: int | None = None,
 ) -> list[float | None]:
     """Each answer's response-averaged activation at ``layer`` (read unsteered) projected on ``direction``.
 
@@ -142,7 +147,7 @@ def projections(
         answers: generated answers (their prompt text and token ids are re-read).
         layer: hidden_states row to read.
         direction: [hidden] unit vector.
-        max_batch: rows per forward pass.
+        max_batch: rows per forward pass (None: from memory, ``generation.batch_rows``).
 
     Returns:
         One projection per answer; None for an empty answer (it has no response tokens).
@@ -156,7 +161,7 @@ def projections_many(
     answers: list[Answer],
     layer: int,
     directions: torch.Tensor,
-    max_batch: int = 32,
+    max_batch: int | None = None,
 ) -> list[list[float | None]]:
     """``projections`` on several directions [k, hidden] at once: [k][answers], one forward per answer."""
     keys = [[_projection_key(rt, a, layer, d) for a in answers] for d in directions]
