@@ -79,6 +79,7 @@ def test_bench_cli_writes_outputs_and_methods_agree(tmp_path: Path, overrides: l
         "float32_recheck",
         "extraction",
         "leave",
+        "compute",
         "judge",
     } <= set(result)
     s = result["settings"]
@@ -102,6 +103,10 @@ def test_bench_cli_writes_outputs_and_methods_agree(tmp_path: Path, overrides: l
     leave = result["leave"]  # rows leaving the batch change no token; at most they save steps
     assert leave["rows"] == 3 * 2 and leave["identical_rows"] == leave["rows"]
     assert leave["max_new_tokens"] == 6 * 4 and 0 <= leave["row_steps_leave"] <= leave["row_steps_keep"]
+    compute = result["compute"]  # the achieved rate is the weights' FLOPs x tokens / per-row seconds
+    per_row = result["methods"]["per-row"]
+    assert compute["achieved_gflops"] == pytest.approx(compute["gflop_per_token"] * per_row["tokens_per_s"])
+    assert compute["fraction_of_peak"] == pytest.approx(compute["achieved_gflops"] / compute["peak_gflops"])
     if leave["ended_early"] == 0:
         assert leave["row_steps_leave"] == leave["row_steps_keep"] == 6 * (6 * 4 - 1)
     # Stages: cold runs work, a warm re-run makes no forward pass; with the cache warm but the outputs

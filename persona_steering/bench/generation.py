@@ -359,6 +359,39 @@ def bench_leave(run: Population) -> dict[str, Any]:
     return out
 
 
+def bench_compute(rt: Runtime, per_row: Timed, size: int = 2048) -> dict[str, Any]:
+    """How close per-row decoding runs to the machine's compute limit: the model's FLOPs per generated
+    token (2 x the weights a token passes through: every matrix but the input embedding, the LM head
+    once; attention scores left out, so the work is a lower bound) times the tokens per-row produced
+    per second, against the FLOP/s of a large square matmul in the model's dtype."""
+    a = torch.randn(size, size, dtype=rt.model.dtype, device=rt.device)
+    b = torch.randn(size, size, dtype=rt.model.dtype, device=rt.device)
+    a @ b  # warm-up: kernel selection
+    sync(rt)
+    times = []
+    for _ in range(5):
+        started = time.perf_counter()
+        a @ b
+        sync(rt)
+        times.append(time.perf_counter() - started)
+    peak = 2 * size**3 / min(times)
+    embed = rt.model.get_input_embeddings().weight
+    head = rt.model.get_output_embeddings()
+    weights = sum(p.numel() for p in rt.model.parameters() if p is not embed)
+    if head is not None and head.weight is embed:  # tied: the head multiplies by the embedding matrix
+        weights += embed.numel()
+    per_token = 2 * weights
+    tokens = sum(len(ids) for ids in per_row.ids)
+    achieved = per_token * tokens / statistics.median(per_row.seconds)
+    return {
+        "matmul_size": size,
+        "peak_gflops": peak / 1e9,
+        "gflop_per_token": per_token / 1e9,
+        "achieved_gflops": achieved / 1e9,
+        "fraction_of_peak": achieved / peak,
+    }
+
+
 def bench_extraction(run: Population, answers: list[list[int]]) -> dict[str, Any]:
     """The all-layer recording forward over the per-row answers: tokens per second."""
     rows = [

@@ -18,7 +18,8 @@ def bench_markdown(result: dict[str, Any]) -> str:
         f"**persona-steering bench** {result['created']}: {env['model_id']} ({env['dtype']}) on "
         f"{env['device']}, torch {env['torch']}, {env['threads']} threads",
         f"P={s['population']} candidates x N={s['num_prompts']} prompts x M={s['max_new_tokens']} new "
-        f"tokens, greedy, layer {s['layer']}, max_batch {s['max_batch']}{' (from memory)' if s.get('max_batch_from_memory') else ''}, {s['repeats']} repeat(s), "
+        f"tokens, greedy, layer {s['layer']}, max_batch {s['max_batch']}{_auto(s)}, "
+        f"{s['repeats']} repeat(s), "
         f"no cache; {result['vectors']}",
         *([f"**{result['busy']}**"] if result.get("busy") else []),
         "",
@@ -56,6 +57,7 @@ def bench_markdown(result: dict[str, Any]) -> str:
         f"{lock['lockstep_s']:.2f} s = {lock['speedup']:.1f}x",
         "",
         *_leave_lines(result.get("leave")),
+        *_compute_lines(result.get("compute")),
         *_stages_lines(result.get("stages")),
         *_table(
             [
@@ -210,3 +212,20 @@ def _leave_lines(leave: dict[str, Any] | None) -> list[str]:
         f"= {leave['speedup']:.2f}x, {leave['identical_rows']}/{leave['rows']} rows identical",
         "",
     ]
+
+
+def _compute_lines(c: dict[str, Any] | None) -> list[str]:
+    """Per-row decoding against the compute limit (absent from older results)."""
+    if not c:
+        return []
+    achieved, per_token = c["achieved_gflops"], c["gflop_per_token"]
+    peak, size = c["peak_gflops"], c["matmul_size"]
+    return [
+        f"compute: per-row decoding does {achieved:.1f} GFLOP/s ({per_token:.2f} GFLOP per token, weights "
+        f"only) against {peak:.1f} GFLOP/s for a {size}^2 matmul: {100 * c['fraction_of_peak']:.0f}% of peak",
+        "",
+    ]
+
+
+def _auto(settings: dict[str, Any]) -> str:
+    return " (from memory)" if settings.get("max_batch_from_memory") else ""

@@ -21,6 +21,7 @@ from persona_steering.bench import render
 from persona_steering.bench.generation import (
     METHODS,
     Population,
+    bench_compute,
     bench_extraction,
     bench_leave,
     bench_lockstep,
@@ -123,6 +124,7 @@ def _measure(
         "extraction": bench_extraction(run, timed["per-row"].ids),
         "lockstep": bench_lockstep(run, settings.bench.personas),
         "leave": bench_leave(run),
+        "compute": bench_compute(rt, timed["per-row"]),
         "judge": bench_judge(cfg.judge, settings.bench.verdicts, settings.bench.judge_delay, log),
         "stages": bench_stages(cfg, rt, settings, log) if settings.bench.stages else None,
     }
