@@ -155,6 +155,10 @@ class VectorsConfig:
     """Filter pairs with the configured judge before computing vectors."""
     out_dir: str = "runs/vectors"
     """Where <model-slug>/<trait>.safetensors are written."""
+    one_pass: bool = True
+    """Record the activations while the answers are generated, not in a second forward over them
+    (answers that come from the cache still get the second pass). The vectors agree within float
+    rounding either way, so it is not part of a vector file's inputs digest."""
 
     def __post_init__(self) -> None:
         if not self.traits:

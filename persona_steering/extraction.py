@@ -9,7 +9,7 @@ would dominate any average) and ``prompt_last`` (the last prompt token).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +23,6 @@ from persona_steering.cache import Cache, digest
 from persona_steering.config import Config, ConfigError
 from persona_steering.distributed import (
     all_reduce_sum,
-    gather_rows,
     main_cache,
     on_main,
     quiet_unless_main,
@@ -31,7 +30,7 @@ from persona_steering.distributed import (
     shard,
 )
 from persona_steering.generation import Answer, Request, batch_rows, generate, last_logits_only
-from persona_steering.layers import decoder_blocks, untuple
+from persona_steering.layers import capture_layers, decoder_blocks
 from persona_steering.runtime import Runtime, identify, load_runtime
 from persona_steering.store import load_vectors, save_vectors
 from persona_steering.traits import Trait, load_traits
@@ -86,17 +85,15 @@ def run_vectors(cfg: Config, rt: Runtime | None = None, log: Any = print) -> lis
         rank_log(rt.fabric, f"extracting {', '.join(names)} from a round-robin share of the rows")
         log(f"extracting {', '.join(names)} into {out_dir}")
         with main_cache(rt.fabric, cfg.cache_dir) as cache:
-            answers = trait_answers(rt, cfg, todo, cache)
+            recorded: dict[Pair, Activations] | None = {} if cfg.vectors.one_pass else None
+            answers = trait_answers(rt, cfg, todo, cache, recorded)
             for trait in todo:
                 started = time.perf_counter()
                 pos, neg = answers[trait.name]
                 kept = _filter_pairs(rt, cfg, trait, pos, neg, cache, log)
-                acts, norms = record_activations(
-                    rt,
-                    [a for a, _ in kept] + [b for _, b in kept],
-                    cfg.generation.max_batch,
-                    desc=f"{trait.name} activations",
-                )
+                rows = [a for a, _ in kept] + [b for _, b in kept]
+                recorded_rows = _activations(rt, rows, recorded or {}, cfg.generation.max_batch, trait.name)
+                acts, norms = recorded_rows.means(), recorded_rows.norm_means()
                 n = len(kept)
                 tensors: dict[str, torch.Tensor] = {}
                 for summary in SUMMARIES:
@@ -149,11 +146,17 @@ class Pair:
 
 
 def trait_answers(
-    rt: Runtime, cfg: Config, traits: list[Trait], cache: Cache | None
+    rt: Runtime,
+    cfg: Config,
+    traits: list[Trait],
+    cache: Cache | None,
+    recorded: dict[Pair, Activations] | None = None,
 ) -> dict[str, tuple[list[Pair], list[Pair]]]:
     """Every pos and neg answer of every trait, in one batched, memoised generate call.
 
-    Under the settings ``vectors`` ran with, every answer is a cache hit: no model work.
+    Under the settings ``vectors`` ran with, every answer is a cache hit: no model work. With
+    ``recorded`` (a dict to fill) each answer generated now has its activations recorded while it is
+    generated, under its Pair; cached answers are not there and need the recording pass.
     """
     plan: list[tuple[str, str, Request, int]] = []  # (trait, pole, request, replicate)
     for trait in traits:
@@ -165,8 +168,10 @@ def trait_answers(
                     plan.append((trait.name, "pos", Request(question, pos), k))
                     plan.append((trait.name, "neg", Request(question, neg), k))
     answers: list[Answer | None] = [None] * len(plan)
+    taps: list[tuple[Recorder, int] | None] = [None] * len(plan)
     for k in range(cfg.vectors.n_per_question):
         idx = [i for i, p in enumerate(plan) if p[3] == k]
+        recorder = None if recorded is None else Recorder(rt, len(idx))
         outs = generate(
             rt,
             [plan[i][2] for i in idx],
@@ -174,15 +179,31 @@ def trait_answers(
             cache=cache,
             seed=cfg.seed * 1000 + k,
             desc="generating answers",
+            record=recorder,
         )
-        for i, a in zip(idx, outs, strict=True):
+        for j, (i, a) in enumerate(zip(idx, outs, strict=True)):
             answers[i] = a
+            taps[i] = None if recorder is None else (recorder, j)
     result: dict[str, tuple[list[Pair], list[Pair]]] = {t.name: ([], []) for t in traits}
-    for (trait_name, pole, req, _), ans in zip(plan, answers, strict=True):
+    for (trait_name, pole, req, _), ans, tap in zip(plan, answers, taps, strict=True):
         assert ans is not None
         pair = Pair(req.user, req.system or "", ans.text, ans.prompt, tuple(ans.ids))
         result[trait_name][0 if pole == "pos" else 1].append(pair)
+        if recorded is not None and tap is not None and bool(tap[0].seen[tap[1]]):
+            recorded[pair] = tap[0].activations_of(tap[1])
     return result
+
+
+def _activations(
+    rt: Runtime, rows: list[Pair], recorded: dict[Pair, Activations], max_batch: int | None, name: str
+) -> Activations:
+    """``rows``' activations: those recorded while generating, and the rest (cached answers) from
+    the recording pass."""
+    missing = [r for r in rows if r not in recorded]
+    if missing:
+        passed = record_rows(rt, missing, max_batch, desc=f"{name} activations")
+        recorded = recorded | {r: passed.select([i]) for i, r in enumerate(missing)}
+    return Activations.cat([recorded[r] for r in rows])
 
 
 def _filter_pairs(
@@ -222,20 +243,142 @@ def record_activations(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Per-row summaries at every hidden_states row, from one forward per batch.
 
-    Each layer is reduced to its summaries inside the hook, on the model's device, so memory holds
-    one layer's states at a time rather than all of them (about 3 GB per batch of 64 on an 8B model).
-    With several processes each records its round-robin share of the rows; the summaries are
-    gathered back in row order and the norm sums added up, so every rank returns the full result.
-
     Returns:
         ({summary: [rows, L+1, hidden]}, {summary: [L+1] mean token norm}).
     """
-    mine = shard(len(rows), rt.fabric)
-    local, sums = _record_share(rt, [rows[i] for i in mine], max_batch, desc if rt.rank == 0 else None)
-    sums = all_reduce_sum(rt.fabric, sums)  # [summaries, L+2]: token-norm sums per layer, then counts
-    out = {s: gather_rows(rt.fabric, local[s], len(rows)) for s in SUMMARIES}
-    norms = {s: (sums[k, :-1] / max(float(sums[k, -1]), 1.0)).float() for k, s in enumerate(SUMMARIES)}
-    return out, norms
+    acts = record_rows(rt, rows, max_batch, desc)
+    return acts.means(), acts.norm_means()
+
+
+def record_rows(rt: Runtime, rows: list[Pair], max_batch: int | None, desc: str | None = None) -> Activations:
+    """The recording pass: prompt + answer of each row in one forward per batch, every layer summed.
+
+    Each layer is reduced to its summaries inside the hook, on the model's device, so memory holds
+    one layer's states at a time rather than all of them (about 3 GB per batch of 64 on an 8B model).
+    With several processes each records its round-robin share of the rows and the sums are added
+    up, so every rank returns the full result.
+    """
+    recorder = Recorder(rt, len(rows))
+    _record_share(rt, recorder, rows, shard(len(rows), rt.fabric), max_batch, desc if rt.rank == 0 else None)
+    recorder.all_reduce(rt.fabric)
+    return recorder.activations()
+
+
+@dataclass
+class Activations:
+    """Rows' activation summaries at every hidden_states row, kept as sums with their token counts so
+    that rows recorded by different passes combine exactly (``cat``, ``select``)."""
+
+    sums: dict[str, torch.Tensor]  # {summary: [rows, L+1, hidden]} sums over the summary's tokens
+    counts: torch.Tensor  # [rows, summaries] tokens summed
+    norms: torch.Tensor  # [rows, summaries, L+1] float64 sums of those tokens' norms
+
+    def means(self) -> dict[str, torch.Tensor]:
+        """{summary: [rows, L+1, hidden]}: each row's mean (zero where it has no such token)."""
+        return {
+            s: self.sums[s] / self.counts[:, k].clamp_min(1).to(self.sums[s].dtype)[:, None, None]
+            for k, s in enumerate(SUMMARIES)
+        }
+
+    def norm_means(self) -> dict[str, torch.Tensor]:
+        """{summary: [L+1]}: the mean token norm over every row's tokens."""
+        total = self.norms.sum(0)  # [summaries, L+1]
+        counts = self.counts.sum(0).clamp_min(1)  # [summaries]
+        return {s: (total[k] / counts[k]).float() for k, s in enumerate(SUMMARIES)}
+
+    def select(self, rows: list[int]) -> Activations:
+        index = torch.tensor(rows, dtype=torch.long)
+        return Activations({s: t[index] for s, t in self.sums.items()}, self.counts[index], self.norms[index])
+
+    @staticmethod
+    def cat(parts: list[Activations]) -> Activations:
+        return Activations(
+            {s: torch.cat([p.sums[s] for p in parts]) for s in SUMMARIES},
+            torch.cat([p.counts for p in parts]),
+            torch.cat([p.norms for p in parts]),
+        )
+
+
+class Recorder:
+    """Sums of each row's activation summaries at every hidden_states row, over whatever forwards
+    report to it. Two kinds do: the recording pass over prompt + answer (``record_rows``) and the
+    decode loop while the answer is generated (``generate(..., record=...)``: the prompt forward, then
+    one token per step). Both say which tokens count through ``observe``, so a summary means the same
+    either way. The sums live on the model's device until ``activations``.
+    """
+
+    def __init__(self, rt: Runtime, n: int) -> None:
+        layers = len(decoder_blocks(rt.model)) + 1
+        dev = rt.device
+        self.acts = Activations(
+            {s: torch.zeros(n, layers, rt.hidden_size, device=dev) for s in SUMMARIES},
+            torch.zeros(n, len(SUMMARIES), dtype=torch.float64, device=dev),
+            torch.zeros(n, len(SUMMARIES), layers, dtype=torch.float64, device=dev),
+        )
+        self.seen = torch.zeros(n, dtype=torch.bool, device=dev)  # rows some forward reported
+        self._rows = torch.zeros(0, dtype=torch.long, device=dev)
+        self._masks: dict[str, torch.Tensor] = {}
+        self._layer = 0
+
+    @contextmanager
+    def hooked(self, model: torch.nn.Module) -> Iterator[Recorder]:
+        """While inside, every forward of ``model`` adds to the rows and tokens ``observe`` named."""
+        with capture_layers(model, self._reduce):
+            yield self
+
+    def observe(self, rows: torch.Tensor, masks: dict[str, torch.Tensor]) -> None:
+        """The next forward: recorder row of each batch row [batch], and for some summaries a
+        [batch, seq] mask of the tokens it adds (seq = the forward's new tokens)."""
+        self._rows = rows.to(self.seen.device)
+        self._masks = {s: m.to(self.seen.device, torch.float32) for s, m in masks.items()}
+        self._layer = 0
+        for s, m in self._masks.items():
+            self.acts.counts[self._rows, SUMMARIES.index(s)] += m.sum(1).double()
+        self.seen[self._rows] = True
+
+    def prompt(self, rows: torch.Tensor, mask: torch.Tensor) -> None:
+        """A forward over whole left-padded prompts ([batch, len] attention mask): ``prompt_avg``
+        leaves the first token out (its activation norm is ~100x the others), ``prompt_last`` is the
+        last column."""
+        first = (mask.cumsum(1) == 1) & (mask == 1)
+        last = torch.zeros_like(mask)
+        last[:, -1] = 1
+        self.observe(rows, {"prompt_avg": mask * ~first, "prompt_last": last})
+
+    def answer(self, rows: torch.Tensor, fed: torch.Tensor) -> None:
+        """A decode step: ``fed`` [batch] says whether the token each row is fed is part of its answer."""
+        self.observe(rows, {"response_avg": fed[:, None]})
+
+    def _reduce(self, hidden: torch.Tensor) -> None:
+        h = hidden.float()  # [batch, seq, hidden]
+        norms = h.norm(dim=-1)  # [batch, seq]
+        for s, m in self._masks.items():
+            k = SUMMARIES.index(s)
+            self.acts.sums[s][self._rows, self._layer] += (m[:, :, None] * h).sum(1)
+            self.acts.norms[self._rows, k, self._layer] += (m * norms).sum(1).double()
+        self._layer += 1
+
+    def all_reduce(self, fabric: Any) -> None:
+        """Every rank's rows on every rank (each row is recorded by one rank, zeros elsewhere)."""
+        for s in SUMMARIES:
+            self.acts.sums[s] = all_reduce_sum(fabric, self.acts.sums[s])
+        self.acts.counts = all_reduce_sum(fabric, self.acts.counts)
+        self.acts.norms = all_reduce_sum(fabric, self.acts.norms)
+        self.seen = all_reduce_sum(fabric, self.seen.long()) > 0
+
+    def activations_of(self, row: int) -> Activations:
+        """One row's recording, on the CPU."""
+        a = self.acts
+        return Activations(
+            {s: t[row : row + 1].cpu() for s, t in a.sums.items()},
+            a.counts[row : row + 1].cpu(),
+            a.norms[row : row + 1].cpu(),
+        )
+
+    def activations(self) -> Activations:
+        """Everything recorded, on the CPU."""
+        a = self.acts
+        return Activations({s: t.cpu() for s, t in a.sums.items()}, a.counts.cpu(), a.norms.cpu())
 
 
 CPU_RECORD_ROWS = 32
@@ -247,56 +390,39 @@ model, float32). So with ``max_batch`` null a CPU records at most this many rows
 
 @torch.inference_mode()
 def _record_share(
-    rt: Runtime, rows: list[Pair], max_batch: int | None, desc: str | None
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """({summary: [rows, L+1, hidden]}, [summaries, L+2] float64 token-norm sums per row, then counts)."""
-    n_rows = len(decoder_blocks(rt.model)) + 1
-    out = {s: torch.zeros(len(rows), n_rows, rt.hidden_size) for s in SUMMARIES}
-    sums = torch.zeros(len(SUMMARIES), n_rows + 1, dtype=torch.float64)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i].answer_ids))
+    rt: Runtime,
+    recorder: Recorder,
+    rows: list[Pair],
+    mine: list[int],
+    max_batch: int | None,
+    desc: str | None,
+) -> None:
+    """Record rows ``mine`` of ``rows`` into ``recorder``, sorted by length, a batch per forward."""
+    order = sorted(mine, key=lambda i: len(rows[i].answer_ids))
     pad = rt.tokenizer.pad_token_id or 0
-    bar = tqdm(total=len(rows), desc=desc, disable=desc is None, leave=False)
-    prompt_ids = [rt.tokenizer(r.prompt_text, add_special_tokens=False)["input_ids"] for r in rows]
-    longest = max((len(p) + len(r.answer_ids) for p, r in zip(prompt_ids, rows, strict=True)), default=1)
+    bar = tqdm(total=len(order), desc=desc, disable=desc is None, leave=False)
+    prompt_ids = {i: rt.tokenizer(rows[i].prompt_text, add_special_tokens=False)["input_ids"] for i in order}
+    longest = max((len(prompt_ids[i]) + len(rows[i].answer_ids) for i in order), default=1)
     per_batch = batch_rows(rt, max_batch, longest)
     if max_batch is None and rt.device.type == "cpu":
         per_batch = min(per_batch, CPU_RECORD_ROWS)
-    for start in range(0, len(order), per_batch):
-        idx = order[start : start + per_batch]
-        prompts = [prompt_ids[i] for i in idx]
-        seqs = [p + list(rows[i].answer_ids) for p, i in zip(prompts, idx, strict=True)]
-        width = max(len(s) for s in seqs)
-        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=rt.device)
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=rt.device)
-        masks = _summary_masks(prompts, seqs, width, rt.device)  # {summary: [batch, seq]}
-        layer_out: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
-
-        def reduce(hidden: torch.Tensor) -> None:
-            h = hidden.float()  # [batch, seq, hidden]
-            norms = h.norm(dim=-1)  # [batch, seq]
-            layer_out.append(
-                {
-                    s: ((m[:, :, None] * h).sum(1) / m.sum(1).clamp_min(1)[:, None], (m * norms).sum())
-                    for s, m in masks.items()
-                }
-            )
-
-        with capture_layers(rt.model, reduce), rt.autocast():
+    with recorder.hooked(rt.model), rt.autocast():
+        for start in range(0, len(order), per_batch):
+            idx = order[start : start + per_batch]
+            prompts = [prompt_ids[i] for i in idx]
+            seqs = [p + list(rows[i].answer_ids) for p, i in zip(prompts, idx, strict=True)]
+            width = max(len(s) for s in seqs)
+            ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=rt.device)
+            mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=rt.device)
+            recorder.observe(torch.tensor(idx), _summary_masks(prompts, seqs, width, rt.device))
             rt.model(
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                 **last_logits_only(rt.model),
             )
-        for layer, summaries in enumerate(layer_out):
-            for s, (means, total) in summaries.items():
-                out[s][idx, layer] = means.cpu()
-                sums[SUMMARIES.index(s), layer] += float(total)
-        for s, m in masks.items():
-            sums[SUMMARIES.index(s), -1] += float(m.sum())
-        bar.update(len(idx))
+            bar.update(len(idx))
     bar.close()
-    return out, sums
 
 
 def _summary_masks(
@@ -311,32 +437,6 @@ def _summary_masks(
         masks["prompt_last"][b, end_prompt - 1] = 1.0
         masks["response_avg"][b, end_prompt:] = 1.0
     return masks
-
-
-@contextmanager
-def capture_layers(
-    model: torch.nn.Module, reduce: Callable[[torch.Tensor], Any] | None = None
-) -> Iterator[list[torch.Tensor]]:
-    """Collect hidden_states rows 0..L (block 0's input, then every block's output) in one forward.
-
-    With ``reduce``, each row is passed to it as soon as it is computed and not kept.
-    """
-    blocks = decoder_blocks(model)
-    states: list[torch.Tensor] = []
-    keep = reduce or states.append
-
-    def pre_hook(_m: torch.nn.Module, args: Any) -> None:
-        if args:
-            keep(args[0])
-
-    handles = [blocks[0].register_forward_pre_hook(pre_hook)]
-    try:
-        for block in blocks:
-            handles.append(block.register_forward_hook(lambda _m, _a, output: keep(untuple(output))))
-        yield states
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _inputs_digest(cfg: Config, trait: Trait, fingerprint: str, precision: str) -> str:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from jinja2 import TemplateError
@@ -40,6 +40,28 @@ class Answer:
     text: str
     ids: list[int]  # generated token ids, without the end-of-turn token
     prompt: str  # the chat-templated prompt text the model saw
+
+
+class Tap(Protocol):
+    """What ``generate`` tells an activation recorder (``extraction.Recorder``) about each forward."""
+
+    def hooked(self, model: torch.nn.Module) -> AbstractContextManager[Any]:
+        """Hooks on ``model`` while generating."""
+        ...
+
+    def prompt(self, rows: torch.Tensor, mask: torch.Tensor) -> None:
+        """Before the forward over whole prompts: the request index of each batch row, and the
+        [batch, len] attention mask of the left-padded prompts."""
+        ...
+
+    def answer(self, rows: torch.Tensor, fed: torch.Tensor) -> None:
+        """Before a decode forward: the request index of each batch row, and [batch] whether the
+        token it is fed belongs to its answer (not an end token or padding)."""
+        ...
+
+    def all_reduce(self, fabric: Any) -> None:
+        """After generating: every rank's rows on every rank."""
+        ...
 
 
 def chat_text(tokenizer: Any, request: Request) -> str:
@@ -91,6 +113,7 @@ def generate(
     cache: Cache | None = None,
     seed: int = 0,
     desc: str | None = None,
+    record: Tap | None = None,
 ) -> list[Answer]:
     """Answers for ``requests`` in order; each row steered by its own ``steering`` row if given.
 
@@ -102,6 +125,9 @@ def generate(
         cache: memo store; a warm call does no model work.
         seed: sampling seed (unused when greedy).
         desc: progress bar label; None hides the bar.
+        record: told about every forward of the rows it generates (indexed like ``requests``), so
+            that their activations are recorded while they are generated, with no second pass. A
+            cached row, or a repeat of a row in the same call, is not generated and not reported.
     """
     if steering is not None and len(steering) != len(requests):
         raise ValueError(f"{len(steering)} steering rows for {len(requests)} requests")
@@ -129,7 +155,8 @@ def generate(
         outs: list[list[int]] = []
         if idx:
             chunk = None if steering is None else steering.rows(idx)
-            outs = _generate_batch(rt, [texts[i] for i in idx], gen, chunk, [keys[i] for i in idx], seed)
+            tap = None if record is None else (record, idx)
+            outs = _generate_batch(rt, [texts[i] for i in idx], gen, chunk, [keys[i] for i in idx], seed, tap)
         for (kd, i), ids in zip(block, gather_objects(fabric, outs, len(block)), strict=True):
             text = rt.tokenizer.decode(ids, skip_special_tokens=True).strip()
             results[kd] = Answer(text=text, ids=ids, prompt=texts[i])
@@ -137,6 +164,8 @@ def generate(
                 cache.set("generation", keys[i], {"text": text, "ids": ids})
         bar.update(len(block))
     bar.close()
+    if record is not None:
+        record.all_reduce(fabric)
     return [results[digest(k)] for k in keys]
 
 
@@ -220,8 +249,13 @@ def _generate_batch(
     steering: SteeringSpec | None,
     keys: list[dict[str, Any]],
     seed: int,
+    tap: tuple[Tap, list[int]] | None = None,
 ) -> list[list[int]]:
-    """A KV-cached decode loop over one left-padded batch; returns generated ids per row."""
+    """A KV-cached decode loop over one left-padded batch; returns generated ids per row.
+
+    With ``tap`` (a recorder and the request index of each row) every forward is reported to it,
+    and the last token of a row cut off at ``max_new_tokens`` is fed once more so that each answer
+    token's activations are computed."""
     tok = rt.tokenizer
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     ids = enc["input_ids"].to(rt.device)  # [batch, prompt_len]
@@ -242,10 +276,15 @@ def _generate_batch(
     # Unless the prefix is steered, the prompt's prefix is computed once per distinct prompt (one per
     # prompt, not per candidate, in a population) and only the last prompt token runs per row, steered.
     past = None
-    if ids.shape[1] > 1 and (steering is None or not steering.steers_prefix):
+    recorder = None if tap is None else tap[0]
+    tap_rows = torch.tensor([] if tap is None else tap[1], dtype=torch.long, device=rt.device)
+    hooks: Any = nullcontext() if recorder is None else recorder.hooked(rt.model)
+    if recorder is not None:  # the recorder sees whole prompts: no shared prefix
+        recorder.prompt(tap_rows, mask)
+    elif ids.shape[1] > 1 and (steering is None or not steering.steers_prefix):
         with rt.autocast():
             past = shared_prefix(rt, ids[:, :-1], mask[:, :-1], position_ids[:, :-1], extra)
-    with ctx as steered, rt.autocast():
+    with ctx as steered, hooks, rt.autocast():
         if past is None:
             out = rt.model(
                 input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **extra
@@ -278,7 +317,8 @@ def _generate_batch(
             ended = torch.isin(nxt, eos_t) & ~finished
             lengths[live[ended]] = step
             finished |= ended
-            if step == gen.max_new_tokens - 1 or bool(finished.all()):
+            cut = step == gen.max_new_tokens - 1
+            if bool(finished.all()) or (cut and recorder is None):
                 break
             position_ids = position_ids[:, -1:] + 1
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -292,6 +332,8 @@ def _generate_batch(
                 generators = None if generators is None else [generators[int(k)] for k in keep]
                 if steered is not None:
                     steered.keep(keep)
+            if recorder is not None:
+                recorder.answer(tap_rows[live], ~finished)
             out = rt.model(
                 input_ids=nxt[:, None],
                 attention_mask=mask,
@@ -300,6 +342,8 @@ def _generate_batch(
                 **extra,
                 **cache,
             )
+            if cut:  # the recorder has seen the cut-off rows' last token
+                break
             cache = kv_cache(rt.model, out)
     return [out_ids[b, : int(lengths[b])].tolist() for b in range(batch)]
 

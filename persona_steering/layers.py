@@ -7,6 +7,8 @@ what vector files store and what steering adds to.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -69,3 +71,29 @@ def retuple(output: Any, hidden: torch.Tensor) -> Any:
     if isinstance(output, torch.Tensor):
         return hidden
     return (hidden, *output[1:]) if isinstance(output, tuple) else [hidden, *output[1:]]
+
+
+@contextmanager
+def capture_layers(
+    model: torch.nn.Module, reduce: Callable[[torch.Tensor], Any] | None = None
+) -> Iterator[list[torch.Tensor]]:
+    """Collect hidden_states rows 0..L (block 0's input, then every block's output) in one forward.
+
+    With ``reduce``, each row is passed to it as soon as it is computed and not kept.
+    """
+    blocks = decoder_blocks(model)
+    states: list[torch.Tensor] = []
+    keep = reduce or states.append
+
+    def pre_hook(_m: torch.nn.Module, args: Any) -> None:
+        if args:
+            keep(args[0])
+
+    handles = [blocks[0].register_forward_pre_hook(pre_hook)]
+    try:
+        for block in blocks:
+            handles.append(block.register_forward_hook(lambda _m, _a, output: keep(untuple(output))))
+        yield states
+    finally:
+        for h in handles:
+            h.remove()

@@ -162,3 +162,81 @@ def test_recording_on_a_cpu_takes_at_most_cpu_record_rows_per_forward(tiny_rt):
         hook.remove()
     for summary in auto:
         torch.testing.assert_close(auto[summary], fixed[summary], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("leave", [True, False])
+def test_activations_recorded_while_generating_equal_the_recording_pass(tiny_rt, monkeypatch, leave):
+    """One pass: the activations a Recorder sums while the answers are decoded (prompt forward,
+    then a token per step; rows leaving the batch or not) equal a second forward over prompt + answer,
+    for rows that ended early and rows cut off at max_new_tokens alike."""
+    from persona_steering import extraction
+    from persona_steering.config import GenerationConfig
+    from persona_steering.generation import Request, generate
+
+    systems = ["be brief", "you are a very formal assistant who writes long letters", ""]
+    reqs = [Request(q, s or None) for q in ("hello !", "what should i cook for dinner ?") for s in systems]
+    gen = GenerationConfig(max_new_tokens=10, repetition_penalty=1.3, finished_rows_leave=leave)
+    first = generate(tiny_rt, reqs, gen)
+    # Make a token the random model emits mid-answer an end token, so rows end at different steps.
+    ends = {t: {a.ids.index(t) for a in first if t in a.ids} for a in first for t in a.ids}
+    end = max(ends, key=lambda t: len(ends[t]))
+    eos = sorted({*([tiny_rt.model.generation_config.eos_token_id] or []), end} - {None})
+    monkeypatch.setattr(tiny_rt.model.generation_config, "eos_token_id", eos)
+
+    recorder = extraction.Recorder(tiny_rt, len(reqs))
+    answers = generate(tiny_rt, reqs, gen, record=recorder)
+    lengths = [len(a.ids) for a in answers]
+    assert min(lengths) < 10 and max(lengths) == 10, lengths  # rows that ended and rows cut off
+    assert len(set(lengths)) >= 2
+    one = recorder.activations()
+    assert recorder.seen.all()
+    rows = [
+        extraction.Pair(r.user, r.system or "", a.text, a.prompt, tuple(a.ids))
+        for r, a in zip(reqs, answers, strict=True)
+    ]
+    two = extraction.record_rows(tiny_rt, rows, None)
+    torch.testing.assert_close(one.counts, two.counts, rtol=0, atol=0)  # the same tokens counted
+    for (s, a), b in zip(one.means().items(), two.means().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=s)
+    for a, b in zip(one.norm_means().values(), two.norm_means().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # A row in the cache is not generated, so the recorder does not claim it.
+    again = extraction.Recorder(tiny_rt, len(reqs))
+    assert generate(tiny_rt, reqs[:1] * 2, gen, record=again)[0] == answers[0]
+    assert again.seen.tolist() == [True] + [False] * (len(reqs) - 1)  # the repeat is not generated twice
+
+
+def test_vectors_from_one_pass_equal_vectors_from_the_recording_pass(tiny_cfg, monkeypatch, tmp_path):
+    """A cold vectors run records while generating and makes no second pass; the same answers from
+    the cache go through the recording pass; the vector files agree within float rounding."""
+    import dataclasses
+
+    from persona_steering import extraction
+
+    real = extraction.record_rows
+    passes: list[int] = []
+    monkeypatch.setattr(
+        extraction,
+        "record_rows",
+        lambda rt, rows, *a, **k: passes.append(len(rows)) or real(rt, rows, *a, **k),
+    )
+    cold = run_vectors(tiny_cfg, log=lambda *_: None)
+    assert passes == []  # every answer was fresh: recorded while generated
+    for r in cold:
+        Path(r.path).rename(tmp_path / f"one-pass-{r.trait}.safetensors")
+    cached = run_vectors(tiny_cfg, log=lambda *_: None)
+    assert passes == [12, 8]  # every answer from the cache: the recording pass, per trait (pos + neg)
+    off = dataclasses.replace(
+        tiny_cfg,
+        cache_dir=str(tmp_path / "cache-off"),
+        vectors=dataclasses.replace(tiny_cfg.vectors, one_pass=False, out_dir=str(tmp_path / "off")),
+    )
+    two_pass = run_vectors(off, log=lambda *_: None)
+    assert passes[2:] == [12, 8]  # cold, one_pass off: generation, then the recording pass
+    for r, o in zip(cached, two_pass, strict=True):
+        one = load_vectors(tmp_path / f"one-pass-{r.trait}.safetensors")
+        for two in (load_vectors(r.path), load_vectors(o.path)):
+            assert one.meta["inputs_digest"] == two.meta["inputs_digest"]
+            assert set(one.tensors) == set(two.tensors)
+            for key in two.tensors:
+                torch.testing.assert_close(one.tensors[key], two.tensors[key], rtol=1e-4, atol=1e-5, msg=key)

@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from persona_steering.config import GenerationConfig
-from persona_steering.extraction import capture_layers
 from persona_steering.generation import Request, chat_text, generate, generate_population
-from persona_steering.layers import LayerError, decoder_blocks, normalize_layer
+from persona_steering.layers import LayerError, capture_layers, decoder_blocks, normalize_layer
 from persona_steering.steering import SteeringSpec, steer
 
 QUESTIONS = ["how was your weekend ?", "what should i cook for dinner ?", "tell me about a trip", "hello !"]

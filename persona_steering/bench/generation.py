@@ -28,9 +28,9 @@ import torch
 
 from persona_steering.basis import TraitBasis, load_basis
 from persona_steering.config import Config, GenerationConfig
-from persona_steering.extraction import Pair, capture_layers, record_activations
+from persona_steering.extraction import Pair, record_activations
 from persona_steering.generation import Request, eos_ids, generate, generate_population
-from persona_steering.layers import normalize_layer
+from persona_steering.layers import capture_layers, normalize_layer
 from persona_steering.runtime import Runtime, load_runtime
 from persona_steering.steering import SteeringSpec
 from persona_steering.store import VectorFileError
