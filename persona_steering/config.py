@@ -109,7 +109,7 @@ class GenerationConfig:
     available on a CPU) at the rows' length, at most 256 (``generation.batch_rows``): on a CPU one
     decode step costs about the same at 16 rows as at 64, so fewer, fuller batches are faster. A
     number fixes it (lower it if memory runs out). Recording activations on a CPU takes at most 32
-    rows per forward (``extraction.CPU_RECORD_ROWS``: there small batches are faster)."""
+    rows per forward (``generation.CPU_WHOLE_ROWS``: there small batches are faster)."""
     finished_rows_leave: bool = True
     """A row that has produced its end token leaves the decode batch (its KV cache rows are dropped),
     so it stops costing compute. Greedy float32 answers are the same either way (tested); false keeps

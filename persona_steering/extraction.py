@@ -381,13 +381,6 @@ class Recorder:
         return Activations({s: t.cpu() for s, t in a.sums.items()}, a.counts.cpu(), a.norms.cpu())
 
 
-CPU_RECORD_ROWS = 32
-"""On a CPU the recording forward (whole rows at once, compute-bound, padded to the longest) is fastest
-in small batches, unlike decoding: 80 rows x ~86 tokens took 10.4-11.2 s in batches of 16, 10.8-11.0 s
-of 32, 11.3-14.0 s of 64 and 12.3-19.1 s in one batch of 80 (three interleaved repeats each, embedded
-model, float32). So with ``max_batch`` null a CPU records at most this many rows per forward."""
-
-
 @torch.inference_mode()
 def _record_share(
     rt: Runtime,
@@ -403,9 +396,7 @@ def _record_share(
     bar = tqdm(total=len(order), desc=desc, disable=desc is None, leave=False)
     prompt_ids = {i: rt.tokenizer(rows[i].prompt_text, add_special_tokens=False)["input_ids"] for i in order}
     longest = max((len(prompt_ids[i]) + len(rows[i].answer_ids) for i in order), default=1)
-    per_batch = batch_rows(rt, max_batch, longest)
-    if max_batch is None and rt.device.type == "cpu":
-        per_batch = min(per_batch, CPU_RECORD_ROWS)
+    per_batch = batch_rows(rt, max_batch, longest, whole_rows=True)
     with recorder.hooked(rt.model), rt.autocast():
         for start in range(0, len(order), per_batch):
             idx = order[start : start + per_batch]

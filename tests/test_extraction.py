@@ -141,10 +141,11 @@ def test_hub_model_fingerprint_is_the_same_before_and_after_its_first_download(
     assert len(calls) >= 2
 
 
-def test_recording_on_a_cpu_takes_at_most_cpu_record_rows_per_forward(tiny_rt):
+def test_recording_on_a_cpu_takes_at_most_cpu_whole_rows_per_forward(tiny_rt):
     """max_batch null: decoding sizes batches from memory, but the CPU recording forward stays small
     (measured faster there); a number is still taken as it is. The means do not depend on it."""
     from persona_steering import extraction
+    from persona_steering.generation import CPU_WHOLE_ROWS
     from persona_steering.layers import decoder_blocks
 
     rows = [extraction.Pair("q", "", "", f"question {i} ?", tuple(range(5, 8 + i % 5))) for i in range(40)]
@@ -154,7 +155,7 @@ def test_recording_on_a_cpu_takes_at_most_cpu_record_rows_per_forward(tiny_rt):
     )
     try:
         auto, _ = extraction.record_activations(tiny_rt, rows, None)
-        assert max(sizes) == extraction.CPU_RECORD_ROWS and sum(sizes) == 40
+        assert max(sizes) == CPU_WHOLE_ROWS and sum(sizes) == 40
         sizes.clear()
         fixed, _ = extraction.record_activations(tiny_rt, rows, 40)
         assert sizes == [40]

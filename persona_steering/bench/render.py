@@ -176,6 +176,19 @@ def _stages_lines(stages: dict[str, Any] | None) -> list[str]:
             rows,
         ),
         "",
+        *_one_pass_line(stages.get("vectors")),
+    ]
+
+
+def _one_pass_line(vec: dict[str, Any] | None) -> list[str]:
+    """Cold vectors recording while generating against a second forward over the answers."""
+    if not vec or "cold_two_pass_s" not in vec:
+        return []
+    return [
+        f"cold vectors, activations recorded while generating: {vec['cold_s']:.2f} s; with a second "
+        f"forward over the answers (vectors.one_pass off): {vec['cold_two_pass_s']:.2f} s "
+        f"({vec['cold_two_pass_forwards']} forwards): one pass is {vec['one_pass_speedup']:.2f}x",
+        "",
     ]
 
 
