@@ -221,6 +221,7 @@ def test_vectors_from_one_pass_equal_vectors_from_the_recording_pass(tiny_cfg, m
         "record_rows",
         lambda rt, rows, *a, **k: passes.append(len(rows)) or real(rt, rows, *a, **k),
     )
+    tiny_cfg = dataclasses.replace(tiny_cfg, vectors=dataclasses.replace(tiny_cfg.vectors, one_pass=True))
     cold = run_vectors(tiny_cfg, log=lambda *_: None)
     assert passes == []  # every answer was fresh: recorded while generated
     for r in cold:
