@@ -205,6 +205,9 @@ class JudgeConfig:
     coherence: bool = False
     """Also score coherence of each steered answer (one more judge call per answer); it is recorded,
     and it changes the optimisation only through optimize.coherence_penalty."""
+    while_generating: bool = True
+    """Judge each block of a population's answers while the next block generates (optimize), when
+    the judge never runs the policy model (embedding, openai). Verdicts are the same either way."""
     calibration_dir: str = "tests/data/judge_calibration"
     """Hand-written answers per persona (in voice, assistant, degenerate) that judge-check scores."""
     check_dir: str = "runs/judge_check"

@@ -8,7 +8,7 @@ depend on which other rows share its batch.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -114,6 +114,7 @@ def generate(
     seed: int = 0,
     desc: str | None = None,
     record: Tap | None = None,
+    on_answers: Callable[[dict[int, Answer]], None] | None = None,
 ) -> list[Answer]:
     """Answers for ``requests`` in order; each row steered by its own ``steering`` row if given.
 
@@ -128,6 +129,9 @@ def generate(
         record: told about every forward of the rows it generates (indexed like ``requests``), so
             that their activations are recorded while they are generated, with no second pass. A
             cached row, or a repeat of a row in the same call, is not generated and not reported.
+        on_answers: called (in this thread, on every rank) with {request index: answer} as answers
+            become known: the cached ones first, then each generated block, every request once. A
+            caller can start work on them (``judge_ahead``) while the next block generates.
     """
     if steering is not None and len(steering) != len(requests):
         raise ValueError(f"{len(steering)} steering rows for {len(requests)} requests")
@@ -136,6 +140,17 @@ def generate(
     fabric = getattr(rt, "fabric", None)
     hits, todo = on_main(fabric, lambda: _lookup(keys, cache))  # rank 0 alone reads the cache
     results = {kd: Answer(text=h["text"], ids=h["ids"], prompt=texts[i]) for kd, (h, i) in hits.items()}
+    requests_of: dict[str, list[int]] = {}  # row digest -> every request it answers
+    for i, key in enumerate(keys):
+        requests_of.setdefault(digest(key), []).append(i)
+
+    def tell(kds: Iterable[str]) -> None:
+        if on_answers is not None:
+            known = {i: results[kd] for kd in kds for i in requests_of[kd]}
+            if known:
+                on_answers(known)
+
+    tell(hits)
     rows = sorted(todo.items(), key=lambda kv: len(texts[kv[1]]))  # similar lengths share a batch
     # With several processes each block of max_batch rows per rank is dealt round-robin, decoded,
     # and gathered back to every rank; rank 0 stores the block, so a kill loses one block at most.
@@ -162,6 +177,7 @@ def generate(
             results[kd] = Answer(text=text, ids=ids, prompt=texts[i])
             if cache is not None and me == 0:
                 cache.set("generation", keys[i], {"text": text, "ids": ids})
+        tell(kd for kd, _ in block)
         bar.update(len(block))
     bar.close()
     if record is not None:
@@ -207,13 +223,24 @@ def generate_population(
     cache: Cache | None = None,
     seed: int = 0,
     desc: str | None = None,
+    on_answers: Callable[[dict[tuple[int, int], Answer]], None] | None = None,
 ) -> list[list[Answer]]:
     """Answers [candidate][prompt] for ``steering``'s rows (one per candidate): every (candidate,
     prompt) row in one ``generate`` call (chunked by ``max_batch``), each row with its candidate's
-    vector. This is how optimisation, evaluation and the benchmark answer a whole population."""
+    vector. This is how optimisation, evaluation and the benchmark answer a whole population.
+    ``on_answers`` gets {(candidate, prompt index): answer} as ``generate``'s does."""
     n = len(prompts)
     rows = [Request(p) for _ in range(len(steering)) for p in prompts]  # candidate-major
-    out = generate(rt, rows, gen, steering=steering.repeat(n), cache=cache, seed=seed, desc=desc)
+    tell = None
+    if on_answers is not None:
+        report = on_answers
+
+        def tell(known: dict[int, Answer]) -> None:
+            report({divmod(i, n): a for i, a in known.items()})
+
+    out = generate(
+        rt, rows, gen, steering=steering.repeat(n), cache=cache, seed=seed, desc=desc, on_answers=tell
+    )
     return [out[c * n : (c + 1) * n] for c in range(len(steering))]
 
 

@@ -48,8 +48,9 @@ from persona_steering.distributed import (
     quiet_unless_main,
     rank_log,
 )
-from persona_steering.generation import Request, generate, generate_population
+from persona_steering.generation import Answer, Request, generate, generate_population
 from persona_steering.judges import Judge, JudgeError, Query, Verdict, build_judge, judge_versions
+from persona_steering.judges.ahead import JudgeAhead
 from persona_steering.persona_axis import NoContrastError, persona_directions
 from persona_steering.record import PersonaFiles, PersonaRecord
 from persona_steering.runtime import Runtime, identify, load_runtime
@@ -116,8 +117,11 @@ class Objective:
         """Steered answers [candidate][prompt] for weights [candidates, k], in one generate call."""
         return self.steered(self.deltas(weights))
 
-    def steered(self, deltas: torch.Tensor) -> list[list[str]]:
-        """Answers [candidate][prompt] steered by ``deltas`` [candidates, hidden] at the basis layer."""
+    def steered(
+        self, deltas: torch.Tensor, on_answers: Callable[[dict[tuple[int, int], Answer]], None] | None = None
+    ) -> list[list[str]]:
+        """Answers [candidate][prompt] steered by ``deltas`` [candidates, hidden] at the basis layer;
+        ``on_answers`` sees each block as it is generated (``generate_population``)."""
         out = generate_population(
             self.rt,
             self.prompts,
@@ -126,13 +130,32 @@ class Objective:
             cache=self.cache,
             seed=self.cfg.seed,
             desc="steered answers",
+            on_answers=on_answers,
         )
         return [[a.text for a in cand] for cand in out]
 
     def score(self, weights: np.ndarray) -> tuple[list[Scored], list[list[str]]]:
         """Steer, generate and judge a population of weight vectors [candidates, k]."""
-        texts = self.answers(weights)
+        with JudgeAhead(self.cache, self.judges_ahead()) as ahead:
+            on_answers = _judging_ahead(ahead, [(self, range(len(weights)))])
+            texts = self.steered(self.deltas(weights), on_answers)
         return self.within_budget(self.judge_texts(texts), weights), texts
+
+    def judges_ahead(self) -> bool:
+        """Whether answers are judged while the next block generates (``judge.while_generating``, a
+        judge that never runs the policy model, and a cache to leave the verdicts in). If so, what
+        ``fit`` and ``baselines`` need is generated now: unsteered, never inside a steered generation."""
+        if not self.cfg.judge.while_generating or self.cache is None or self.judge.uses_policy_model:
+            return False
+        _ = self.fit, self.baselines
+        return True
+
+    def row_queries(self, p: int, answer: str) -> list[Query]:
+        """The judge queries of one steered answer to prompt ``p``: its fit, and coherence if asked."""
+        queries = [self.fit.query(self.prompts[p], answer, self.baselines[p])]
+        if self.cfg.judge.coherence:
+            queries.append(Query("coherence", self.prompts[p], answer))
+        return queries
 
     def within_budget(self, scored: list[Scored], weights: np.ndarray) -> list[Scored]:
         """``scored`` with optimize.norm_penalty per alpha unit of steering norm beyond optimize.max_norm."""
@@ -148,12 +171,7 @@ class Objective:
 
     def judge_texts(self, texts: list[list[str]]) -> list[Scored]:
         """Persona fit (and coherence) of steered answers [candidate][prompt]."""
-        queries = []
-        for cand in texts:
-            for prompt, base, ans in zip(self.prompts, self.baselines, cand, strict=True):
-                queries.append(self.fit.query(prompt, ans, base))
-                if self.cfg.judge.coherence:
-                    queries.append(Query("coherence", prompt, ans))
+        queries = [q for cand in texts for p, ans in enumerate(cand) for q in self.row_queries(p, ans)]
         # Judged once, on rank 0; every rank gets the verdicts and so tells CMA-ES the same scores.
         verdicts = on_main(self.rt.fabric, lambda: self._every_verdict(queries))
         per = 2 if self.cfg.judge.coherence else 1
@@ -319,7 +337,10 @@ def _iterate(runs: list[_Run], max_iterations: int, log: Any) -> None:
     while active := [r for r in runs if r.state and r.state["iteration"] < max_iterations]:
         started = time.perf_counter()
         candidates = [_ask(r) for r in active]  # [popsize, k] each
-        texts = _answers_together(active, candidates)
+        objectives = [r.objective for r in active if r.objective is not None]
+        # One background judge for every run: the runs share one judge (and one endpoint's limits).
+        with JudgeAhead(objectives[0].cache, all(o.judges_ahead() for o in objectives)) as ahead:
+            texts = _answers_together(active, candidates, ahead)
         for run, cands, answers in zip(active, candidates, texts, strict=True):
             assert run.objective is not None
             scored = run.objective.within_budget(run.objective.judge_texts(answers), cands)
@@ -376,17 +397,40 @@ def _ask(run: _Run) -> np.ndarray:
     return ask(run.state)
 
 
-def _answers_together(runs: list[_Run], candidates: list[np.ndarray]) -> list[list[list[str]]]:
-    """Every run's steered answers from one generate call (runs share model, prompts and layer)."""
-    first = runs[0].objective
-    assert first is not None
-    deltas = [r.objective.deltas(c) for r, c in zip(runs, candidates, strict=True)]  # type: ignore[union-attr]
-    texts = first.steered(torch.cat(deltas))
+def _answers_together(
+    runs: list[_Run], candidates: list[np.ndarray], ahead: JudgeAhead
+) -> list[list[list[str]]]:
+    """Every run's steered answers from one generate call (runs share model, prompts and layer),
+    each block judged by ``ahead`` while the next one generates."""
+    objectives = [r.objective for r in runs if r.objective is not None]
+    deltas = [o.deltas(c) for o, c in zip(objectives, candidates, strict=True)]
+    owners, start = [], 0
+    for objective, cands in zip(objectives, candidates, strict=True):
+        owners.append((objective, range(start, start + len(cands))))
+        start += len(cands)
+    texts = objectives[0].steered(torch.cat(deltas), _judging_ahead(ahead, owners))
     out, start = [], 0
     for cands in candidates:
         out.append(texts[start : start + len(cands)])
         start += len(cands)
     return out
+
+
+def _judging_ahead(
+    ahead: JudgeAhead, owners: list[tuple[Objective, range]]
+) -> Callable[[dict[tuple[int, int], Answer]], None] | None:
+    """``on_answers`` handing each block's answers to ``ahead`` with the queries of the objective
+    whose candidates (rows ``range`` of the population) they answer; None when it is off."""
+    if not ahead.enabled:
+        return None
+
+    def on_answers(known: dict[tuple[int, int], Answer]) -> None:
+        for objective, rows in owners:
+            mine = sorted((cp, a.text) for cp, a in known.items() if cp[0] in rows)
+            queries = [q for (_, p), text in mine for q in objective.row_queries(p, text)]
+            ahead.submit(objective.judge, queries)
+
+    return on_answers
 
 
 def _tell(
@@ -540,6 +584,7 @@ def _run_digest(
                     "max_attempts",
                     "max_retry_seconds",
                     "max_consecutive_failures",
+                    "while_generating",
                     "calibration_dir",
                     "check_dir",
                 )

@@ -120,6 +120,12 @@ def test_bench_cli_writes_outputs_and_methods_agree(tmp_path: Path, overrides: l
     # Cold two-pass (the default) makes the generation's forwards and the recording pass's too.
     assert vec["cold_forwards"] >= vec["cold_one_pass_forwards"] + vec["cache_warm_forwards"]
     assert vec["one_pass_speedup"] == pytest.approx(vec["cold_s"] / vec["cold_one_pass_s"])
+    ahead = stages["judge_ahead"]  # one population (3 candidates x 3 prompts) judged two ways, two judges
+    assert (ahead["rows"], ahead["blocks"]) == (9, 4)
+    for name in ("embedding", "openai"):
+        r = ahead[name]
+        assert r["after_s"] > 0 and r["while_generating_s"] > 0 and r["same_fits"] is True
+        assert r["saved_s"] == pytest.approx(r["after_s"] - r["while_generating_s"])
     table = (out / "bench.md").read_text()
     assert "| per-row (ours) | 1 | 3 | 9 |" in table and "9/9" in table and table in printed
     assert (
@@ -127,6 +133,8 @@ def test_bench_cli_writes_outputs_and_methods_agree(tmp_path: Path, overrides: l
         and "| optimize |" in table
         and "finished rows leave the batch (6 rows" in table
         and "cold vectors, activations recorded while generating" in table
+        and "judge while generating" in table
+        and "| openai |" in table
     )
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert not list(out.glob(".*tmp"))

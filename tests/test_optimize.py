@@ -323,3 +323,68 @@ def _slug(cfg):
     from persona_steering.runtime import identify
 
     return identify(cfg.model).slug
+
+
+def test_judging_while_generating_is_the_same_run_judged_off_the_main_thread(project, monkeypatch):
+    import threading
+
+    from persona_steering.judges.embedding import EmbeddingJudge
+
+    tmp_path, overrides = project
+    base = overrides + ["optimize.max_iterations=2", "generation.max_batch=2"]  # 8 blocks a population
+    threads: list[str] = []
+    real = EmbeddingJudge._judge
+
+    def spy(self, queries):
+        threads.append(threading.current_thread().name)
+        return real(self, queries)
+
+    monkeypatch.setattr(EmbeddingJudge, "_judge", spy)
+    runs = {}
+    for ahead in (False, True):
+        cfg = load_config(
+            None,
+            base
+            + [
+                f"judge.while_generating={str(ahead).lower()}",
+                f"optimize.save_dir={tmp_path / f'ahead-{ahead}'}",
+                f"cache_dir={tmp_path / f'cache-{ahead}'}",  # nothing judged for one run helps the other
+            ],
+        )
+        threads.clear()
+        runs[ahead] = run_optimize(cfg, log=lambda *_: None)
+        if ahead:
+            # Every verdict was computed in the background, block by block (more calls than
+            # populations), and the main thread's judge calls all found them in the cache.
+            assert threads and all(t.startswith("judge-ahead") for t in threads)
+            assert len(threads) > 2 + 2
+        else:
+            assert threads and all(t == threading.main_thread().name for t in threads)
+    assert_same_run(runs[True], runs[False])
+
+
+def test_judges_that_run_the_policy_model_never_judge_ahead_and_a_dead_judge_still_fails(tmp_path):
+    from persona_steering.judges import Judge, JudgeError, Query
+    from persona_steering.judges.ahead import JudgeAhead
+    from persona_steering.judges.embedding import EmbeddingJudge
+    from persona_steering.judges.local import LocalJudge
+    from persona_steering.judges.offline import OfflineJudge
+    from persona_steering.judges.openai import OpenAIJudge
+
+    class Dead(Judge):
+        backend = "dead"
+
+        def identity(self):
+            return {"dead": 1}
+
+        def _judge(self, queries):
+            raise JudgeError("the endpoint is gone")
+
+    with Cache(tmp_path) as cache:
+        ahead = JudgeAhead(cache, enabled=True)
+        judges = (OfflineJudge, LocalJudge, EmbeddingJudge, OpenAIJudge, Dead)
+        assert [ahead.accepts(j) for j in judges] == [False, False, True, True, True]
+        assert not JudgeAhead(cache, enabled=False).accepts(Dead())
+        with pytest.raises(JudgeError, match="the endpoint is gone"), ahead:
+            ahead.submit(Dead(), [Query("coherence", "q", "a")])
+    assert not JudgeAhead(None, enabled=True).enabled  # what judging ahead leaves is the warm cache

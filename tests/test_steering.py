@@ -396,3 +396,34 @@ def test_rows_per_batch_come_from_free_memory_when_max_batch_is_null(tiny_rt, mo
         hook.remove()
     assert [a.ids for a in auto] == [a.ids for a in fixed]
     assert max(batches) == 3  # 8 rows in batches of 3, 3 and 2
+
+
+def test_on_answers_reports_every_request_once_cached_ones_first(tiny_rt, tmp_path):
+    from persona_steering.cache import Cache
+
+    reqs = [Request(q) for q in QUESTIONS] + [Request(QUESTIONS[0])]  # a repeat shares its row
+    gen = GenerationConfig(max_new_tokens=6, max_batch=1)
+    with Cache(tmp_path) as cache:
+        generate(tiny_rt, reqs[:2], gen, cache=cache)  # the first two are cached now
+        told: list[dict] = []
+        out = generate(tiny_rt, reqs, gen, cache=cache, on_answers=told.append)
+    assert sorted(told[0]) == [0, 1, len(reqs) - 1]  # cached rows (and the repeat) before any block
+    assert len(told) == 1 + 2  # then block by block: two rows to generate, one a block
+    indices = [i for block in told for i in block]
+    assert sorted(indices) == list(range(len(reqs)))  # every request exactly once
+    assert all(block[i] == out[i] for block in told for i in block)
+
+
+def test_population_on_answers_names_candidate_and_prompt(tiny_rt):
+    deltas = torch.zeros(3, tiny_rt.model.config.hidden_size)
+    deltas[1, 0] = 5.0
+    told: dict = {}
+    out = generate_population(
+        tiny_rt,
+        QUESTIONS[:2],
+        GenerationConfig(max_new_tokens=6, max_batch=2),
+        SteeringSpec(1, deltas, "response"),
+        on_answers=told.update,
+    )
+    assert sorted(told) == [(c, p) for c in range(3) for p in range(2)]
+    assert all(told[c, p] == out[c][p] for c, p in told)

@@ -177,6 +177,33 @@ def _stages_lines(stages: dict[str, Any] | None) -> list[str]:
         ),
         "",
         *_one_pass_line(stages.get("vectors")),
+        *_ahead_lines(stages.get("judge_ahead")),
+    ]
+
+
+def _ahead_lines(ahead: dict[str, Any] | None) -> list[str]:
+    """One population steered and judged, the verdicts after against while the next block decodes."""
+    if not ahead:
+        return []
+    rows = [
+        [
+            name,
+            f"{ahead[name]['after_s']:.2f}",
+            f"{ahead[name]['while_generating_s']:.2f}",
+            f"{ahead[name]['saved_s']:+.2f}",
+            f"{ahead[name]['speedup']:.2f}x",
+            "yes" if ahead[name]["same_fits"] else "NO",
+        ]
+        for name in ("embedding", "openai")
+        if name in ahead
+    ]
+    return [
+        f"judge while generating (judge.while_generating): one population of {ahead['rows']} rows in "
+        f"{ahead['blocks']} blocks, steered and judged cold; openai is the local fake server replying "
+        f"after {ahead['delay_s'] * 1000:.0f} ms",
+        "",
+        *_table(["judge", "judged after s", "while generating s", "saved s", "speedup", "same fits"], rows),
+        "",
     ]
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from persona_steering.bench.ahead import bench_ahead
 from persona_steering.bench.generation import sync
 from persona_steering.bench.settings import BenchSettings
 from persona_steering.config import Config, JudgeConfig
@@ -69,7 +70,13 @@ def bench_stages(cfg: Config, rt: Runtime, settings: BenchSettings, log: Any = p
         vec = out["vectors"]
         vec |= {"cold_one_pass_s": seconds, "cold_one_pass_forwards": forwards}
         vec["one_pass_speedup"] = vec["cold_s"] / max(seconds, 1e-9)
+        if "optimize" in stages:  # its cache holds the persona's fit context: one population, judged two ways
+            ahead_cfg = dataclasses.replace(
+                stage_cfg, optimize=dataclasses.replace(stage_cfg.optimize, num_prompts=settings.num_prompts)
+            )
+            out["judge_ahead"] = bench_ahead(ahead_cfg, rt, Path(scratch), settings.bench.judge_delay, log)
     out.setdefault("optimize", None)
+    out.setdefault("judge_ahead", None)
     return out
 
 

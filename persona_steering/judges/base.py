@@ -231,6 +231,8 @@ class Judge(ABC):
     backend: str = "base"
     kinds: frozenset[str] = frozenset(SCALES)
     """Judgement kinds this backend can score; others always come back as no verdict."""
+    uses_policy_model: bool = False
+    """Whether verdicts run the policy model (then never while it generates steered: ``JudgeAhead``)."""
 
     @abstractmethod
     def identity(self) -> dict[str, Any]:

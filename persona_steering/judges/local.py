@@ -36,6 +36,7 @@ class LocalJudge(Judge):
     """Judges with the model in ``runtime``, ``batch_size`` queries per pair of forward passes."""
 
     backend = "local"
+    uses_policy_model = True  # it may be the policy model itself (judge.model: same)
 
     def __init__(self, runtime: Runtime, batch_size: int = 8) -> None:
         """Wrap a loaded runtime; the model is put in eval mode.

@@ -70,6 +70,7 @@ class OfflineJudge(Judge):
     """Three-part persona fit: a learned style classifier, relevance, and the policy model's fluency."""
 
     backend = "offline"
+    uses_policy_model = True  # fluency is the policy model's own log-probability
     kinds = frozenset({"persona_fit", "coherence"})
 
     def __init__(self, runtime: Runtime, embedder: Embedder | None = None, batch_size: int = 16) -> None:
