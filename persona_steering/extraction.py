@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from persona_steering import __version__
-from persona_steering.cache import Cache, digest
+from persona_steering.cache import Cache, digest, exclusive_lock, remove_stale_temps
 from persona_steering.config import Config, ConfigError
 from persona_steering.distributed import (
     all_reduce_sum,
@@ -84,7 +84,7 @@ def run_vectors(cfg: Config, rt: Runtime | None = None, log: Any = print) -> lis
         log = quiet_unless_main(rt.fabric, log)
         rank_log(rt.fabric, f"extracting {', '.join(names)} from a round-robin share of the rows")
         log(f"extracting {', '.join(names)} into {out_dir}")
-        with main_cache(rt.fabric, cfg.cache_dir) as cache:
+        with _writing(rt, out_dir, todo), main_cache(rt.fabric, cfg.cache_dir) as cache:
             recorded: dict[Pair, Activations] | None = {} if cfg.vectors.one_pass else None
             answers = trait_answers(rt, cfg, todo, cache, recorded)
             for trait in todo:
@@ -204,6 +204,19 @@ def _activations(
         passed = record_rows(rt, missing, max_batch, desc=f"{name} activations")
         recorded = recorded | {r: passed.select([i]) for i, r in enumerate(missing)}
     return Activations.cat([recorded[r] for r in rows])
+
+
+@contextmanager
+def _writing(rt: Runtime, out_dir: Path, traits: list[Trait]) -> Iterator[None]:
+    """Rank 0 holds ``out_dir``'s lock while it extracts (a second vectors run into the same folder
+    stops at once) and first removes the temp files a killed run left beside the vector files."""
+    if rt.rank != 0:
+        yield
+        return
+    with exclusive_lock(out_dir / ".lock", f"vectors into {out_dir}"):
+        for trait in traits:
+            remove_stale_temps(out_dir / f"{trait.name}.safetensors")
+        yield
 
 
 def _filter_pairs(

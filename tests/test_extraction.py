@@ -87,6 +87,22 @@ def test_deleted_file_regenerates_from_cache_without_generation(tiny_cfg, monkey
     torch.testing.assert_close(load_vectors(again[0].path).tensors["mean_diff.response_avg"], before)
 
 
+def test_a_killed_runs_temp_files_go_and_a_second_run_into_the_folder_stops(tiny_cfg):
+    from persona_steering.cache import LockedError, exclusive_lock
+
+    first = run_vectors(tiny_cfg, log=lambda *_: None)
+    path = Path(first[0].path)
+    stale = path.parent / f".{path.name}.k1ll3d.tmp"  # what a kill between write and rename leaves
+    stale.write_bytes(b"half a file")
+    path.unlink()
+    with exclusive_lock(path.parent / ".lock", "a vectors run"):  # another run is writing here
+        with pytest.raises(LockedError, match="already running"):
+            run_vectors(tiny_cfg, log=lambda *_: None)
+    assert stale.exists() and not path.exists()  # the refused run touched nothing
+    again = run_vectors(tiny_cfg, log=lambda *_: None)
+    assert not again[0].skipped and path.exists() and not stale.exists()
+
+
 def test_another_model_gets_its_own_folder(tiny_cfg, tiny_model_dir, tmp_path):
     from tests_helpers import perturbed_copy
 
