@@ -84,9 +84,7 @@ def bench_ahead(cfg: Config, rt: Runtime, scratch: Path, delay: float, log: Any 
                 label = "while_generating" if ahead else "after"
                 out.setdefault(name, {})[f"{label}_s"] = seconds
                 out[name][f"{label}_fits"] = [s.fit for s in scored]
-                log(
-                    f"  judge {name:<9} {label:<16}: {seconds:7.2f} s, {rows} rows in {AHEAD_BLOCKS} blocks"
-                )
+                log(f"  judge {name:<9} {label:<16}: {seconds:7.2f} s, {rows} rows in {AHEAD_BLOCKS} blocks")
             r = out[name]
             r["same_fits"] = r.pop("after_fits") == r.pop("while_generating_fits")
             r["saved_s"] = r["after_s"] - r["while_generating_s"]
