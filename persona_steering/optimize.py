@@ -113,10 +113,6 @@ class Objective:
         w = torch.as_tensor(np.asarray(weights, dtype=np.float64), dtype=torch.float32)
         return self.basis.deltas(w, self.cfg.steering.alpha)
 
-    def answers(self, weights: np.ndarray) -> list[list[str]]:
-        """Steered answers [candidate][prompt] for weights [candidates, k], in one generate call."""
-        return self.steered(self.deltas(weights))
-
     def steered(
         self, deltas: torch.Tensor, on_answers: Callable[[dict[tuple[int, int], Answer]], None] | None = None
     ) -> list[list[str]]:
