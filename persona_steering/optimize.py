@@ -141,8 +141,11 @@ class Objective:
         """Whether answers are judged while the next block generates (``judge.while_generating``, a
         judge that never runs the policy model, and a cache to leave the verdicts in). If so, what
         ``fit`` and ``baselines`` need is generated now: unsteered, never inside a steered generation."""
-        if not self.cfg.judge.while_generating or self.cache is None or self.judge.uses_policy_model:
+        mode = self.cfg.judge.while_generating
+        if mode == "never" or self.cache is None or self.judge.uses_policy_model:
             return False
+        if mode == "auto" and self.judge.computes_on_cpu and self.rt.device.type == "cpu":
+            return False  # it would compete with generation for the same cores
         _ = self.fit, self.baselines
         return True
 
@@ -603,7 +606,7 @@ def _run_digest(
 
 def _steering_key(cfg: Config) -> dict[str, Any]:
     """The steering section as the run digest sees it: where vectors live does not matter, and the
-    default basis is left out so that runs made before steering.basis existed still resume."""
+    traits basis is left out so that runs made before steering.basis existed still resume."""
     data = asdict(cfg.steering) | {"trait_vector_dir": None}
     if data["basis"] == "traits":
         del data["basis"]

@@ -346,7 +346,7 @@ def test_judging_while_generating_is_the_same_run_judged_off_the_main_thread(pro
             None,
             base
             + [
-                f"judge.while_generating={str(ahead).lower()}",
+                f"judge.while_generating={'always' if ahead else 'auto'}",  # auto: not on a CPU
                 f"optimize.save_dir={tmp_path / f'ahead-{ahead}'}",
                 f"cache_dir={tmp_path / f'cache-{ahead}'}",  # nothing judged for one run helps the other
             ],

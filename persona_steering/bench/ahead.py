@@ -30,9 +30,9 @@ lockstep on this CPU (640 rows, at most 256 a block), where a block's verdicts c
 def bench_ahead(cfg: Config, rt: Runtime, scratch: Path, delay: float, log: Any = print) -> dict[str, Any]:
     """Seconds to steer and judge one population, judged after against judged while generating.
 
-    ``cfg`` is the stage configuration whose cache (``cfg.cache_dir``) already holds the persona's
-    fit context and unsteered answers (the optimize stage ran); each run gets a copy of it, so the
-    steered answers and the verdicts are computed cold every time.
+    The persona's fit context and unsteered answers go into ``cfg.cache_dir`` first (untimed; the
+    optimize stage has usually left them there); each run gets a copy of that cache, so the steered
+    answers and the verdicts are computed cold every time, and nothing else is.
     """
     from persona_steering.basis import configured_basis
     from persona_steering.judges.embedding import EmbeddingJudge
@@ -51,6 +51,9 @@ def bench_ahead(cfg: Config, rt: Runtime, scratch: Path, delay: float, log: Any 
     rows = population * len(prompts)
     gen = dataclasses.replace(cfg.generation, max_batch=math.ceil(rows / AHEAD_BLOCKS))
     out: dict[str, Any] = {"rows": rows, "blocks": AHEAD_BLOCKS, "delay_s": delay}
+    with Cache(cfg.cache_dir) as cache:  # the fit context and unsteered answers, once, before the copies
+        warm = Objective(rt, cfg, basis, persona, prompts, EmbeddingJudge(), cache)
+        _ = warm.fit, warm.baselines
     with (
         FakeOpenAI(content="4", delay=delay, max_requests=100 * rows, max_seconds=600) as server,
         _env(BENCH_KEY_ENV, "sk-bench-dummy"),
@@ -69,7 +72,8 @@ def bench_ahead(cfg: Config, rt: Runtime, scratch: Path, delay: float, log: Any 
                 folder = scratch / f"cache-ahead-{name}-{ahead}"
                 shutil.copytree(cfg.cache_dir, folder)
                 jc = dataclasses.replace(
-                    served if name == "openai" else JudgeConfig(backend="embedding"), while_generating=ahead
+                    served if name == "openai" else JudgeConfig(backend="embedding"),
+                    while_generating="always" if ahead else "never",
                 )
                 run_cfg = dataclasses.replace(cfg, cache_dir=str(folder), generation=gen, judge=jc)
                 judge = OpenAIJudge(jc, env_file=os.devnull) if name == "openai" else EmbeddingJudge()

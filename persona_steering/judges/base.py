@@ -233,6 +233,9 @@ class Judge(ABC):
     """Judgement kinds this backend can score; others always come back as no verdict."""
     uses_policy_model: bool = False
     """Whether verdicts run the policy model (then never while it generates steered: ``JudgeAhead``)."""
+    computes_on_cpu: bool = False
+    """Whether verdicts are computed on this machine's CPU (then judging ahead competes with a policy
+    model on the CPU: ``judge.while_generating: auto`` leaves it off there)."""
 
     @abstractmethod
     def identity(self) -> dict[str, Any]:

@@ -113,6 +113,7 @@ class EmbeddingJudge(Judge):
     """The centroid judge: style from embedding similarity, no LLM and no policy model."""
 
     backend = "embedding"
+    computes_on_cpu = True  # MiniLM on the CPU
     kinds = frozenset({"persona_fit", "coherence"})
 
     def __init__(self, scale: float = 0.1, embedder: Embedder | None = None) -> None:
