@@ -224,7 +224,7 @@ def test_project_bad_input_is_one_line_and_writes_nothing(project, tmp_path, cap
 @torch.inference_mode()
 def test_monitor_values_are_the_states_that_chose_each_token(project, tmp_path):
     root, overrides = project
-    cfg = load_config(None, overrides)
+    cfg = load_config(None, overrides + ["steering.basis=traits"])  # steering T1 moves along T1 itself
     monitored = MonitorConfig(trait="T1", read_layer=2, out_dir=str(tmp_path))
     cfg = replace(cfg, monitor=monitored, steer=SteerConfig(prompt="how was your weekend ?"))
     settings = MonitorSettings.from_config(cfg)

@@ -84,8 +84,8 @@ def test_basis_option_reaches_config_digest_and_run_digest(project):
 
     with pytest.raises(ConfigError, match="steering.basis must be one of traits, orthogonal"):
         load_config(None, overrides + ["steering.basis=gram"])
-    plain = load_config(None, overrides)
-    ortho = load_config(None, overrides + ["steering.basis=orthogonal"])
+    plain = load_config(None, overrides + ["steering.basis=traits"])
+    ortho = load_config(None, overrides)  # the default
     assert plain.digest("steering") != ortho.digest("steering")
     ident = identify(plain.model)
     persona = load_persona(plain.optimize.persona_dir, "p1")
@@ -116,6 +116,6 @@ def test_optimize_with_orthogonal_basis_is_recorded_and_evaluate_follows_it(proj
     )
     assert record.data["basis_digest"] == ident_basis.digest()
     notes: list[str] = []
-    eff = effective_config(load_config(None, overrides), record, notes)
-    assert eff.steering.basis == "orthogonal"
+    eff = effective_config(load_config(None, overrides + ["steering.basis=traits"]), record, notes)
+    assert eff.steering.basis == "orthogonal"  # the run's basis, not the one configured now
     assert any("steering.basis = orthogonal" in n for n in notes)
