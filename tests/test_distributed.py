@@ -59,7 +59,8 @@ def _why(stderr: str) -> str:
 
 
 def _files(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    """Every file but the lock the writing rank holds (``<slug>/.lock``, kept like optimize's)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != ".lock")
 
 
 def test_vectors_on_two_ranks_equal_one_process(project):
