@@ -142,12 +142,13 @@ class Objective:
         judge that never runs the policy model, and a cache to leave the verdicts in). If so, what
         ``fit`` and ``baselines`` need is generated now: unsteered, never inside a steered generation."""
         mode = self.cfg.judge.while_generating
-        if mode == "never" or self.cache is None or self.judge.uses_policy_model:
+        if mode == "never" or self.judge.uses_policy_model:
             return False
         if mode == "auto" and self.judge.computes_on_cpu and self.rt.device.type == "cpu":
             return False  # it would compete with generation for the same cores
+        # On every rank, cache or not: generating them runs collectives that all ranks must join.
         _ = self.fit, self.baselines
-        return True
+        return self.cache is not None
 
     def row_queries(self, p: int, answer: str) -> list[Query]:
         """The judge queries of one steered answer to prompt ``p``: its fit, and coherence if asked."""

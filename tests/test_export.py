@@ -125,8 +125,13 @@ def test_export_persona_and_steering_parity(exported: tuple[list[str], Path], ti
     path = out / "p1.gguf"
     assert f"wrote {path}" in capsys.readouterr().out
     cfg = load_config(None, overrides)
-    basis = load_basis(
-        cfg.steering.trait_vector_dir, tiny_rt.slug, TRAITS, 2, fingerprint=tiny_rt.fingerprint
+    basis = load_basis(  # the basis the record's config names (the default, orthogonal)
+        cfg.steering.trait_vector_dir,
+        tiny_rt.slug,
+        TRAITS,
+        2,
+        fingerprint=tiny_rt.fingerprint,
+        kind=cfg.steering.basis,
     )
     original = basis.deltas(torch.tensor([1.25, -0.5]), 0.75)[0]  # [hidden]
     ((row, vector),) = read_control_vector(path).items()
