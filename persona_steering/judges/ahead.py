@@ -34,7 +34,6 @@ class JudgeAhead:
         self.enabled = enabled and cache is not None
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[Future[list[Verdict]]] = []
-        self.submitted = 0
 
     def accepts(self, judge: Judge) -> bool:
         """Whether ``judge``'s queries are judged ahead (never a judge that runs the policy model)."""
@@ -47,7 +46,6 @@ class JudgeAhead:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge-ahead")
         self._pending.append(self._pool.submit(judge.judge, queries, self.cache))
-        self.submitted += len(queries)
 
     def __enter__(self) -> JudgeAhead:
         return self
