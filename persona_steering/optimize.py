@@ -132,23 +132,19 @@ class Objective:
 
     def score(self, weights: np.ndarray) -> tuple[list[Scored], list[list[str]]]:
         """Steer, generate and judge a population of weight vectors [candidates, k]."""
-        with JudgeAhead(self.cache, self.judges_ahead()) as ahead:
+        with JudgeAhead(self.cache, prepare_ahead([self])) as ahead:
             on_answers = _judging_ahead(ahead, [(self, range(len(weights)))])
             texts = self.steered(self.deltas(weights), on_answers)
         return self.within_budget(self.judge_texts(texts), weights), texts
 
-    def judges_ahead(self) -> bool:
-        """Whether answers are judged while the next block generates (``judge.while_generating``, a
-        judge that never runs the policy model, and a cache to leave the verdicts in). If so, what
-        ``fit`` and ``baselines`` need is generated now: unsteered, never inside a steered generation."""
+    def may_judge_ahead(self) -> bool:
+        """Whether ``judge.while_generating`` allows judging a block while the next one generates: never
+        for a judge that runs the policy model, and on ``auto`` not for a CPU judge beside a CPU policy.
+        The same answer on every rank."""
         mode = self.cfg.judge.while_generating
         if mode == "never" or self.judge.uses_policy_model:
             return False
-        if mode == "auto" and self.judge.computes_on_cpu and self.rt.device.type == "cpu":
-            return False  # it would compete with generation for the same cores
-        # On every rank, cache or not: generating them runs collectives that all ranks must join.
-        _ = self.fit, self.baselines
-        return self.cache is not None
+        return not (mode == "auto" and self.judge.computes_on_cpu and self.rt.device.type == "cpu")
 
     def row_queries(self, p: int, answer: str) -> list[Query]:
         """The judge queries of one steered answer to prompt ``p``: its fit, and coherence if asked."""
@@ -339,7 +335,7 @@ def _iterate(runs: list[_Run], max_iterations: int, log: Any) -> None:
         candidates = [_ask(r) for r in active]  # [popsize, k] each
         objectives = [r.objective for r in active if r.objective is not None]
         # One background judge for every run: the runs share one judge (and one endpoint's limits).
-        with JudgeAhead(objectives[0].cache, all(o.judges_ahead() for o in objectives)) as ahead:
+        with JudgeAhead(objectives[0].cache, prepare_ahead(objectives)) as ahead:
             texts = _answers_together(active, candidates, ahead)
         for run, cands, answers in zip(active, candidates, texts, strict=True):
             assert run.objective is not None
@@ -414,6 +410,21 @@ def _answers_together(
         out.append(texts[start : start + len(cands)])
         start += len(cands)
     return out
+
+
+def prepare_ahead(objectives: list[Objective]) -> bool:
+    """Whether the answers for ``objectives`` are judged while the next block generates on this rank.
+
+    If the configuration allows it (``Objective.may_judge_ahead``), every rank first generates each
+    objective's ``fit`` and ``baselines``: unsteered, never inside the steered generation, and on every
+    rank, cache or not, because generating runs collectives that all ranks must join. Only a rank with a
+    cache to leave the verdicts in then judges ahead.
+    """
+    if not all(o.may_judge_ahead() for o in objectives):
+        return False
+    for o in objectives:
+        _ = o.fit, o.baselines
+    return all(o.cache is not None for o in objectives)
 
 
 def _judging_ahead(

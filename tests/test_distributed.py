@@ -4,6 +4,7 @@ as one process, rank 0 alone writes, and a killed two-process run resumes to the
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -168,9 +169,14 @@ def _state_lines(stderr: str) -> dict[int, list[str]]:
 
 
 def test_two_ranks_ask_the_judge_once_per_verdict(project):
-    """Rank 0 alone calls the judge (here a real OpenAI-compatible server) and broadcasts verdicts."""
+    """Rank 0 alone calls the judge (here a real OpenAI-compatible server) and broadcasts verdicts,
+    judging ahead for two personas in lockstep: every rank generates both personas' unsteered
+    answers at the same point (rank 1, without a cache, once skipped the second persona's)."""
     tmp_path, overrides = project
     cache = tmp_path / "c-judge"
+    personas = tmp_path / "personas"
+    shutil.copytree(personas / "p1", personas / "p2")
+    (personas / "p2" / "persona_profile.txt").write_text("A calm engineer who answers in short facts.")
     with FakeOpenAI(content="4") as server:
         judge = [
             "judge.backend=openai",
@@ -179,7 +185,9 @@ def test_two_ranks_ask_the_judge_once_per_verdict(project):
             "judge.api_key_env=PS_TEST_DIST_KEY",
             "optimize.max_iterations=2",
         ]
-        cmd = _command("optimize", overrides + judge, "--save-dir", str(tmp_path / "r-judge"))
+        cmd = _command(
+            "optimize", overrides + judge, "--save-dir", str(tmp_path / "r-judge"), "--personas", "p1,p2"
+        )
         _run(
             cmd + ["--cache-dir", str(cache)], tmp_path, PS_TEST_DIST_KEY="sk-test-dist", NO_PROXY="127.0.0.1"
         )
@@ -188,6 +196,10 @@ def test_two_ranks_ask_the_judge_once_per_verdict(project):
         # Each verdict asked for once, not once per rank: six calls per persona-fit verdict (three
         # parts, both answer orders), the only kind this run asks for.
         assert calls == 6 * c.count("verdict") > 0
+    assert sorted(p.name for p in (tmp_path / "r-judge").glob("*_optimization.json")) == [
+        "p1_optimization.json",
+        "p2_optimization.json",
+    ]
 
 
 def test_killed_two_rank_run_resumes_to_the_same_result(reference):
