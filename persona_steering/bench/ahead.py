@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from persona_steering.bench.generation import sync
-from persona_steering.bench.judge import BENCH_KEY_ENV, _env
+from persona_steering.bench.judge import BENCH_KEY_ENV, temporary_env
 from persona_steering.cache import Cache
 from persona_steering.config import Config, JudgeConfig
 from persona_steering.fake_openai import FakeOpenAI
@@ -56,7 +56,7 @@ def bench_ahead(cfg: Config, rt: Runtime, scratch: Path, delay: float, log: Any 
         _ = warm.fit, warm.baselines
     with (
         FakeOpenAI(content="4", delay=delay, max_requests=100 * rows, max_seconds=600) as server,
-        _env(BENCH_KEY_ENV, "sk-bench-dummy"),
+        temporary_env(BENCH_KEY_ENV, "sk-bench-dummy"),
     ):
         served = JudgeConfig(
             backend="openai",

@@ -33,7 +33,7 @@ def bench_judge(judge_cfg: JudgeConfig, verdicts: int, delay: float, log: Any = 
             max_requests=4 * verdicts,
             max_seconds=60 + 3 * verdicts * (delay + 0.5),
         ) as server,
-        _env(BENCH_KEY_ENV, "sk-bench-dummy"),
+        temporary_env(BENCH_KEY_ENV, "sk-bench-dummy"),
     ):
         for label, concurrency in (("ours", judge_cfg.concurrency), ("one_at_a_time", 1)):
             jc = dataclasses.replace(
@@ -57,7 +57,7 @@ def bench_judge(judge_cfg: JudgeConfig, verdicts: int, delay: float, log: Any = 
 
 
 @contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
+def temporary_env(name: str, value: str) -> Iterator[None]:
     """Set an environment variable for the block only."""
     old = os.environ.get(name)
     os.environ[name] = value
