@@ -184,6 +184,38 @@ def test_verdicts_and_their_parts_come_back_from_the_cache(judge: OfflineJudge, 
     assert cached.score == fresh.score
 
 
+def test_a_new_judge_runs_the_model_only_on_texts_the_cache_has_not_seen(
+    judge: OfflineJudge, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A later process (a new judge on the same cache) reads the persona samples' and the baseline's
+    log-probabilities instead of computing them again, and reaches the verdict an uncached judge does."""
+    import persona_steering.judges.offline as offline
+
+    computed: list[tuple[str, str]] = []
+    real = offline.mean_logprobs
+
+    def counting(rt, pairs):
+        computed.extend(pairs)
+        return real(rt, pairs)
+
+    monkeypatch.setattr(offline, "mean_logprobs", counting)
+    base = "i had a good day ."
+    first = query("i remember the rain on my walk home .", base)
+    second = query("my family was warm and happy today .", base)
+    with Cache(tmp_path / "cache") as cache:
+        OfflineJudge(tiny_rt := judge.runtime, judge.embedder).judge([first], cache)
+        assert len(computed) == 2 * (2 + len(SAMPLES))  # answer, baseline, samples; each shuffled too
+        computed.clear()
+        [stored] = OfflineJudge(tiny_rt, judge.embedder).judge([second], cache)
+        assert cache.count("logprob") == 2 * (3 + len(SAMPLES))
+    assert sorted(computed) == sorted(
+        [(second.question, second.answer), (second.question, shuffled(second.answer))]
+    )
+    [fresh] = OfflineJudge(tiny_rt, judge.embedder).judge([second])
+    assert stored.meta["parts"] == pytest.approx(fresh.meta["parts"], abs=1e-3)
+    assert stored.score == pytest.approx(fresh.score, abs=1e-2)
+
+
 def test_missing_contrast_is_no_verdict(judge: OfflineJudge) -> None:
     q = Query("persona_fit", QUESTIONS[0], "hi", baseline="hello", samples=SAMPLES)
     assert judge.judge([q])[0].score is None

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from persona_steering.cache import digest
+from persona_steering.cache import Cache, digest
 from persona_steering.generation import Request, chat_text
 from persona_steering.judges import OFFLINE_VERSION
 from persona_steering.judges.base import Judge, JudgeError, Query, Verdict, fit_verdict
@@ -44,6 +44,8 @@ from persona_steering.runtime import Runtime
 from persona_steering.style import LOOP_N, LOOP_TIMES, loops, repetition, style_features, words
 
 MIN_SAMPLES = 8
+LOGPROB_VERSION = 1
+"""Part of every stored log-probability's key: bump it when ``mean_logprobs`` computes another value."""
 """Fewer persona samples (or contrast texts) than this leave too little to learn a voice from."""
 FOLDS = 5
 FRAGMENT_WORDS = 8
@@ -84,6 +86,7 @@ class OfflineJudge(Judge):
         self.batch_size = batch_size
         self._styles: dict[str, StyleModel] = {}
         self._logprobs: dict[tuple[str, str], float] = {}
+        self._store: Cache | None = None  # the cache of the judge() call in progress
 
     def identity(self) -> dict[str, Any]:
         return {
@@ -98,6 +101,16 @@ class OfflineJudge(Judge):
     def style_report(self, samples: tuple[str, ...], contrast: tuple[str, ...]) -> dict[str, Any]:
         """Cross-validated quality of the persona's style classifier: AUC, folds, counts."""
         return self._style(samples, contrast).report
+
+    def judge(self, queries: list[Query], cache: Cache | None = None) -> list[Verdict]:
+        """``Judge.judge``, keeping the policy model's log-probabilities in ``cache`` too (namespace
+        'logprob'): the persona samples' are the same for every answer to a question, and a later
+        process (``evaluate`` after ``optimize``) reads them instead of running the model again."""
+        self._store = cache
+        try:
+            return super().judge(queries, cache)
+        finally:
+            self._store = None
 
     def _judge(self, queries: list[Query]) -> list[Verdict]:
         fit = [q for q in queries if q.kind == "persona_fit" and q.samples]
@@ -155,18 +168,43 @@ class OfflineJudge(Judge):
         return self._logprobs[(question, text)] - self._logprobs[(question, shuffled(text))]
 
     def _fill_logprobs(self, queries: list[Query]) -> None:
-        """Mean token log-probabilities of every answer, baseline and their shuffles, batched."""
+        """Mean token log-probabilities of every answer, baseline and their shuffles: from memory, then
+        the cache, the rest batched through the model and stored."""
         pairs = []
         for q in queries:
             for text in (q.answer, q.baseline or q.answer, *q.samples):
                 pairs += [(q.question, text), (q.question, shuffled(text))]
         todo = sorted({p for p in pairs if p not in self._logprobs})
+        store = self._store
+        if store is not None:
+            for pair in todo:
+                hit = store.get("logprob", self._logprob_key(pair), valid=_is_number)
+                if hit is not None:
+                    self._logprobs[pair] = float(hit)
+            todo = [p for p in todo if p not in self._logprobs]
         with tqdm(total=len(todo), desc="fluency log-probs", disable=len(todo) < 64, leave=False) as bar:
             for start in range(0, len(todo), self.batch_size):
                 chunk = todo[start : start + self.batch_size]
                 for pair, value in zip(chunk, mean_logprobs(self.runtime, chunk), strict=True):
                     self._logprobs[pair] = value
+                    if store is not None and math.isfinite(value):  # an empty text's -inf is not JSON
+                        store.set("logprob", self._logprob_key(pair), value)
                 bar.update(len(chunk))
+
+    def _logprob_key(self, pair: tuple[str, str]) -> dict[str, Any]:
+        """Everything a stored log-probability depends on: the model, its precision, the text pair."""
+        rt = self.runtime
+        return {
+            "model": rt.fingerprint,
+            "precision": rt.precision,
+            "version": LOGPROB_VERSION,
+            "question": pair[0],
+            "text": pair[1],
+        }
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def mean_logprobs(rt: Runtime, pairs: list[tuple[str, str]]) -> list[float]:
