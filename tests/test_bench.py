@@ -81,6 +81,7 @@ def test_bench_cli_writes_outputs_and_methods_agree(tmp_path: Path, overrides: l
         "leave",
         "compute",
         "judge",
+        "fluency",
     } <= set(result)
     s = result["settings"]
     assert (s["population"], s["num_prompts"], s["max_new_tokens"], s["max_batch"], s["layer"]) == (
@@ -107,6 +108,10 @@ def test_bench_cli_writes_outputs_and_methods_agree(tmp_path: Path, overrides: l
     per_row = result["methods"]["per-row"]
     assert compute["achieved_gflops"] == pytest.approx(compute["gflop_per_token"] * per_row["tokens_per_s"])
     assert compute["fraction_of_peak"] == pytest.approx(compute["achieved_gflops"] / compute["peak_gflops"])
+    fluency = result["fluency"]  # both ways give the same log-probabilities; the shared one is timed
+    assert 0 < fluency["rows"] <= 2 * 9 and fluency["max_abs_diff"] < 1e-4
+    assert fluency["speedup"] == pytest.approx(fluency["whole_rows_s"] / fluency["shared_prompt_s"])
+    assert "offline judge fluency log-probs" in printed
     if leave["ended_early"] == 0:
         assert leave["row_steps_leave"] == leave["row_steps_keep"] == 6 * (6 * 4 - 1)
     # Stages: cold runs work, a warm re-run makes no forward pass; with the cache warm but the outputs

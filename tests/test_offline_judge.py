@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -114,13 +115,23 @@ def test_too_few_samples_is_a_clear_error() -> None:
 # --- fluency from the model: parity with a one-row reference --------------------------------------
 
 
-def test_mean_logprobs_match_one_row_at_a_time(tiny_rt) -> None:
+@pytest.mark.parametrize("shared_prompt", [True, False])
+def test_mean_logprobs_match_one_row_at_a_time(tiny_rt, shared_prompt: bool) -> None:
     from persona_steering.generation import Request, chat_text
 
-    pairs = [("how was your day?", "i went home ."), ("do you like music?", "yes , i love music and books .")]
-    batched = mean_logprobs(tiny_rt, pairs)
+    # Questions of different lengths (left padding), one asked three times (its prompt runs once and
+    # is shared), texts of different lengths (right padding) and an empty one.
+    pairs = [
+        ("how was your day?", "i went home ."),
+        ("do you like music and long walks by the sea on a sunday?", "yes , i love music and books ."),
+        ("how was your day?", "it rained , so i read a book by the window all afternoon ."),
+        ("how was your day?", "fine"),
+        ("do you like music?", ""),
+    ]
+    batched = mean_logprobs(tiny_rt, pairs, shared_prompt)
+    assert batched[-1] == -math.inf
     tok = tiny_rt.tokenizer
-    for (question, text), value in zip(pairs, batched, strict=True):
+    for (question, text), value in zip(pairs[:-1], batched, strict=False):
         prompt = tok(chat_text(tok, Request(question)), add_special_tokens=False)["input_ids"]
         answer = tok(text, add_special_tokens=False)["input_ids"]
         with torch.no_grad():

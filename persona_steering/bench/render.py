@@ -58,6 +58,7 @@ def bench_markdown(result: dict[str, Any]) -> str:
         "",
         *_leave_lines(result.get("leave")),
         *_compute_lines(result.get("compute")),
+        *_fluency_lines(result.get("fluency")),
         *_stages_lines(result.get("stages")),
         *_table(
             [
@@ -234,6 +235,18 @@ def _plot_stages(ax: Any, stages: dict[str, Any]) -> None:
     ax.set_yscale("log")
     ax.set(ylabel="seconds (log)", title="stage re-runs")
     ax.legend(fontsize=8)
+
+
+def _fluency_lines(f: dict[str, Any] | None) -> list[str]:
+    if not f:
+        return []
+    return [
+        f"offline judge fluency log-probs ({f['rows']} rows: the per-row answers and their word shuffles, "
+        f"batches of {f['batch']}): every row whole {f['whole_rows_s']:.2f} s, prompt shared per question "
+        f"{f['shared_prompt_s']:.2f} s = {f['speedup']:.2f}x; largest difference "
+        f"{f['max_abs_diff']:.1e} nats/token",
+        "",
+    ]
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:

@@ -32,7 +32,7 @@ from persona_steering.bench.generation import (
     method_summary,
     time_methods,
 )
-from persona_steering.bench.judge import bench_judge
+from persona_steering.bench.judge import bench_fluency, bench_judge
 from persona_steering.bench.settings import BenchSettings
 from persona_steering.bench.stages import bench_stages
 from persona_steering.cache import atomic_write_json, atomic_write_text, canonical_json
@@ -126,6 +126,7 @@ def _measure(
         "leave": bench_leave(run),
         "compute": bench_compute(rt, timed["per-row"]),
         "judge": bench_judge(cfg.judge, settings.bench.verdicts, settings.bench.judge_delay, log),
+        "fluency": bench_fluency(run, timed["per-row"].ids),
         "stages": bench_stages(cfg, rt, settings, log) if settings.bench.stages else None,
     }
 

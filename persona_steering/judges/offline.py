@@ -26,7 +26,6 @@ The joint score is ``base.joint_score`` (harmonic mean, 1-5). Everything is dete
 
 from __future__ import annotations
 
-import inspect
 import math
 import random
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from persona_steering.cache import Cache, digest
-from persona_steering.generation import Request, chat_text
+from persona_steering.generation import Request, chat_text, last_logits_only, shared_prefix
 from persona_steering.judges import OFFLINE_VERSION
 from persona_steering.judges.base import Judge, JudgeError, Query, Verdict, fit_verdict
 from persona_steering.judges.embedding import MODEL_NAME, Embedder, coherence_verdict, relevance
@@ -44,6 +43,8 @@ from persona_steering.runtime import Runtime
 from persona_steering.style import LOOP_N, LOOP_TIMES, loops, repetition, style_features, words
 
 MIN_SAMPLES = 8
+LOGPROB_BATCH = 16
+"""Rows per log-probability forward pass."""
 LOGPROB_VERSION = 1
 """Part of every stored log-probability's key: bump it when ``mean_logprobs`` computes another value."""
 """Fewer persona samples (or contrast texts) than this leave too little to learn a voice from."""
@@ -75,7 +76,9 @@ class OfflineJudge(Judge):
     uses_policy_model = True  # fluency is the policy model's own log-probability
     kinds = frozenset({"persona_fit", "coherence"})
 
-    def __init__(self, runtime: Runtime, embedder: Embedder | None = None, batch_size: int = 16) -> None:
+    def __init__(
+        self, runtime: Runtime, embedder: Embedder | None = None, batch_size: int = LOGPROB_BATCH
+    ) -> None:
         """Args:
         runtime: the unsteered policy model, which scores fluency (no hook is active while judging).
         embedder: a shared MiniLM (loaded when None).
@@ -207,10 +210,13 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def mean_logprobs(rt: Runtime, pairs: list[tuple[str, str]]) -> list[float]:
+def mean_logprobs(rt: Runtime, pairs: list[tuple[str, str]], shared_prompt: bool = True) -> list[float]:
     """Mean log p(token) of each text as the unsteered model's answer to its question (chat template).
 
-    Right-padded, one forward pass for the chunk; an empty text gets -inf.
+    One batch: the prompts left-padded and the texts right-padded after them. The prompts but their
+    last token run once per distinct question (``generation.shared_prefix``); then every row runs its
+    last prompt token and its text, whose columns predict the text's tokens. ``shared_prompt=False``
+    runs every row whole instead (what ``make bench`` compares with). An empty text gets -inf.
     """
     tok = rt.tokenizer
     rows = []
@@ -218,34 +224,44 @@ def mean_logprobs(rt: Runtime, pairs: list[tuple[str, str]]) -> list[float]:
         prompt = tok(chat_text(tok, Request(question)), add_special_tokens=False)["input_ids"]
         answer = tok(text, add_special_tokens=False)["input_ids"]
         rows.append((prompt, answer))
-    width = max(len(p) + len(a) for p, a in rows)
+    prefix = max(len(p) for p, _ in rows) - 1  # prompt columns before the last prompt token
+    width = prefix + 1 + max(len(a) for _, a in rows)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     ids = torch.full((len(rows), width), int(pad), dtype=torch.long)  # [n, width]
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (p, a) in enumerate(rows):
-        ids[i, : len(p) + len(a)] = torch.tensor(p + a)
-        mask[i, : len(p) + len(a)] = 1
+        start = prefix + 1 - len(p)  # left padding: every prompt ends at column ``prefix``
+        ids[i, start : prefix + 1 + len(a)] = torch.tensor(p + a)
+        mask[i, start : prefix + 1 + len(a)] = 1
+    ids, mask = ids.to(rt.device), mask.to(rt.device)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    first = prefix if shared_prompt else 0  # the first column the rows' own forward runs
+    extra = last_logits_only(rt.model)
+    head = rt.model.get_output_embeddings()
     with torch.inference_mode(), rt.autocast():
-        hidden = _final_hidden(rt.model, ids.to(rt.device), mask.to(rt.device))  # [n, width, hidden]
-        head = rt.model.get_output_embeddings()
-        out = []
-        for i, (p, a) in enumerate(rows):
+        past = {}
+        if first:
+            past = shared_prefix(rt, ids[:, :first], mask[:, :first], position_ids[:, :first], extra)
+        out = rt.model(
+            input_ids=ids[:, first:],
+            attention_mask=mask,
+            position_ids=position_ids[:, first:],
+            output_hidden_states=True,
+            **extra,
+            **past,
+        )
+        # The final norm's output (transformers puts it last) from the last prompt token on: [n, *, hidden]
+        hidden = out.hidden_states[-1][:, prefix - first :]
+        result = []
+        for i, (_, a) in enumerate(rows):
             if not a:
-                out.append(-math.inf)
+                result.append(-math.inf)
                 continue
-            # Position t predicts token t + 1: the answer's tokens are predicted from len(p) - 1 on.
-            # The vocabulary projection runs on those positions only (most of the cost otherwise).
-            logits = _capped(rt.model, head(hidden[i, len(p) - 1 : len(p) + len(a) - 1]))  # [len(a), vocab]
+            # Column j predicts text token j; the vocabulary projection runs on these columns only.
+            logits = _capped(rt.model, head(hidden[i, : len(a)]))  # [len(a), vocab]
             logp = logits.float().log_softmax(-1).cpu()
-            out.append(float(logp.gather(1, torch.tensor(a).unsqueeze(1)).mean()))
-    return out
-
-
-def _final_hidden(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The final-norm hidden states the LM head reads, [n, seq, hidden], without computing logits."""
-    kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, **kwargs)
-    return out.hidden_states[-1]  # transformers puts the final-norm output last
+            result.append(float(logp.gather(1, torch.tensor(a).unsqueeze(1)).mean()))
+    return result
 
 
 def _capped(model: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
