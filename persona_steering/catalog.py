@@ -140,10 +140,11 @@ class Catalog:
             "layer": record.layer,
             "alpha": record.alpha,
             "positions": positions,
-            "weights": record.best_weights,
+            "weights": record.selected_weights,
+            "selected": record.selected,
             "judge": record.judge,
-            "best_score": record.best_score,
-            "scores": record.data.get("best_parts") or {},
+            "score": record.score,
+            "scores": record.data.get("parts") or record.data.get("best_parts") or {},
             "evaluations": record.num_evaluations,
         }
         return Persona(files.persona_id, Steering(delta, basis.layer, positions), meta, int(mtime))

@@ -75,6 +75,7 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
                 "comma-separated start weights, one per trait",
             ),
             ("--save-dir", "optimize.save_dir", str, "output folder"),
+            ("--select", "optimize.select", str, "weights to report and serve: mean (search mean) or best"),
             (
                 "--coherence-penalty",
                 "optimize.coherence_penalty",

@@ -273,6 +273,10 @@ class SteeringConfig:
             raise ConfigError(f"steering.basis must be one of {', '.join(BASES)}, got {self.basis!r}")
 
 
+SELECTIONS = ("mean", "best")
+"""What ``optimize.select`` may name."""
+
+
 @dataclass
 class OptimizeConfig:
     persona_id: str | None = None
@@ -308,8 +312,14 @@ class OptimizeConfig:
     """Optimise once per layer (in <save_dir>/layer<L>/) and report the best layer."""
     personas: list[str] | None = None
     """Several persona ids optimised in lockstep (one batched generate per iteration for all)."""
+    select: str = "mean"
+    """The weights a run reports, saves and serves: mean (CMA-ES's final search mean, scored once on
+    the training prompts) or best (the best candidate evaluated: the maximum over every noisy
+    evaluation, biased upward). Not part of the trajectory: changing it re-finishes a finished run."""
 
     def __post_init__(self) -> None:
+        if self.select not in SELECTIONS:
+            raise ConfigError(f"optimize.select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
         if self.persona_id is not None:
             check_persona_id(self.persona_id)
         for pid in self.personas or []:

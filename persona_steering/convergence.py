@@ -21,6 +21,9 @@ def plot_convergence(result: dict[str, Any], path: Path) -> Path:
     ax1.plot(h["iterations"], extra["generation_best"], "s--", alpha=0.7, label="generation best")
     ax1.plot(h["iterations"], extra["generation_mean"], "^:", alpha=0.7, label="generation mean")
     ax1.axhline(result["baseline_score"], color="grey", lw=1, label="unsteered")
+    if "score" in result:  # the served weights, scored once at the end
+        label = f"served ({'search mean' if _selected(result) == 'mean' else 'best candidate'})"
+        ax1.plot([h["iterations"][-1]], [result["score"]], "*", ms=12, color="black", label=label)
     ax1.set(xlabel="iteration", ylabel="persona fit (1-5)", title=f"{result['persona_id']}: convergence")
     ax1.legend(fontsize=8)
     means = np.asarray(extra["mean_weights"])
@@ -48,31 +51,40 @@ def plot_layers(summary: dict[str, Any], path: Path) -> Path:
 
 
 def render_result(result: dict[str, Any]) -> str:
-    """Two lines: the best weights and the persona fit of best, search mean and unsteered."""
-    weights = "  ".join(f"{k}={v:+.2f}" for k, v in result["best_weights"].items())
+    """Two lines: the weights the run serves and the persona fit of best, search mean and unsteered."""
+    weights = "  ".join(f"{k}={v:+.2f}" for k, v in _served(result).items())
     return (
-        f"best weights  {weights}\n"
-        f"persona fit   best {result['best_score']:.3f}   mean-of-search {result['mean_score']:.3f}   "
+        f"{_selected(result)} weights  {weights}\n"
+        f"persona fit   best candidate {result['best_score']:.3f}   search mean {result['mean_score']:.3f}   "
         f"unsteered {result['baseline_score']:.3f}"
     )
+
+
+def _selected(result: dict[str, Any]) -> str:
+    """mean or best: which weights the result serves (best in results from before optimize.select)."""
+    return str(result.get("selected", "best"))
+
+
+def _served(result: dict[str, Any]) -> dict[str, float]:
+    return dict(result.get("weights") or result["best_weights"])
 
 
 def render_personas(results: dict[str, dict[str, Any]]) -> str:
     """A Markdown table: one row per persona optimised in lockstep."""
     lines = [
-        "| persona | best fit | search mean | unsteered | best weights |",
-        "| --- | ---: | ---: | ---: | --- |",
+        "| persona | best candidate | search mean | unsteered | served | weights served |",
+        "| --- | ---: | ---: | ---: | --- | --- |",
     ]
     for pid, r in results.items():
-        weights = " ".join(f"{k}={v:+.2f}" for k, v in r["best_weights"].items())
+        weights = " ".join(f"{k}={v:+.2f}" for k, v in _served(r).items())
         scores = " | ".join(f"{r[k]:.3f}" for k in ("best_score", "mean_score", "baseline_score"))
-        lines.append(f"| {pid} | {scores} | {weights} |")
+        lines.append(f"| {pid} | {scores} | {_selected(r)} | {weights} |")
     return "\n".join(lines)
 
 
 def render_layers(summary: dict[str, Any]) -> str:
-    """A Markdown table: one row per layer, then the best layer."""
-    lines = ["| layer | best fit | search mean | unsteered |", "| ---: | ---: | ---: | ---: |"]
+    """A Markdown table: one row per layer, then the layer whose served weights fit best."""
+    lines = ["| layer | best candidate | search mean | unsteered |", "| ---: | ---: | ---: | ---: |"]
     for r in summary["layers"]:
         scores = " | ".join(f"{r[k]:.3f}" for k in ("best_score", "mean_score", "baseline_score"))
         lines.append(f"| {r['layer']} | {scores} |")

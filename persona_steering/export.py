@@ -58,7 +58,8 @@ def export_persona(
     """Write the control vector(s) of an optimised persona, or of single traits.
 
     Without ``traits``: one file holding ``alpha * scale * sum_i w_i u_i`` (``TraitBasis.deltas`` of
-    the best weights) at the optimised layer, from ``<save_dir>/<persona>_optimization.json``.
+    the weights the run serves, ``optimize.select``) at the optimised layer, from
+    ``<save_dir>/<persona>_optimization.json``.
     With ``traits``: one file per trait holding ``weight * alpha * scale * u_i``, ``scale`` being the
     whole basis's as in the optimisation. Layer, alpha and the basis's traits come from the
     persona's result when a persona is given, else from ``cfg.steering`` and ``cfg.traits``.

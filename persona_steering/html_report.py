@@ -44,6 +44,9 @@ img { max-width: 100%; border: 1px solid #ddd; }
 pre.profile { white-space: pre-wrap; background: #f7f7f7; padding: .8em; }
 """
 
+_SERVED = {"mean": "the final CMA-ES search mean", "best": "the best candidate evaluated"}
+_PARTS = {"mean": "mean_parts", "best": "best_parts"}
+
 
 def run_report(cfg: Config, log: Callable[[str], None] = print) -> Path:
     """Write ``<out_dir>/<persona_id>.html`` for ``cfg.optimize.persona_id``.
@@ -144,23 +147,25 @@ def _configuration(record: PersonaRecord) -> str:
             "population, sigma0, prompts",
             f"{optimize.get('population_size')}, {optimize.get('sigma0')}, {optimize.get('num_prompts')}",
         ),
+        ("weights served", _SERVED[record.selected]),
         (
-            "persona fit: best / mean of search / unsteered",
+            "persona fit: best candidate / mean of search / unsteered",
             " / ".join(fmt_number(result.get(k), 3) for k in ("best_score", "mean_score", "baseline_score")),
         ),
         (
-            "style / relevance / fluency: best / unsteered",
-            " / ".join(_parts(result.get(k)) for k in ("best_parts", "baseline_parts")),
+            "style / relevance / fluency: served / unsteered",
+            " / ".join(_parts(result.get(k)) for k in (_PARTS[record.selected], "baseline_parts")),
         ),
         ("style classifier AUC (5-fold)", (result.get("style_classifier") or {}).get("auc", NA)),
         ("missing verdicts", result.get("missing_verdicts", NA)),
         ("config digest", record.config_digest or NA),
     ]
     table = _table(["setting", "value"], [[k, v] for k, v in rows])
-    best, mean = record.best_weights, result.get("mean_weights", {})
+    best, mean = result.get("best_weights", {}), result.get("mean_weights", {})
+    served = {"best": " (served)", "mean": ""}[record.selected]
     weights = _table(
-        ["trait", "best weights", "distribution mean"],
-        [[t, _num(best.get(t), "+.3f"), _num(mean.get(t), "+.3f")] for t in best],
+        ["trait", "best candidate" + served, "distribution mean" + (" (served)" if not served else "")],
+        [[t, _num(best.get(t), "+.3f"), _num(mean.get(t), "+.3f")] for t in record.traits],
     )
     return table + weights
 
@@ -238,7 +243,10 @@ def _answers(result: dict[str, Any], evaluation: dict[str, Any] | None, limit: i
     examples = result.get("examples") or []
     if not examples:
         return _note("No answers recorded: run make evaluate for held-out answers.")
-    rows = [[x.get("prompt"), x.get("baseline"), NA, x.get("best")] for x in examples[:limit]]
+    # "best": results written before optimize.select, which showed the best candidate's answers.
+    rows = [
+        [x.get("prompt"), x.get("baseline"), NA, x.get("steered", x.get("best"))] for x in examples[:limit]
+    ]
     note = _note(
         "From the optimiser's training-prompt examples; the prompt baseline comes with make evaluate."
     )

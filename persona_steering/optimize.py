@@ -280,9 +280,12 @@ def _run_personas(
                 remove_stale_temps(path)
         finished = _finished_result(run.paths["result"], run.digest)
         if finished is not None and not cfg.optimize.restart:
-            log(f"{pid}: finished run found in {run.paths['result']} (config {run.digest}); nothing to do")
-            results[pid] = finished
-            continue
+            if finished.get("selected", "best") == run.cfg.optimize.select:
+                where = f"{run.paths['result']} (config {run.digest})"
+                log(f"{pid}: finished run found in {where}; nothing to do")
+                results[pid] = finished
+                continue
+            log(f"{pid}: finished run found; reporting the {run.cfg.optimize.select} weights instead")
         run.state = _load_checkpoint(run, log)
         runs.append(run)
     if not runs:
@@ -472,16 +475,21 @@ def _tell(
 
 
 def _finish(run: _Run, log: Any) -> dict[str, Any]:
-    """Score the distribution mean, the unsteered baseline and the best weights; write the outputs."""
+    """Score the distribution mean and the unsteered baseline, pick the weights ``optimize.select``
+    names, and write the outputs."""
     state, objective = run.state, run.objective
     assert state is not None and objective is not None
     mean_w = np.asarray(state["es"].mean, dtype=np.float64)
-    (mean_s, zero_s), _ = objective.score(np.stack([mean_w, np.zeros_like(mean_w)]))
-    (_best_s,), best_texts = objective.score(np.asarray(state["best"]["weights"])[None, :])
+    (mean_s, zero_s), mean_texts = objective.score(np.stack([mean_w, np.zeros_like(mean_w)]))
     result = _result(run.cfg, run.basis, state, mean_w, mean_s, zero_s, run.digest)
+    if run.cfg.optimize.select == "best":
+        _, texts = objective.score(np.asarray(state["best"]["weights"])[None, :])
+        steered = texts[0]
+    else:
+        steered = mean_texts[0]
     result["examples"] = [
-        {"prompt": p, "baseline": b, "best": s}
-        for p, b, s in zip(run.prompts, objective.baselines, best_texts[0], strict=False)
+        {"prompt": p, "baseline": b, "steered": s}
+        for p, b, s in zip(run.prompts, objective.baselines, steered, strict=False)
     ]
     if hasattr(objective.judge, "style_report") and is_main(objective.rt.fabric):
         fit = objective.fit
@@ -490,10 +498,11 @@ def _finish(run: _Run, log: Any) -> dict[str, Any]:
         return result
     PersonaRecord.from_dict(result).save(PersonaFiles(Path(run.cfg.optimize.save_dir), run.id))
     plot_convergence(result, run.paths["plot"])
-    parts = "  ".join(f"{k} {v:.2f}" for k, v in result["best_parts"].items())
+    parts = "  ".join(f"{k} {v:.2f}" for k, v in result["parts"].items())
     log(
-        f"{run.id}: best fit {result['best_score']:.3f} ({parts or 'no parts'}) "
-        f"(unsteered {result['baseline_score']:.3f}); wrote {run.paths['result']}"
+        f"{run.id}: {result['selected']} weights fit {result['score']:.3f} ({parts or 'no parts'}) "
+        f"(best candidate {result['best_score']:.3f}, search mean {result['mean_score']:.3f}, "
+        f"unsteered {result['baseline_score']:.3f}); wrote {run.paths['result']}"
     )
     return result
 
@@ -524,19 +533,21 @@ def run_layers(cfg: Config, layers: list[int], log: Any = print) -> dict[str, An
         rows.append(
             {
                 "layer": result["layer"],
+                "selected": result["selected"],
+                "score": result["score"],
                 "best_score": result["best_score"],
                 "mean_score": result["mean_score"],
                 "baseline_score": result["baseline_score"],
-                "best_weights": result["best_weights"],
+                "weights": result["weights"],
                 "result": str(_paths(Path(sub.optimize.save_dir), str(cfg.optimize.persona_id))["result"]),
             }
         )
-    best = max(rows, key=lambda r: r["best_score"])
+    best = max(rows, key=lambda r: r["score"])  # by the weights each layer reports (optimize.select)
     summary = {
         "persona_id": cfg.optimize.persona_id,
         "layers": rows,
         "best_layer": best["layer"],
-        "best_score": best["best_score"],
+        "best_score": best["score"],
         "config_digest": cfg.digest("model", "generation", "steering", "judge", "optimize", "traits", "seed"),
     }
     if not is_main_process():
@@ -570,7 +581,16 @@ def _run_digest(
 ) -> str:
     """Everything that determines the optimisation's trajectory (not where it is saved)."""
     # Where inputs live and how runs are grouped do not change a persona's trajectory.
-    where: tuple[str, ...] = ("save_dir", "restart", "persona_dir", "prompts_file", "layers", "personas")
+    # Nor does which weights the finished run reports (select).
+    where: tuple[str, ...] = (
+        "save_dir",
+        "restart",
+        "persona_dir",
+        "prompts_file",
+        "layers",
+        "personas",
+        "select",
+    )
     # Without a damage budget its penalty does nothing: left out, so earlier runs still resume.
     if cfg.optimize.max_norm is None:
         where += ("max_norm", "norm_penalty")
@@ -702,6 +722,14 @@ def _result(
 ) -> dict[str, Any]:
     traits = basis.traits
     h = state["history"]
+    best_w = dict(zip(traits, map(float, state["best"]["weights"]), strict=True))
+    mean = dict(zip(traits, map(float, mean_w), strict=True))
+    select = cfg.optimize.select
+    chosen = (
+        (mean, mean_s.fit, mean_s.parts)
+        if select == "mean"
+        else (best_w, state["best"]["score"], state["best"].get("parts", {}))
+    )
     missing = sum(
         state["history"]["expected_verdicts"][i] * len(v) - sum(v) for i, v in enumerate(h["verdicts"])
     )
@@ -709,12 +737,17 @@ def _result(
         "persona_id": cfg.optimize.persona_id,
         "layer": basis.layer,
         "alpha": cfg.steering.alpha,
-        "best_weights": dict(zip(traits, map(float, state["best"]["weights"]), strict=True)),
+        # What the run reports and serves (PersonaRecord.weights): the optimize.select weights.
+        "selected": select,
+        "weights": chosen[0],
+        "score": chosen[1],
+        "parts": chosen[2],
+        "best_weights": best_w,
         "best_score": state["best"]["score"],
         "num_iterations": state["iteration"],
         "num_evaluations": state["evaluations"],
         "optimization_history": {k: h[k] for k in ("iterations", "best_scores", "best_weights")},
-        "mean_weights": dict(zip(traits, map(float, mean_w), strict=True)),
+        "mean_weights": mean,
         "best_parts": state["best"].get("parts", {}),
         "mean_score": mean_s.fit,
         "mean_parts": mean_s.parts,

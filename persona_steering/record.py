@@ -16,11 +16,25 @@ import torch
 
 from persona_steering.basis import TraitBasis
 from persona_steering.cache import atomic_write_json
-from persona_steering.config import ConfigError, check_persona_id
+from persona_steering.config import SELECTIONS, ConfigError, check_persona_id
 from persona_steering.store import VectorFileError
 
-REQUIRED = ("persona_id", "best_weights", "num_evaluations", "layer", "alpha", "traits")
-BEST_WEIGHTS_KEYS = ("persona_id", "layer", "alpha", "best_weights", "best_score", "config_digest")
+REQUIRED = ("persona_id", "num_evaluations", "layer", "alpha", "traits")
+BEST_WEIGHTS_KEYS = (
+    "persona_id",
+    "layer",
+    "alpha",
+    "selected",
+    "weights",
+    "score",
+    "best_weights",
+    "best_score",
+    "mean_weights",
+    "mean_score",
+    "config_digest",
+)
+"""What ``<id>_best_weights.json`` holds: the weights the run serves (``selected``: mean or best) with
+their training fit, and both candidates it chose between."""
 SCALE_RTOL = 1e-5
 """Relative difference of the residual scale above which the vectors count as changed."""
 
@@ -94,7 +108,8 @@ class PersonaRecord:
 
     persona_id: str
     traits: list[str]
-    best_weights: dict[str, float]
+    selected_weights: dict[str, float]
+    """The weights the run reports and serves (``optimize.select``); ``weights()`` orders them."""
     layer: int  # hidden_states row
     alpha: float
     num_evaluations: int
@@ -105,7 +120,10 @@ class PersonaRecord:
     residual_scale: float | None = None
     fingerprint: str | None = None
     judge: str | None = None
-    best_score: float | None = None
+    score: float | None = None
+    """The training fit of ``selected_weights``."""
+    selected: str = "best"
+    """Which weights ``selected_weights`` are: mean or best (results written before the option: best)."""
     config_digest: str | None = None
     data: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None  # the file it was read from
@@ -118,28 +136,34 @@ class PersonaRecord:
         if not isinstance(data, dict):
             raise ConfigError(f"{where} is not an optimisation result: not a JSON object")
         missing = [k for k in REQUIRED if k not in data]
+        # Results written before optimize.select hold only the best candidate, which they served.
+        key = "weights" if "weights" in data else "best_weights"
+        missing += [] if key in data else ["weights"]
         if missing:
             raise ConfigError(
                 f"{where} is not an optimisation result: missing field {missing[0]!r} "
                 "(was it written by `persona-steering optimize`?)"
             )
-        traits, best = data["traits"], data["best_weights"]
-        if not isinstance(traits, list) or not isinstance(best, dict):
-            raise ConfigError(f"{where}: traits must be a list and best_weights a mapping")
-        absent = [t for t in traits if t not in best]
+        traits, chosen = data["traits"], data[key]
+        if not isinstance(traits, list) or not isinstance(chosen, dict):
+            raise ConfigError(f"{where}: traits must be a list and {key} a mapping")
+        absent = [t for t in traits if t not in chosen]
         if absent:
-            raise ConfigError(f"{where}: best_weights has no weight for trait {absent[0]}")
-        extra = [t for t in best if t not in traits]
+            raise ConfigError(f"{where}: {key} has no weight for trait {absent[0]}")
+        extra = [t for t in chosen if t not in traits]
         if extra:
-            raise ConfigError(f"{where}: best_weights names {extra[0]}, which is not among traits {traits}")
-        numbers = [data["layer"], data["alpha"], data["num_evaluations"], *best.values()]
+            raise ConfigError(f"{where}: {key} names {extra[0]}, which is not among traits {traits}")
+        numbers = [data["layer"], data["alpha"], data["num_evaluations"], *chosen.values()]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
-            raise ConfigError(f"{where}: layer, alpha, num_evaluations and best_weights must be numbers")
+            raise ConfigError(f"{where}: layer, alpha, num_evaluations and {key} must be numbers")
+        selected = str(data.get("selected", "best"))
+        if selected not in SELECTIONS:
+            raise ConfigError(f"{where}: selected must be one of {', '.join(SELECTIONS)}, got {selected!r}")
         steering = (data.get("config") or {}).get("steering") or {}
         return cls(
             persona_id=check_persona_id(str(data["persona_id"]), f"{where}: persona_id"),
             traits=[str(t) for t in traits],
-            best_weights={str(k): float(v) for k, v in best.items()},
+            selected_weights={str(k): float(v) for k, v in chosen.items()},
             layer=int(data["layer"]),
             alpha=float(data["alpha"]),
             num_evaluations=int(data["num_evaluations"]),
@@ -150,7 +174,8 @@ class PersonaRecord:
             residual_scale=_float(data.get("residual_scale")),
             fingerprint=_str(data.get("fingerprint")),
             judge=_str(data.get("judge")),
-            best_score=_float(data.get("best_score")),
+            score=_float(data.get("score" if key == "weights" else "best_score")),
+            selected=selected,
             config_digest=_str(data.get("config_digest")),
             data=data,
             source=source,
@@ -185,12 +210,12 @@ class PersonaRecord:
 
     def save(self, files: PersonaFiles) -> Path:
         """Write the result JSON and the short best-weights file; returns the result's path."""
-        atomic_write_json(files.best_weights, {k: self.data.get(k) for k in BEST_WEIGHTS_KEYS})
+        atomic_write_json(files.best_weights, {k: self.data[k] for k in BEST_WEIGHTS_KEYS if k in self.data})
         return atomic_write_json(files.result, self.data)
 
     def weights(self, traits: list[str]) -> torch.Tensor:
-        """The best weights in the order of ``traits``: [k]."""
-        return torch.tensor([self.best_weights[t] for t in traits])
+        """The served weights (``selected_weights``) in the order of ``traits``: [k]."""
+        return torch.tensor([self.selected_weights[t] for t in traits])
 
     def check_basis(self, basis: TraitBasis) -> None:
         """Refuse a basis whose vectors or model differ from those this record was optimised with."""

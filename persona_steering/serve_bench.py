@@ -240,7 +240,8 @@ def _scratch_personas(cfg: Config, rt: Runtime, root: Path, count: int, rows: in
         record = {
             "persona_id": f"bench{i}",
             "traits": cfg.traits,
-            "best_weights": weights,
+            "selected": "mean",
+            "weights": weights,
             "num_evaluations": 0,
             "layer": layer,
             "alpha": cfg.steering.alpha,

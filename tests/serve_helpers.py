@@ -22,13 +22,14 @@ def write_persona(save_dir: Path, persona_id: str, weights: dict[str, float], la
     data = {
         "persona_id": persona_id,
         "traits": TRAITS,
-        "best_weights": weights,
+        "selected": "mean",
+        "weights": weights,
         "num_evaluations": 8,
         "layer": layer,
         "alpha": 2.0,
         "judge": "embedding",
-        "best_score": 0.42,
-        "best_parts": {"style": 0.5, "relevance": 0.3},
+        "score": 0.42,
+        "parts": {"style": 0.5, "relevance": 0.3},
     }
     path = save_dir / f"{persona_id}_optimization.json"
     path.write_text(json.dumps(data))

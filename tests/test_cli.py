@@ -228,16 +228,21 @@ def test_stage_text_is_rendered_by_the_stage_modules():
     from persona_steering.steer import render_examples
 
     r = {
+        "selected": "mean",
+        "weights": {"R1": 0.25, "R2": -0.5},
         "best_weights": {"R1": 0.5, "R2": -1.0},
         "best_score": 3.5,
         "mean_score": 3.0,
         "baseline_score": 2.25,
     }
     assert render_result(r).splitlines() == [
-        "best weights  R1=+0.50  R2=-1.00",
-        "persona fit   best 3.500   mean-of-search 3.000   unsteered 2.250",
+        "mean weights  R1=+0.25  R2=-0.50",
+        "persona fit   best candidate 3.500   search mean 3.000   unsteered 2.250",
     ]
-    assert render_personas({"p1": r}).splitlines()[-1] == "| p1 | 3.500 | 3.000 | 2.250 | R1=+0.50 R2=-1.00 |"
+    row = "| p1 | 3.500 | 3.000 | 2.250 | mean | R1=+0.25 R2=-0.50 |"
+    assert render_personas({"p1": r}).splitlines()[-1] == row
+    legacy = {k: v for k, v in r.items() if k not in ("selected", "weights")}  # before optimize.select
+    assert render_result(legacy).splitlines()[0] == "best weights  R1=+0.50  R2=-1.00"
     summary = {"persona_id": "p1", "layers": [{**r, "layer": 10}], "best_layer": 10, "best_score": 3.5}
     assert render_layers(summary).splitlines()[-2:] == [
         "| 10 | 3.500 | 3.000 | 2.250 |",

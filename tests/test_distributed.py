@@ -141,7 +141,7 @@ def test_optimize_on_two_ranks_equals_one_process(reference):
         _command("optimize", overrides, "--save-dir", str(save), "--cache-dir", str(tmp_path / "c2")),
         tmp_path,
     )
-    assert done.stdout.count("best weights") == 1 and done.stdout.count("cache: ") == 1
+    assert done.stdout.count("persona fit   best candidate") == 1 and done.stdout.count("cache: ") == 1
     assert _files(save) == [
         "p1.lock",
         "p1_best_weights.json",

@@ -40,6 +40,7 @@ ALL_METHODS = [
     "grid",
     "proposed",
     "proposed-mean",
+    "proposed-best",
     "prompt+proposed",
 ]
 SAMPLES = 3  # the default evaluate.samples: each prompt is answered 1 + 3 times
@@ -152,6 +153,9 @@ def write_result(root: Path, weights: dict[str, float], evaluations: int = 4) ->
         "persona_id": "p1",
         "layer": 2,
         "alpha": 2.0,
+        "selected": "best",
+        "weights": weights,
+        "score": 3.2,
         "best_weights": weights,
         "best_score": 3.2,
         "num_iterations": 1,
@@ -176,7 +180,8 @@ def test_evaluate_end_to_end_then_warm_rerun_does_no_work(project, monkeypatch, 
     printed = capsys.readouterr().out
     out = root / "runs" / "p1_evaluation"
     data = json.loads(out.with_suffix(".json").read_text())
-    assert list(data["methods"]) == ALL_METHODS and data["skipped"] == {}
+    run = [m for m in ALL_METHODS if m != "proposed-best"]  # the result serves its best candidate
+    assert list(data["methods"]) == run and list(data["skipped"]) == ["proposed-best"]
     assert data["layer"] == 2 and data["num_prompts"] == 3 and data["prompts"] == HELDOUT
     assert data["answers_per_prompt"] == 1 + SAMPLES and data["sampling"]["seeds"] == [1, 2, 3]
     for method in data["methods"].values():
@@ -188,9 +193,9 @@ def test_evaluate_end_to_end_then_warm_rerun_does_no_work(project, monkeypatch, 
     assert scores["base"]["persona_fit"]["vs_base"] is None
     assert scores["proposed"]["persona_fit"]["vs_base"]["n"] == 3
     assert scores["proposed"]["persona_fit"]["vs_prompt"]["n"] == 3
-    tests = [scores[m]["persona_fit"]["vs_base"] for m in ALL_METHODS[1:]]
+    tests = [scores[m]["persona_fit"]["vs_base"] for m in run[1:]]
     assert [t["p_holm"] for t in tests] == pytest.approx(holm([t["p"] for t in tests]))
-    for method in ALL_METHODS:
+    for method in run:
         fit = scores[method]["persona_fit"]
         assert fit["n"] == 3 and fit["low"] <= fit["mean"] <= fit["high"]
         assert 1.0 <= fit["mean"] <= 5.0
@@ -216,6 +221,7 @@ def test_evaluate_end_to_end_then_warm_rerun_does_no_work(project, monkeypatch, 
     assert info["proposed"]["weights"] == {"T1": 1.5, "T2": -0.8}
     assert info["proposed-mean"]["weights"] == {"T1": 0.75, "T2": -0.4}
     assert info["proposed-mean"]["norm"] == pytest.approx(info["proposed"]["norm"] / 2, rel=1e-5)
+    assert "proposed-best" not in data["methods"] and "`proposed`" in data["skipped"]["proposed-best"]
     assert data["methods"]["prompt"]["answers"] != data["methods"]["base"]["answers"]
     md = out.with_suffix(".md").read_text()
     assert "| prompt+proposed |" in md and "n/a" in md
@@ -259,7 +265,14 @@ def test_without_optimisation_result_methods_are_skipped_or_refused(project, cap
     assert cli(overrides, "--num-prompts", "2") == 0
     data = json.loads((root / "runs" / "p1_evaluation.json").read_text())
     assert list(data["methods"]) == ["base", "prompt", "prompt-short", "meandiff", "pca"]
-    assert set(data["skipped"]) == {"random_search", "grid", "proposed", "proposed-mean", "prompt+proposed"}
+    assert set(data["skipped"]) == {
+        "random_search",
+        "grid",
+        "proposed",
+        "proposed-mean",
+        "proposed-best",
+        "prompt+proposed",
+    }
     assert data["num_prompts"] == 2
     assert data["methods"]["meandiff"]["info"]["strength"] == 1.0  # the documented default
     assert "proposed skipped: no optimisation result" in (root / "runs" / "p1_evaluation.md").read_text()
@@ -310,7 +323,7 @@ def test_empty_prompts_and_vectors_of_another_model(project, capsys, tiny_model_
     data = json.loads(path.read_text())
     data["traits"] = ["T1", "T2"]
     path.write_text(json.dumps(data))
-    assert_refused(root, overrides, [], "best_weights has no weight for trait T2", capsys)
+    assert_refused(root, overrides, [], "weights has no weight for trait T2", capsys)
 
 
 def test_registry_finds_every_method_module():
@@ -321,6 +334,7 @@ def test_registry_finds_every_method_module():
         "grid",
         "proposed",
         "proposed-mean",
+        "proposed-best",
         "prompt+proposed",
     }
 
@@ -492,7 +506,7 @@ def fake_context(weights: list[float] | None, budget: int, **optimize) -> Contex
     )
     persona = types.SimpleNamespace(profile="A plain speaker. Says little.", short_prompt=None)
     rt = types.SimpleNamespace(hidden_size=4)
-    result = PersonaRecord("p1", ["A", "B"], {"A": 0.0, "B": 0.0}, 20, 0.1, budget, best_score=3.0)
+    result = PersonaRecord("p1", ["A", "B"], {"A": 0.0, "B": 0.0}, 20, 0.1, budget, score=3.0)
     return Context(cfg, rt, None, basis, persona, None, ["t0"], result)
 
 
@@ -634,3 +648,35 @@ def test_every_answer_setting_has_its_own_generation_cache_key(tiny_rt):
     assert len(answer_settings(load_config(None, ["evaluate.samples=0"]))) == 1
     with pytest.raises(ConfigError, match="evaluate.sample_temperature must be > 0"):
         load_config(None, ["evaluate.sample_temperature=0"])
+
+
+@pytest.mark.parametrize("selected", ["mean", "best"])
+def test_proposed_steers_the_served_weights_and_the_other_candidate_is_its_own_method(selected):
+    from persona_steering.evaluate.methods import proposed
+
+    best, mean = {"A": 1.0, "B": -0.5}, {"A": 0.25, "B": 0.5}
+    served, other = (mean, best) if selected == "mean" else (best, mean)
+    ctx = fake_context(None, 8)
+    data = {
+        "persona_id": "p1",
+        "traits": ["A", "B"],
+        "layer": 20,
+        "alpha": 0.1,
+        "num_evaluations": 8,
+        "selected": selected,
+        "weights": served,
+        "best_weights": best,
+        "mean_weights": mean,
+    }
+    ctx.result = PersonaRecord.from_dict(data)
+    assert proposed.plan(ctx, ["q"]).info["weights"] == served
+    assert proposed.plan_with_prompt(ctx, ["q"]).requests[0].system == ctx.persona.profile
+    alternative, same = (proposed.plan_best, proposed.plan_mean)
+    if selected == "best":
+        alternative, same = same, alternative
+    plan = alternative(ctx, ["q", "r"])
+    assert plan.info["weights"] == other and torch.equal(
+        plan.deltas[1], torch.tensor([*other.values(), 0, 0])
+    )
+    with pytest.raises(MethodSkipped, match=f"optimize.select={selected}"):
+        same(ctx, ["q"])

@@ -43,7 +43,9 @@ def exported(tmp_path: Path, tiny_model_dir: Path) -> tuple[list[str], Path]:
         "persona_id": "p1",
         "layer": 2,
         "alpha": 0.75,
-        "best_weights": {"T1": 1.25, "T2": -0.5},
+        "selected": "mean",
+        "weights": {"T1": 1.25, "T2": -0.5},  # the served search mean: what is exported
+        "best_weights": {"T1": 2.0, "T2": 1.0},
         "traits": TRAITS,
         "num_evaluations": 16,
         "residual_scale": basis.scale,

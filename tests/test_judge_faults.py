@@ -28,7 +28,16 @@ FAULTS = {
     "non-json": 0.02,
     "non-utf8": 0.01,
 }
-SAME = ("best_weights", "best_score", "optimization_history", "mean_weights", "history", "mean_score")
+SAME = (
+    "weights",
+    "score",
+    "best_weights",
+    "best_score",
+    "optimization_history",
+    "mean_weights",
+    "history",
+    "mean_score",
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -15,6 +15,7 @@ from persona_steering.cache import Cache
 from persona_steering.cli import main
 from persona_steering.config import load_config
 from persona_steering.optimize import run_optimize
+from persona_steering.record import PersonaFiles, PersonaRecord
 
 SEED_000_FIELDS = {
     "persona_id",
@@ -22,6 +23,9 @@ SEED_000_FIELDS = {
     "alpha",
     "best_weights",
     "best_score",
+    "selected",
+    "weights",
+    "score",
     "num_iterations",
     "num_evaluations",
     "optimization_history",
@@ -38,12 +42,17 @@ def test_optimize_writes_seed_000_outputs_and_rerun_does_no_work(project, monkey
     assert set(saved["best_weights"]) == {"T1", "T2"}
     assert saved["optimization_history"]["iterations"] == [1, 2, 3, 4]
     assert saved["best_score"] == max(saved["optimization_history"]["best_scores"])
+    # By default the run serves the final search mean, scored once more at the end (docs/proposed_mean.md).
+    assert saved["selected"] == "mean" and saved["weights"] == saved["mean_weights"]
+    assert saved["score"] == saved["mean_score"] and saved["parts"] == saved["mean_parts"]
+    assert saved["weights"] != saved["best_weights"]
     # The embedding judge gives an unchanged answer neutral style, exactly; relevance is a rank
     # among the prompt pool, which the tiny model's random text need not win.
     assert saved["baseline_parts"]["style"] == 0.5 and 0.0 <= saved["baseline_parts"]["relevance"] <= 1.0
     assert set(saved["best_parts"]) == {"style", "relevance", "fluency"}
     best = json.loads((tmp_path / "runs" / "p1_best_weights.json").read_text())
-    assert best["best_weights"] == saved["best_weights"] and best["config_digest"] == saved["config_digest"]
+    assert best["weights"] == saved["weights"] and best["config_digest"] == saved["config_digest"]
+    assert best["best_weights"] == saved["best_weights"] and best["selected"] == "mean"
     assert (tmp_path / "runs" / "p1_convergence.png").read_bytes()[:4] == b"\x89PNG"
     assert result["best_score"] == saved["best_score"]
 
@@ -53,6 +62,27 @@ def test_optimize_writes_seed_000_outputs_and_rerun_does_no_work(project, monkey
     monkeypatch.setattr("persona_steering.optimize.load_runtime", no_load)
     again = run_optimize(load_config(None, overrides), log=lambda *_: None)
     assert again == saved
+
+
+def test_serving_the_best_candidate_instead_refinishes_the_run_from_the_cache(project):
+    tmp_path, overrides = project
+    mean = run_optimize(load_config(None, overrides), log=lambda *_: None)
+    lines: list[str] = []
+    best = run_optimize(load_config(None, [*overrides, "optimize.select=best"]), log=lines.append)
+    assert best["selected"] == "best" and best["weights"] == best["best_weights"] == mean["best_weights"]
+    assert best["score"] == best["best_score"] and best["parts"] == best["best_parts"]
+    # the same trajectory and the same mean, only another choice at the end; nothing re-run
+    assert best["history"] == mean["history"] and best["mean_score"] == mean["mean_score"]
+    assert best["config_digest"] == mean["config_digest"]
+    assert any("reporting the best weights instead" in line for line in lines)
+    # No verdict is asked again. The best candidate's answers are generated again at most once per
+    # prompt: its delta, computed alone, may differ in the last float bits from the population's.
+    misses = json.loads(lines[-1].removeprefix("cache: "))["misses"]
+    assert set(misses) <= {"generation"} and misses.get("generation", 0) <= 2  # 2 training prompts
+    short = json.loads((tmp_path / "runs" / "p1_best_weights.json").read_text())
+    assert short["selected"] == "best" and short["weights"] == best["best_weights"]
+    record = PersonaRecord.require(PersonaFiles(tmp_path / "runs", "p1"))
+    assert record.selected == "best" and record.selected_weights == best["best_weights"]
 
 
 def test_stale_temp_files_of_a_killed_run_are_removed_at_start(project):
@@ -212,8 +242,9 @@ def test_layer_sweep_loads_once_and_reports_best_layer(project, monkeypatch):
     cfg = load_config(None, overrides + ["optimize.max_iterations=2", "optimize.layers=1,3"])
     summary = optimize.run_layers(cfg, cfg.optimize.layers, log=lambda *_: None)
     assert [r["layer"] for r in summary["layers"]] == [1, 3] and len(loads) == 1
-    best = max(summary["layers"], key=lambda r: r["best_score"])
-    assert summary["best_layer"] == best["layer"] and summary["best_score"] == best["best_score"]
+    best = max(summary["layers"], key=lambda r: r["score"])  # by the served (mean) weights' fit
+    assert summary["best_layer"] == best["layer"] and summary["best_score"] == best["score"]
+    assert all(r["selected"] == "mean" and r["score"] == r["mean_score"] for r in summary["layers"])
     # each layer's row is that layer's own result file, and the summary file holds the same rows
     assert json.loads((tmp_path / "runs" / "p1_layers.json").read_text())["layers"] == summary["layers"]
     for r in summary["layers"]:
@@ -314,7 +345,7 @@ def test_persona_axis_is_the_meandiff_direction_weighed_beside_the_traits(projec
         log=lambda *_: None,
     )
     proposed = out["methods"]["proposed"]["info"]
-    assert proposed["weights"] == result["best_weights"]
+    assert proposed["weights"] == result["weights"]
     assert out["methods"]["meandiff"]["info"]["cosine_with_traits"].keys() == {"T1", "T2", "P"}
     assert out["methods"]["meandiff"]["info"]["cosine_with_traits"]["P"] == pytest.approx(1.0, abs=1e-5)
 

@@ -13,7 +13,11 @@ from persona_steering.store import VectorFileError
 DATA = {
     "persona_id": "p1",
     "traits": ["R1", "R2"],
-    "best_weights": {"R1": 0.5, "R2": -1.25},
+    "selected": "mean",
+    "weights": {"R1": 0.5, "R2": -1.25},
+    "score": 3.0,
+    "best_weights": {"R1": 0.75, "R2": -1.5},
+    "mean_weights": {"R1": 0.5, "R2": -1.25},
     "layer": 20,
     "alpha": 0.1,
     "num_evaluations": 64,
@@ -49,9 +53,22 @@ def test_save_load_round_trip_typed(tmp_path):
     assert (record.layer, record.alpha, record.positions, record.vector_method) == (20, 0.1, "all", "svd")
     assert record.data == DATA and record.source == files.result
     assert torch.equal(record.weights(["R2", "R1"]), torch.tensor([-1.25, 0.5]))
+    assert (record.selected, record.score) == ("mean", 3.0)
     short = json.loads(files.best_weights.read_text())
     assert short == {
-        k: DATA[k] for k in ("persona_id", "layer", "alpha", "best_weights", "best_score", "config_digest")
+        k: DATA[k]
+        for k in (
+            "persona_id",
+            "layer",
+            "alpha",
+            "selected",
+            "weights",
+            "score",
+            "best_weights",
+            "best_score",
+            "mean_weights",
+            "config_digest",
+        )
     }
     with pytest.raises(ConfigError, match="holds persona 'p1', not 'p2'"):
         files.result.rename(tmp_path / "p2_optimization.json")
@@ -62,8 +79,9 @@ def test_save_load_round_trip_typed(tmp_path):
     "change, message",
     [
         ({"layer": "20"}, "must be numbers"),
-        ({"best_weights": {"R1": 1.0}}, "no weight for trait R2"),
-        ({"best_weights": {"R1": 1.0, "R2": 0.0, "R9": 1.0}}, "names R9"),
+        ({"weights": {"R1": 1.0}}, "weights has no weight for trait R2"),
+        ({"weights": {"R1": 1.0, "R2": 0.0, "R9": 1.0}}, "names R9"),
+        ({"selected": "median"}, "selected must be one of mean, best"),
         ({"persona_id": "../x"}, "not a usable persona id"),
     ],
 )
@@ -72,6 +90,14 @@ def test_bad_results_are_refused_with_the_field(change, message):
         PersonaRecord.from_dict({**DATA, **change})
     with pytest.raises(ConfigError, match="missing field 'alpha'"):
         PersonaRecord.from_dict({k: v for k, v in DATA.items() if k != "alpha"})
+
+
+def test_a_result_from_before_optimize_select_serves_its_best_candidate():
+    legacy = {k: v for k, v in DATA.items() if k not in ("selected", "weights", "score", "mean_weights")}
+    record = PersonaRecord.from_dict(legacy)
+    assert (record.selected, record.selected_weights, record.score) == ("best", legacy["best_weights"], 3.2)
+    with pytest.raises(ConfigError, match="missing field 'weights'"):
+        PersonaRecord.from_dict({k: v for k, v in legacy.items() if k != "best_weights"})
 
 
 def test_changed_vectors_or_model_refused_with_one_message():

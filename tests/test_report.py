@@ -111,8 +111,12 @@ def test_report_has_every_section_embedded_images_and_the_evaluation(finished, t
         assert part in page.cells
     loop = evaluation["scores"]["embedding"]["proposed"]["loop_rate"]
     assert fmt_interval(loop["mean"], loop["low"], loop["high"]) in page.cells
-    best = result["best_parts"]
-    assert f"style {best['style']:.2f}" in text and "(not optimised against)" not in text
+    served = result["parts"]  # the search mean's, which the run serves by default
+    assert (
+        result["selected"] == "mean"
+        and f"style {served['style']:.2f}" in text
+        and "(not optimised against)" not in text
+    )
 
 
 def test_text_is_escaped_and_missing_files_leave_notes(finished):
@@ -126,12 +130,12 @@ def test_text_is_escaped_and_missing_files_leave_notes(finished):
     assert page.balanced and "script" not in page.tags and "b" not in page.tags
     assert text.count("&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &lt;b&gt;bold&lt;/b&gt;") == 2
     assert NASTY in page.cells
-    nasty_trait = {**result, "traits": ["<T1>"], "best_weights": {"<T1>": 1.0}}
+    nasty_trait = {**result, "traits": ["<T1>"], "weights": {"<T1>": 1.0}, "best_weights": {"<T1>": 1.0}}
     assert "&lt;T1&gt;" in render_report(PersonaRecord.from_dict(nasty_trait), None)
     with pytest.raises(ConfigError, match="not a usable persona id"):
         PersonaRecord.from_dict({**result, "persona_id": "<p1>"})
 
-    examples = [{"prompt": "hi", "baseline": "b0", "best": NASTY}]
+    examples = [{"prompt": "hi", "baseline": "b0", "steered": NASTY}]
     bare = render_report(PersonaRecord.from_dict({**result, "examples": examples}), None)
     page = Page(bare)
     assert page.balanced and page.sections == SECTIONS and len(page.images) == 1  # the weights, drawn here

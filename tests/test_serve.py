@@ -57,7 +57,7 @@ def test_models_lists_base_and_personas_with_metadata(client):
     assert {"base", *PERSONAS} <= set(models)
     meta = models["grandpa"].model_extra["metadata"]
     assert meta["weights"] == PERSONAS["grandpa"]
-    assert meta["layer"] == 2 and meta["alpha"] == 2.0 and meta["best_score"] == 0.42
+    assert meta["layer"] == 2 and meta["alpha"] == 2.0 and meta["score"] == 0.42
     assert meta["scores"] == {"style": 0.5, "relevance": 0.3}
 
 

@@ -132,7 +132,16 @@ def build_project(
     return overrides
 
 
-RUN_KEYS = ("best_weights", "best_score", "optimization_history", "mean_weights", "history", "config_digest")
+RUN_KEYS = (
+    "weights",
+    "score",
+    "best_weights",
+    "best_score",
+    "optimization_history",
+    "mean_weights",
+    "history",
+    "config_digest",
+)
 """What two optimisation results must share to be the same run (where it was saved may differ)."""
 
 

@@ -34,7 +34,7 @@ def plan(ctx: Context, prompts: list[str]) -> Plan:
         "train_prompts": len(ctx.train_prompts),
         "weights": dict(zip(ctx.basis.traits, map(float, found.best), strict=True)),
         "train_objective": found.value,
-        "train_fit_proposed": ctx.result.best_score,
+        "train_fit_proposed": ctx.result.score,
         "missing_verdicts": int(sum(s.expected - s.verdicts for s in scored)),
     }
     return Plan([Request(p) for p in prompts], ctx.weight_deltas(weights, len(prompts)), info)

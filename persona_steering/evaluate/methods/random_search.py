@@ -42,7 +42,7 @@ def plan(ctx: Context, prompts: list[str]) -> Plan:
         "train_prompts": len(ctx.train_prompts),
         "weights": dict(zip(ctx.basis.traits, map(float, weights), strict=True)),
         "train_fit": scored[best].fit,
-        "train_fit_proposed": ctx.result.best_score,
+        "train_fit_proposed": ctx.result.score,
         "missing_verdicts": int(sum(s.expected - s.verdicts for s in scored)),
     }
     return Plan([Request(p) for p in prompts], ctx.weight_deltas(weights, len(prompts)), info)
