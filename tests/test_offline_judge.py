@@ -230,3 +230,26 @@ def test_a_new_judge_runs_the_model_only_on_texts_the_cache_has_not_seen(
 def test_missing_contrast_is_no_verdict(judge: OfflineJudge) -> None:
     q = Query("persona_fit", QUESTIONS[0], "hi", baseline="hello", samples=SAMPLES)
     assert judge.judge([q])[0].score is None
+
+
+def test_a_verdict_of_the_model_at_another_precision_is_not_reused(
+    judge: OfflineJudge, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """bf16 gives other log-probabilities, so another fluency and verdict: its own cache entries."""
+    from persona_steering.config import ModelConfig
+    from persona_steering.runtime import load_runtime
+
+    bf16 = load_runtime(
+        ModelConfig(name=str(tiny_model_dir), accelerator="cpu", precision="bf16-true"),
+        cache_dir=tiny_model_dir / "cache",
+    )
+    assert bf16.fingerprint == judge.runtime.fingerprint  # the same weights file
+    q = query("i remember the rain on my walk home .", "i had a good day .")
+    with Cache(tmp_path / "cache") as cache:
+        [fp32] = judge.judge([q], cache)
+        [again] = OfflineJudge(bf16, judge.embedder).judge([q], cache)
+        assert cache.count("verdict") == 2 and not again.meta.get("cached")
+        [hit] = OfflineJudge(bf16, judge.embedder).judge([q], cache)
+    assert hit.meta.get("cached") and hit.score == again.score
+    assert "precision" not in judge.identity()  # float32 keys as before the field existed
+    assert fp32.score is not None and again.score is not None

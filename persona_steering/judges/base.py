@@ -91,6 +91,13 @@ DECIMALS = 4
 a cached score; 1e-4 is far below any difference that matters."""
 
 
+def precision_key(runtime: Any) -> dict[str, str]:
+    """The judging model's precision for a verdict's cache key: other numerics, other log-probabilities.
+    Float32 is left out, so that verdicts stored before the key had it still count."""
+    precision = str(runtime.precision)
+    return {} if precision == "32-true" else {"precision": precision}
+
+
 class JudgeError(RuntimeError):
     """A judge cannot work at all (no key, key rejected, quota spent, model missing).
 

@@ -19,7 +19,17 @@ from typing import Any
 import torch
 
 from persona_steering.generation import kv_cache
-from persona_steering.judges.base import SCALES, Judge, Kind, Query, Verdict, combine_fit, render, render_fit
+from persona_steering.judges.base import (
+    SCALES,
+    Judge,
+    Kind,
+    Query,
+    Verdict,
+    combine_fit,
+    precision_key,
+    render,
+    render_fit,
+)
 from persona_steering.runtime import Runtime
 
 log = logging.getLogger("persona_steering.judges")
@@ -67,6 +77,7 @@ class LocalJudge(Judge):
             "backend": self.backend,
             "model": self.runtime.model_id,
             "fingerprint": self.runtime.fingerprint,
+            **precision_key(self.runtime),
         }
 
     def _judge(self, queries: list[Query]) -> list[Verdict]:

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from persona_steering.cache import Cache, digest
 from persona_steering.generation import Request, chat_text, last_logits_only, shared_prefix
 from persona_steering.judges import OFFLINE_VERSION
-from persona_steering.judges.base import Judge, JudgeError, Query, Verdict, fit_verdict
+from persona_steering.judges.base import Judge, JudgeError, Query, Verdict, fit_verdict, precision_key
 from persona_steering.judges.embedding import MODEL_NAME, Embedder, coherence_verdict, relevance
 from persona_steering.runtime import Runtime
 from persona_steering.style import LOOP_N, LOOP_TIMES, loops, repetition, style_features, words
@@ -99,6 +99,7 @@ class OfflineJudge(Judge):
             "fluency_model": self.runtime.fingerprint,
             "folds": FOLDS,
             "l2": L2,
+            **precision_key(self.runtime),
         }
 
     def style_report(self, samples: tuple[str, ...], contrast: tuple[str, ...]) -> dict[str, Any]:
