@@ -50,7 +50,7 @@ from persona_steering.distributed import (
 )
 from persona_steering.generation import Answer, Request, generate, generate_population
 from persona_steering.judges import Judge, JudgeError, Query, Verdict, build_judge, judge_versions
-from persona_steering.judges.ahead import JudgeAhead
+from persona_steering.judges.ahead import JudgeAhead, may_judge_ahead
 from persona_steering.persona_axis import NoContrastError, persona_directions
 from persona_steering.record import PersonaFiles, PersonaRecord
 from persona_steering.runtime import Runtime, identify, load_runtime
@@ -138,13 +138,8 @@ class Objective:
         return self.within_budget(self.judge_texts(texts), weights), texts
 
     def may_judge_ahead(self) -> bool:
-        """Whether ``judge.while_generating`` allows judging a block while the next one generates: never
-        for a judge that runs the policy model, and on ``auto`` not for a CPU judge beside a CPU policy.
-        The same answer on every rank."""
-        mode = self.cfg.judge.while_generating
-        if mode == "never" or self.judge.uses_policy_model:
-            return False
-        return not (mode == "auto" and self.judge.computes_on_cpu and self.rt.device.type == "cpu")
+        """``judges.ahead.may_judge_ahead`` for this objective's judge: the same answer on every rank."""
+        return may_judge_ahead(self.cfg.judge.while_generating, self.judge, self.rt.device.type)
 
     def row_queries(self, p: int, answer: str) -> list[Query]:
         """The judge queries of one steered answer to prompt ``p``: its fit, and coherence if asked."""

@@ -16,6 +16,7 @@ from persona_steering.bench import METHODS, BenchSettings, run_bench
 from persona_steering.cli import main
 from persona_steering.config import BenchConfig, ConfigError, load_config
 from persona_steering.runtime import identify
+from persona_steering.traits import load_prompts
 
 PROMPTS = ["how was your day ?", "what should i cook for dinner ?", "tell me about a trip", "hello !"]
 # One thread: the tiny model gains nothing from two, and a busy shared CPU slows OpenMP kernels badly.
@@ -131,6 +132,10 @@ def test_bench_cli_writes_outputs_and_methods_agree(tmp_path: Path, overrides: l
         r = ahead[name]
         assert r["after_s"] > 0 and r["while_generating_s"] > 0 and r["same_fits"] is True
         assert r["saved_s"] == pytest.approx(r["after_s"] - r["while_generating_s"])
+    ev = ahead["evaluate"]  # a cold evaluate of the stage's optimisation, the fake server judging
+    heldout = load_prompts(load_config(None, overrides).optimize.prompts_file, "heldout")[: s["num_prompts"]]
+    assert ev["rows"] == 3 * len(heldout) * 4 and ev["sets"] == 4 and ev["same_scores"] is True
+    assert ev["speedup"] == pytest.approx(ev["after_s"] / ev["while_generating_s"])
     table = (out / "bench.md").read_text()
     assert "| per-row (ours) | 1 | 3 | 9 |" in table and "9/9" in table and table in printed
     assert (
@@ -140,6 +145,7 @@ def test_bench_cli_writes_outputs_and_methods_agree(tmp_path: Path, overrides: l
         and "cold vectors, activations recorded while generating" in table
         and "judge while generating" in table
         and "| openai |" in table
+        and "cold evaluate (base, prompt, proposed;" in table
     )
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert not list(out.glob(".*tmp"))

@@ -680,3 +680,38 @@ def test_proposed_steers_the_served_weights_and_the_other_candidate_is_its_own_m
     )
     with pytest.raises(MethodSkipped, match=f"optimize.select={selected}"):
         same(ctx, ["q"])
+
+
+def test_held_out_answers_judged_while_generating_give_the_same_evaluation(project, monkeypatch):
+    import threading
+
+    from persona_steering.judges.embedding import EmbeddingJudge
+
+    root, overrides = project
+    write_result(root, {"T1": 1.5, "T2": -0.8})
+    threads: list[str] = []
+    real = EmbeddingJudge._judge
+
+    def spy(self, queries):
+        threads.append(threading.current_thread().name)
+        return real(self, queries)
+
+    monkeypatch.setattr(EmbeddingJudge, "_judge", spy)
+    runs = {}
+    for ahead in (False, True):
+        threads.clear()
+        extra = [
+            f"judge.while_generating={'always' if ahead else 'auto'}",  # auto: not beside a CPU policy
+            "generation.max_batch=4",  # several blocks per answer set
+            f"cache_dir={root / f'cache-{ahead}'}",  # nothing judged for one run helps the other
+            "evaluate.num_prompts=3",
+        ]
+        assert cli([*overrides, *extra], "--methods", "base,prompt,proposed") == 0
+        runs[ahead] = json.loads((root / "runs" / "p1_evaluation.json").read_text())
+        if ahead:
+            # every verdict came from the background, block by block; the main thread found them cached
+            assert threads and all(t.startswith("judge-ahead") for t in threads) and len(threads) > 4
+        else:
+            assert threads and all(t == threading.main_thread().name for t in threads)
+    assert runs[True]["scores"] == runs[False]["scores"]
+    assert runs[True]["methods"] == runs[False]["methods"]

@@ -94,3 +94,61 @@ def bench_ahead(cfg: Config, rt: Runtime, scratch: Path, delay: float, log: Any 
             r["saved_s"] = r["after_s"] - r["while_generating_s"]
             r["speedup"] = r["after_s"] / max(r["while_generating_s"], 1e-9)
     return out
+
+
+def bench_ahead_evaluate(
+    cfg: Config, rt: Runtime, scratch: Path, delay: float, log: Any = print
+) -> dict[str, Any]:
+    """Seconds of a cold ``evaluate`` (base, prompt and proposed on ``cfg.evaluate.num_prompts``
+    held-out prompts, greedy and sampled) scored by an OpenAI-compatible judge replying after
+    ``delay``: judged after all answers against judged while the next block generates.
+
+    ``cfg`` is a finished optimisation's (its result is what ``proposed`` steers with). Each run gets
+    a copy of ``cfg.cache_dir``, so its held-out answers and verdicts are computed cold.
+    """
+    from persona_steering.evaluate.run import answer_settings, run_evaluate
+    from persona_steering.traits import load_prompts
+
+    methods = ["base", "prompt", "proposed"]
+    prompts = len(load_prompts(cfg.optimize.prompts_file, "heldout")[: cfg.evaluate.num_prompts or None])
+    per_set = len(methods) * prompts
+    gen = dataclasses.replace(cfg.generation, max_batch=math.ceil(per_set / AHEAD_BLOCKS))
+    sets = len(answer_settings(cfg))
+    out: dict[str, Any] = {"rows": per_set * sets, "sets": sets, "blocks": AHEAD_BLOCKS, "delay_s": delay}
+    with (
+        FakeOpenAI(content="4", delay=delay, max_requests=1000 * per_set, max_seconds=600) as server,
+        temporary_env(BENCH_KEY_ENV, "sk-bench-dummy"),
+    ):
+        for ahead in (False, True):
+            folder = scratch / f"cache-ahead-evaluate-{ahead}"
+            shutil.copytree(cfg.cache_dir, folder)
+            jc = JudgeConfig(
+                backend="openai",
+                model="bench",
+                base_url=server.base_url,
+                api_key_env=BENCH_KEY_ENV,
+                concurrency=cfg.judge.concurrency,
+                timeout=30.0,
+                max_attempts=2,
+                while_generating="always" if ahead else "never",
+            )
+            run_cfg = dataclasses.replace(
+                cfg,
+                cache_dir=str(folder),
+                generation=gen,
+                judge=jc,
+                evaluate=dataclasses.replace(cfg.evaluate, methods=methods, judges=["openai"]),
+            )
+            sync(rt)
+            started = time.perf_counter()
+            summary = run_evaluate(run_cfg, rt, log=lambda *_: None)
+            sync(rt)
+            seconds = time.perf_counter() - started
+            label = "while_generating" if ahead else "after"
+            out[f"{label}_s"] = seconds
+            out[f"{label}_scores"] = summary["scores"]
+            log(f"  evaluate, judge openai {label:<16}: {seconds:7.2f} s, {out['rows']} answers")
+    out["same_scores"] = out.pop("after_scores") == out.pop("while_generating_scores")
+    out["saved_s"] = out["after_s"] - out["while_generating_s"]
+    out["speedup"] = out["after_s"] / max(out["while_generating_s"], 1e-9)
+    return out

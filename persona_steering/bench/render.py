@@ -205,6 +205,27 @@ def _ahead_lines(ahead: dict[str, Any] | None) -> list[str]:
         "",
         *_table(["judge", "judged after s", "while generating s", "saved s", "speedup", "same fits"], rows),
         "",
+        *_ahead_evaluate_lines(ahead.get("evaluate")),
+    ]
+
+
+def _ahead_evaluate_lines(ev: dict[str, Any] | None) -> list[str]:
+    """A cold evaluate judged by the fake OpenAI server, after against while generating."""
+    if not ev:
+        return []
+    row = [
+        f"{ev['after_s']:.2f}",
+        f"{ev['while_generating_s']:.2f}",
+        f"{ev['saved_s']:+.2f}",
+        f"{ev['speedup']:.2f}x",
+        "yes" if ev["same_scores"] else "NO",
+    ]
+    return [
+        f"cold evaluate (base, prompt, proposed; {ev['rows']} held-out answers in {ev['sets']} sets of "
+        f"{ev['blocks']} blocks), judged by the fake server replying after {ev['delay_s'] * 1000:.0f} ms",
+        "",
+        *_table(["judged after s", "while generating s", "saved s", "speedup", "same scores"], [row]),
+        "",
     ]
 
 

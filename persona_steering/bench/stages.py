@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from persona_steering.bench.ahead import bench_ahead
+from persona_steering.bench.ahead import bench_ahead, bench_ahead_evaluate
 from persona_steering.bench.generation import sync
 from persona_steering.bench.settings import BenchSettings
 from persona_steering.config import Config, JudgeConfig
@@ -75,6 +75,16 @@ def bench_stages(cfg: Config, rt: Runtime, settings: BenchSettings, log: Any = p
                 stage_cfg, optimize=dataclasses.replace(stage_cfg.optimize, num_prompts=settings.num_prompts)
             )
             out["judge_ahead"] = bench_ahead(ahead_cfg, rt, Path(scratch), settings.bench.judge_delay, log)
+            out["judge_ahead"]["evaluate"] = bench_ahead_evaluate(
+                dataclasses.replace(
+                    stage_cfg,
+                    evaluate=dataclasses.replace(stage_cfg.evaluate, num_prompts=settings.num_prompts),
+                ),
+                rt,
+                Path(scratch),
+                settings.bench.judge_delay,
+                log,
+            )
     out.setdefault("optimize", None)
     out.setdefault("judge_ahead", None)
     return out

@@ -20,18 +20,20 @@ from persona_steering import __version__
 from persona_steering.basis import TraitBasis, load_basis
 from persona_steering.cache import Cache, atomic_write_json, atomic_write_text
 from persona_steering.config import PERSONA_AXIS, Config, ConfigError, GenerationConfig
-from persona_steering.contrast import fit_context
+from persona_steering.contrast import FitContext, fit_context
 from persona_steering.evaluate.core import Context, Method, MethodSkipped, Plan, json_safe, registry
 from persona_steering.evaluate.render import plot_evaluation, render_markdown
 from persona_steering.evaluate.scoring import (
     JudgeScores,
     agreement,
+    answer_queries,
     missing_verdicts,
     score_answers,
     summarise,
 )
-from persona_steering.generation import generate
-from persona_steering.judges import build_judge
+from persona_steering.generation import Answer, generate
+from persona_steering.judges import Judge, build_judge
+from persona_steering.judges.ahead import JudgeAhead, may_judge_ahead
 from persona_steering.optimize import _initial_weights
 from persona_steering.record import PersonaFiles, PersonaRecord
 from persona_steering.runtime import Runtime, identify, load_runtime
@@ -98,8 +100,9 @@ def run_evaluate(
             log,
         )
         plans = _plans(ctx, setup)
-        answers = _answer(ctx, plans, setup.prompts)
-        fit = fit_context(rt, setup.cfg, setup.persona, cache)
+        fit = fit_context(rt, setup.cfg, setup.persona, cache)  # unsteered: before, never inside, generate
+        ahead = HeldOutAhead(ctx, judges, setup.traits, fit, setup.prompts)
+        answers = _answer(ctx, plans, setup.prompts, ahead)
         scores = [
             score_answers(j, cache, setup.persona, setup.traits, setup.prompts, answers, fit) for j in judges
         ]
@@ -237,8 +240,11 @@ def _plans(ctx: Context, setup: Setup) -> dict[str, Plan]:
     return plans
 
 
-def _answer(ctx: Context, plans: dict[str, Plan], prompts: list[str]) -> dict[str, list[list[str]]]:
-    """Every method's held-out answer sets [answer][prompt]: one batched generate call per setting.
+def _answer(
+    ctx: Context, plans: dict[str, Plan], prompts: list[str], ahead: HeldOutAhead | None = None
+) -> dict[str, list[list[str]]]:
+    """Every method's held-out answer sets [answer][prompt]: one batched generate call per setting,
+    each block of answers judged by ``ahead`` (when it may) while the next one generates.
 
     Set 0 uses the generation settings (greedy by default) and seed; set s (1..samples) samples at
     ``evaluate.sample_temperature`` with seed ``seed + s``. Both are in every row's cache key.
@@ -247,19 +253,67 @@ def _answer(ctx: Context, plans: dict[str, Plan], prompts: list[str]) -> dict[st
     deltas = torch.cat([p.deltas for p in plans.values()])  # [methods * prompts, hidden]
     n = len(prompts)
     out: dict[str, list[list[str]]] = {name: [] for name in plans}
-    for gen, seed, desc in answer_settings(ctx.cfg):
-        answers = generate(
-            ctx.rt,
-            requests,
-            gen,
-            steering=SteeringSpec(ctx.basis.layer, deltas, ctx.cfg.steering.positions),
-            cache=ctx.cache,
-            seed=seed,
-            desc=desc,
-        )
-        for i, name in enumerate(plans):
-            out[name].append([a.text for a in answers[i * n : (i + 1) * n]])
+    with JudgeAhead(ctx.cache, ahead is not None and ahead.enabled and "base" in plans) as background:
+        for k, (gen, seed, desc) in enumerate(answer_settings(ctx.cfg)):
+            hook = None
+            if background.enabled and ahead is not None:
+                hook = ahead.hook(background, list(plans).index("base") * n if k == 0 else None)
+            answers = generate(
+                ctx.rt,
+                requests,
+                gen,
+                steering=SteeringSpec(ctx.basis.layer, deltas, ctx.cfg.steering.positions),
+                cache=ctx.cache,
+                seed=seed,
+                desc=desc,
+                on_answers=hook,
+            )
+            for i, name in enumerate(plans):
+                out[name].append([a.text for a in answers[i * n : (i + 1) * n]])
     return out
+
+
+class HeldOutAhead:
+    """Judges held-out answers while the next block generates (``judge.while_generating``).
+
+    Every answer is judged against the greedy ``base`` answer to its prompt, so a block is sent once
+    the base answers of the greedy set are known; answers known before that are sent with them. What
+    is not judged ahead is judged by ``score_answers`` afterwards; the verdicts are the same.
+    """
+
+    def __init__(
+        self, ctx: Context, judges: list[Judge], traits: list[Trait], fit: FitContext, prompts: list[str]
+    ) -> None:
+        mode = ctx.cfg.judge.while_generating
+        self.judges = [j for j in judges if may_judge_ahead(mode, j, ctx.rt.device.type)]
+        self.enabled = bool(self.judges)
+        self.traits, self.fit, self.prompts = traits, fit, prompts
+        self.reference: list[str] | None = None  # the greedy base answers, once known
+
+    def hook(self, background: JudgeAhead, base_start: int | None) -> Callable[[dict[int, Answer]], None]:
+        """``generate``'s ``on_answers`` for one answer set; ``base_start``: the first request index
+        of the base answers when this is the greedy set."""
+        n, waiting = len(self.prompts), {}
+
+        def on_answers(known: dict[int, Answer]) -> None:
+            waiting.update(known)
+            if self.reference is None:
+                if base_start is None or any(base_start + i not in waiting for i in range(n)):
+                    return
+                self.reference = [waiting[base_start + i].text for i in range(n)]
+            rows = sorted(waiting.items())
+            waiting.clear()
+            for judge in self.judges:
+                queries = [
+                    q
+                    for r, answer in rows
+                    for _, q in answer_queries(
+                        judge, self.traits, self.fit, self.prompts[r % n], answer.text, self.reference[r % n]
+                    )
+                ]
+                background.submit(judge, queries)
+
+        return on_answers
 
 
 def answer_settings(cfg: Config) -> list[tuple[GenerationConfig, int, str]]:

@@ -62,6 +62,23 @@ def metric_names(traits: list[Trait]) -> list[str]:
     return [FIT, *PARTS, LOOP, COHERENCE, *(f"trait:{t.name}" for t in traits)]
 
 
+def answer_queries(
+    judge: Judge, traits: list[Trait], fit: FitContext, prompt: str, text: str, base: str
+) -> list[tuple[str, Query]]:
+    """(metric, query) for every verdict one answer to ``prompt`` gets from ``judge``: its persona fit
+    against the greedy ``base`` answer to the same prompt, its coherence, and each trait it can score."""
+    out: list[tuple[str, Query]] = [
+        (FIT, fit.query(prompt, text, base)),
+        (COHERENCE, Query(COHERENCE, prompt, text)),
+    ]
+    if "trait" in judge.kinds:
+        out += [
+            (f"trait:{t.name}", Query("trait", prompt, text, rubric=t.eval_prompt, trait=t.name))
+            for t in traits
+        ]
+    return out
+
+
 def score_answers(
     judge: Judge,
     cache: Cache,
@@ -83,19 +100,14 @@ def score_answers(
             answers are the persona-fit reference of every answer.
         fit: what the persona's voice is judged against (``contrast.fit_context``).
     """
-    trait_list = traits if "trait" in judge.kinds else []
     queries: list[Query] = []
     slots: list[tuple[str, str, int, int]] = []  # (method, metric, answer, prompt index) of each query
     base = answers["base"][0]
     for method, j, texts in ((m, j, t) for m, sets in answers.items() for j, t in enumerate(sets)):
         for i, (prompt, text) in enumerate(zip(prompts, texts, strict=True)):
-            queries.append(fit.query(prompt, text, base[i]))
-            slots.append((method, FIT, j, i))
-            queries.append(Query(COHERENCE, prompt, text))
-            slots.append((method, COHERENCE, j, i))
-            for trait in trait_list:
-                queries.append(Query("trait", prompt, text, rubric=trait.eval_prompt, trait=trait.name))
-                slots.append((method, f"trait:{trait.name}", j, i))
+            for metric, query in answer_queries(judge, traits, fit, prompt, text, base[i]):
+                queries.append(query)
+                slots.append((method, metric, j, i))
     verdicts = judge.judge(queries, cache)
     metrics = metric_names(traits)
     per_answer: AnswerTable = {

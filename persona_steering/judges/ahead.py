@@ -18,7 +18,16 @@ from types import TracebackType
 from persona_steering.cache import Cache
 from persona_steering.judges.base import Judge, Query, Verdict
 
-__all__ = ["JudgeAhead"]
+__all__ = ["JudgeAhead", "may_judge_ahead"]
+
+
+def may_judge_ahead(mode: str, judge: Judge, device_type: str) -> bool:
+    """Whether ``judge.while_generating`` (``mode``) lets ``judge`` judge a block while the next one
+    generates on a policy model on ``device_type``: never a judge that runs the policy model, and on
+    ``auto`` not a CPU judge beside a CPU policy (they would compete for the same cores)."""
+    if mode == "never" or judge.uses_policy_model:
+        return False
+    return not (mode == "auto" and judge.computes_on_cpu and device_type == "cpu")
 
 
 class JudgeAhead:
