@@ -715,3 +715,19 @@ def test_held_out_answers_judged_while_generating_give_the_same_evaluation(proje
             assert threads and all(t == threading.main_thread().name for t in threads)
     assert runs[True]["scores"] == runs[False]["scores"]
     assert runs[True]["methods"] == runs[False]["methods"]
+
+
+def test_the_evaluate_bench_writes_nothing_beside_the_users_result(project, tmp_path):
+    from persona_steering.bench.ahead import bench_ahead_evaluate
+    from persona_steering.runtime import load_runtime
+
+    root, overrides = project
+    result = write_result(root, {"T1": 1.5, "T2": -0.8})
+    cfg = load_config(None, [*overrides, "evaluate.num_prompts=2", "evaluate.samples=1"])
+    rt = load_runtime(cfg.model, cfg.cache_dir, cfg.seed)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    out = bench_ahead_evaluate(cfg, rt, scratch, 0.0, log=lambda *_: None)
+    assert out["same_scores"] is True and out["rows"] == 3 * 2 * 2
+    assert sorted(p.name for p in result.parent.iterdir()) == [result.name]
+    assert (scratch / "optimize-ahead-evaluate-True" / "p1_evaluation.json").is_file()

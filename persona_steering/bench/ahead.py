@@ -20,6 +20,7 @@ from persona_steering.bench.judge import BENCH_KEY_ENV, temporary_env
 from persona_steering.cache import Cache
 from persona_steering.config import Config, JudgeConfig
 from persona_steering.fake_openai import FakeOpenAI
+from persona_steering.record import PersonaFiles
 from persona_steering.runtime import Runtime
 
 AHEAD_BLOCKS = 4
@@ -104,12 +105,14 @@ def bench_ahead_evaluate(
     ``delay``: judged after all answers against judged while the next block generates.
 
     ``cfg`` is a finished optimisation's (its result is what ``proposed`` steers with). Each run gets
-    a copy of ``cfg.cache_dir``, so its held-out answers and verdicts are computed cold.
+    a copy of ``cfg.cache_dir``, so its held-out answers and verdicts are computed cold, and of the
+    result, so that the evaluation files go to ``scratch``, never beside the user's result.
     """
     from persona_steering.evaluate.run import answer_settings, run_evaluate
     from persona_steering.traits import load_prompts
 
     methods = ["base", "prompt", "proposed"]
+    files = PersonaFiles(Path(cfg.optimize.save_dir), str(cfg.optimize.persona_id))
     prompts = len(load_prompts(cfg.optimize.prompts_file, "heldout")[: cfg.evaluate.num_prompts or None])
     per_set = len(methods) * prompts
     gen = dataclasses.replace(cfg.generation, max_batch=math.ceil(per_set / AHEAD_BLOCKS))
@@ -122,6 +125,11 @@ def bench_ahead_evaluate(
         for ahead in (False, True):
             folder = scratch / f"cache-ahead-evaluate-{ahead}"
             shutil.copytree(cfg.cache_dir, folder)
+            save_dir = scratch / f"optimize-ahead-evaluate-{ahead}"
+            save_dir.mkdir()
+            for path in (files.result, files.axis):
+                if path.is_file():
+                    shutil.copy2(path, save_dir / path.name)
             jc = JudgeConfig(
                 backend="openai",
                 model="bench",
@@ -138,6 +146,7 @@ def bench_ahead_evaluate(
                 generation=gen,
                 judge=jc,
                 evaluate=dataclasses.replace(cfg.evaluate, methods=methods, judges=["openai"]),
+                optimize=dataclasses.replace(cfg.optimize, save_dir=str(save_dir)),
             )
             sync(rt)
             started = time.perf_counter()
