@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tests_helpers import JUDGE_KEY, JUDGE_KEY_ENV, judge_score
+from tests_helpers import JUDGE_KEY, JUDGE_KEY_ENV, RUN_KEYS, judge_score
 
 from persona_steering.cache import Cache
 from persona_steering.cli import main
@@ -28,16 +28,7 @@ FAULTS = {
     "non-json": 0.02,
     "non-utf8": 0.01,
 }
-SAME = (
-    "weights",
-    "score",
-    "best_weights",
-    "best_score",
-    "optimization_history",
-    "mean_weights",
-    "history",
-    "mean_score",
-)
+SAME = (*(k for k in RUN_KEYS if k != "config_digest"), "mean_score")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tests_helpers import assert_same_run
+from tests_helpers import assert_same_run, judge_threads
 
 from persona_steering.cache import Cache
 from persona_steering.cli import main
@@ -359,18 +359,9 @@ def _slug(cfg):
 def test_judging_while_generating_is_the_same_run_judged_off_the_main_thread(project, monkeypatch):
     import threading
 
-    from persona_steering.judges.embedding import EmbeddingJudge
-
     tmp_path, overrides = project
     base = overrides + ["optimize.max_iterations=2", "generation.max_batch=2"]  # 8 blocks a population
-    threads: list[str] = []
-    real = EmbeddingJudge._judge
-
-    def spy(self, queries):
-        threads.append(threading.current_thread().name)
-        return real(self, queries)
-
-    monkeypatch.setattr(EmbeddingJudge, "_judge", spy)
+    threads = judge_threads(monkeypatch)
     runs = {}
     for ahead in (False, True):
         cfg = load_config(

@@ -166,3 +166,20 @@ def isolated_server(monkeypatch: Any, tmp_path: Any, key_env: str, key: str) -> 
     monkeypatch.chdir(tmp_path)
     with FakeOpenAI() as srv:
         yield srv
+
+
+def judge_threads(monkeypatch: Any) -> list[str]:
+    """The names of the threads the embedding judge computes verdicts on, appended as it does."""
+    import threading
+
+    from persona_steering.judges.embedding import EmbeddingJudge
+
+    threads: list[str] = []
+    real = EmbeddingJudge._judge
+
+    def spy(self: EmbeddingJudge, queries: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real(self, queries)
+
+    monkeypatch.setattr(EmbeddingJudge, "_judge", spy)
+    return threads

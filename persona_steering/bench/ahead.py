@@ -28,6 +28,19 @@ AHEAD_BLOCKS = 4
 lockstep on this CPU (640 rows, at most 256 a block), where a block's verdicts can overlap the next."""
 
 
+def fake_judge(server: FakeOpenAI, concurrency: int) -> JudgeConfig:
+    """The OpenAI judge's settings for the package's fake server (key from ``BENCH_KEY_ENV``)."""
+    return JudgeConfig(
+        backend="openai",
+        model="bench",
+        base_url=server.base_url,
+        api_key_env=BENCH_KEY_ENV,
+        concurrency=concurrency,
+        timeout=30.0,
+        max_attempts=2,
+    )
+
+
 def bench_ahead(cfg: Config, rt: Runtime, scratch: Path, delay: float, log: Any = print) -> dict[str, Any]:
     """Seconds to steer and judge one population, judged after against judged while generating.
 
@@ -59,15 +72,7 @@ def bench_ahead(cfg: Config, rt: Runtime, scratch: Path, delay: float, log: Any 
         FakeOpenAI(content="4", delay=delay, max_requests=100 * rows, max_seconds=600) as server,
         temporary_env(BENCH_KEY_ENV, "sk-bench-dummy"),
     ):
-        served = JudgeConfig(
-            backend="openai",
-            model="bench",
-            base_url=server.base_url,
-            api_key_env=BENCH_KEY_ENV,
-            concurrency=cfg.judge.concurrency,
-            timeout=30.0,
-            max_attempts=2,
-        )
+        served = fake_judge(server, cfg.judge.concurrency)
         for name in ("embedding", "openai"):
             for ahead in (False, True):
                 folder = scratch / f"cache-ahead-{name}-{ahead}"
@@ -130,15 +135,8 @@ def bench_ahead_evaluate(
             for path in (files.result, files.axis):
                 if path.is_file():
                     shutil.copy2(path, save_dir / path.name)
-            jc = JudgeConfig(
-                backend="openai",
-                model="bench",
-                base_url=server.base_url,
-                api_key_env=BENCH_KEY_ENV,
-                concurrency=cfg.judge.concurrency,
-                timeout=30.0,
-                max_attempts=2,
-                while_generating="always" if ahead else "never",
+            jc = dataclasses.replace(
+                fake_judge(server, cfg.judge.concurrency), while_generating="always" if ahead else "never"
             )
             run_cfg = dataclasses.replace(
                 cfg,
