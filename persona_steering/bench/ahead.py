@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from persona_steering.bench.generation import sync
-from persona_steering.bench.judge import BENCH_KEY_ENV, temporary_env
+from persona_steering.bench.judge import BENCH_KEY_ENV, fake_judge, temporary_env
 from persona_steering.cache import Cache
 from persona_steering.config import Config, JudgeConfig
 from persona_steering.fake_openai import FakeOpenAI
@@ -26,19 +26,6 @@ from persona_steering.runtime import Runtime
 AHEAD_BLOCKS = 4
 """Blocks the population is generated in (``generation.max_batch``): the shape of five personas in
 lockstep on this CPU (640 rows, at most 256 a block), where a block's verdicts can overlap the next."""
-
-
-def fake_judge(server: FakeOpenAI, concurrency: int) -> JudgeConfig:
-    """The OpenAI judge's settings for the package's fake server (key from ``BENCH_KEY_ENV``)."""
-    return JudgeConfig(
-        backend="openai",
-        model="bench",
-        base_url=server.base_url,
-        api_key_env=BENCH_KEY_ENV,
-        concurrency=concurrency,
-        timeout=30.0,
-        max_attempts=2,
-    )
 
 
 def bench_ahead(cfg: Config, rt: Runtime, scratch: Path, delay: float, log: Any = print) -> dict[str, Any]:

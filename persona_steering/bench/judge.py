@@ -22,6 +22,21 @@ BENCH_KEY_ENV = "PERSONA_STEERING_BENCH_DUMMY_KEY"
 """Variable holding the dummy key of the judge run: never the user's real OPENAI_API_KEY."""
 
 
+def fake_judge(server: FakeOpenAI, concurrency: int, base: JudgeConfig | None = None) -> JudgeConfig:
+    """``base`` (default settings when None) as an OpenAI judge of the package's fake server, its
+    dummy key read from ``BENCH_KEY_ENV``."""
+    return dataclasses.replace(
+        base or JudgeConfig(),
+        backend="openai",
+        model="bench",
+        base_url=server.base_url,
+        api_key_env=BENCH_KEY_ENV,
+        concurrency=concurrency,
+        timeout=30.0,
+        max_attempts=2,
+    )
+
+
 def bench_judge(judge_cfg: JudgeConfig, verdicts: int, delay: float, log: Any = print) -> dict[str, Any]:
     """``verdicts`` OpenAIJudge calls against a local server that answers after ``delay`` seconds,
     at the configured concurrency and one at a time. The dummy key lives in the environment only
@@ -41,16 +56,7 @@ def bench_judge(judge_cfg: JudgeConfig, verdicts: int, delay: float, log: Any = 
         temporary_env(BENCH_KEY_ENV, "sk-bench-dummy"),
     ):
         for label, concurrency in (("ours", judge_cfg.concurrency), ("one_at_a_time", 1)):
-            jc = dataclasses.replace(
-                judge_cfg,
-                backend="openai",
-                model="bench",
-                base_url=server.base_url,
-                api_key_env=BENCH_KEY_ENV,
-                concurrency=concurrency,
-                timeout=30.0,
-                max_attempts=2,
-            )
+            jc = fake_judge(server, concurrency, judge_cfg)
             judge = OpenAIJudge(jc, env_file=os.devnull)
             started = time.perf_counter()
             got = judge.judge(queries, None)
