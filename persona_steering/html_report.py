@@ -162,9 +162,9 @@ def _configuration(record: PersonaRecord) -> str:
     ]
     table = _table(["setting", "value"], [[k, v] for k, v in rows])
     best, mean = result.get("best_weights", {}), result.get("mean_weights", {})
-    served = {"best": " (served)", "mean": ""}[record.selected]
+    mark = {k: " (served)" if k == record.selected else "" for k in ("best", "mean")}
     weights = _table(
-        ["trait", "best candidate" + served, "distribution mean" + (" (served)" if not served else "")],
+        ["trait", f"best candidate{mark['best']}", f"distribution mean{mark['mean']}"],
         [[t, _num(best.get(t), "+.3f"), _num(mean.get(t), "+.3f")] for t in record.traits],
     )
     return table + weights
