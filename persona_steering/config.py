@@ -100,7 +100,7 @@ class GenerationConfig:
     """0 = greedy. Above 0 each row samples from its own seeded generator."""
     top_p: float = 1.0
     """Nucleus sampling mass when temperature > 0."""
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = 1.2
     """CTRL-style penalty on every token this answer has already produced (1 = off): its logit is
     divided by this when positive and multiplied when negative, greedy or sampled alike. Applies to
     every method and stage equally and is part of every generation's cache key."""
@@ -285,9 +285,9 @@ class OptimizeConfig:
     """Folder of personas."""
     prompts_file: str = "configs/prompts.yaml"
     """Conversational prompts: 'train' for the optimiser, 'heldout' for evaluation only."""
-    num_prompts: int = 6
+    num_prompts: int = 16
     """First N training prompts per evaluation."""
-    max_iterations: int = 8
+    max_iterations: int = 12
     """CMA-ES iterations (generations)."""
     population_size: int | None = 8
     """CMA-ES population; None = cma's default 4 + 3 ln(n)."""
@@ -299,7 +299,7 @@ class OptimizeConfig:
     """Weights are kept within [-bound, bound]."""
     coherence_penalty: float = 0.0
     """Subtract penalty * (1 - coherence/100) from the fit; needs judge.coherence (refused without)."""
-    max_norm: float | None = None
+    max_norm: float | None = 0.25
     """Damage budget: the largest steering norm ||alpha * sum_i w_i u_i|| (alpha units) a candidate
     may have without a penalty; take it from `make damage` at the steered layer. None = off."""
     norm_penalty: float = 10.0

@@ -206,8 +206,7 @@ def test_float32_recheck_reruns_differing_rows(tmp_path: Path, overrides: list[s
     """A batched row that differs from its seed-loop row (as bf16 padding can make it) is generated
     again both ways in float32; there the two agree, so the difference was numerics, not a bug."""
     from persona_steering.bench import generation as bench_generation
-    from persona_steering.bench.generation import Population, Timed, float32_recheck
-    from persona_steering.config import GenerationConfig
+    from persona_steering.bench.generation import Population, Timed, bench_decoding, float32_recheck
     from persona_steering.generation import Request, chat_text
     from persona_steering.runtime import load_runtime
 
@@ -216,9 +215,7 @@ def test_float32_recheck_reruns_differing_rows(tmp_path: Path, overrides: list[s
     prompts = PROMPTS[:2]
     deltas = torch.randn(2, rt.hidden_size, generator=torch.Generator().manual_seed(0))
     texts = [chat_text(rt.tokenizer, Request(p)) for p in prompts]
-    run = Population(
-        rt, GenerationConfig(max_new_tokens=5, max_batch=4), prompts, texts, deltas, 2, "response", 0
-    )
+    run = Population(rt, bench_decoding(5, 4), prompts, texts, deltas, 2, "response", 0)
     ids, _, _ = run.per_row()
     tampered = [list(r) for r in ids]
     tampered[2] = tampered[2][:-1] + [tampered[2][-1] + 1]  # row 2 (candidate 1, prompt 0) now differs

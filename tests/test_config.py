@@ -48,6 +48,27 @@ def test_defaults_and_edges_are_accepted():
     assert cfg.steering.alpha == 10 and cfg.judge.timeout == 20.0
 
 
+def test_the_shipped_yaml_and_the_dataclass_defaults_are_one_configuration():
+    """A command run outside the repository (no configs/default.yaml) or through the Python API must
+    get the measured defaults (repetition penalty, damage budget, budget), not other ones."""
+    from pathlib import Path
+
+    yaml_path = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+    shipped, built_in = load_config(yaml_path).to_dict(), load_config(None).to_dict()
+    differing = {
+        f"{section}.{key}": (built_in[section][key], value)
+        for section, values in shipped.items()
+        if isinstance(values, dict)
+        for key, value in values.items()
+        if built_in[section][key] != value
+    }
+    differing.update(
+        {k: (built_in[k], v) for k, v in shipped.items() if not isinstance(v, dict) and built_in[k] != v}
+    )
+    assert differing == {}, differing
+    assert load_config(yaml_path).digest() == load_config(None).digest()
+
+
 def test_precision_mode_and_code_version_reach_the_generation_key(tiny_model_dir):
     """bf16-mixed and 32-true both hold float32 weights; their answers must not share cache entries."""
     from persona_steering.cache import digest

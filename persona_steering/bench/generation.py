@@ -99,6 +99,15 @@ def candidate_basis(cfg: Config, rt: Runtime, texts: list[str]) -> tuple[TraitBa
     return basis, note
 
 
+def bench_decoding(max_new_tokens: int, max_batch: int) -> GenerationConfig:
+    """The decoding every bench method runs: greedy and without a repetition penalty, whatever the
+    config says. The seed-loop is plain HF ``generate``, whose penalty would also count the prompt's
+    tokens, so only this compares like with like (every bench table so far was measured so)."""
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0, max_batch=max_batch
+    )
+
+
 @dataclass
 class Population:
     """The population to answer and the three ways of answering it."""

@@ -22,6 +22,7 @@ from persona_steering.bench.generation import (
     METHODS,
     Population,
     bench_compute,
+    bench_decoding,
     bench_extraction,
     bench_leave,
     bench_lockstep,
@@ -36,7 +37,7 @@ from persona_steering.bench.judge import bench_fluency, bench_judge
 from persona_steering.bench.settings import BenchSettings
 from persona_steering.bench.stages import bench_stages
 from persona_steering.cache import atomic_write_json, atomic_write_text, canonical_json
-from persona_steering.config import Config, ConfigError, GenerationConfig
+from persona_steering.config import Config, ConfigError
 from persona_steering.generation import Request, batch_rows, chat_text
 from persona_steering.runtime import Runtime, load_runtime
 from persona_steering.traits import load_prompts
@@ -82,9 +83,7 @@ def _measure(
     longest = max(len(rt.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
     # Resolved here, so the table says how many rows shared a batch (generate resolves it the same way).
     max_batch = batch_rows(rt, cfg.generation.max_batch, longest + settings.max_new_tokens)
-    gen = GenerationConfig(
-        max_new_tokens=settings.max_new_tokens, temperature=0.0, max_batch=max_batch
-    )  # greedy
+    gen = bench_decoding(settings.max_new_tokens, max_batch)
     basis, source = candidate_basis(cfg, rt, texts)
     weights = candidate_weights(cfg, settings.population, len(basis.traits))  # [P, k]
     deltas = basis.deltas(torch.as_tensor(weights, dtype=torch.float32), cfg.steering.alpha)  # [P, hidden]
@@ -104,6 +103,7 @@ def _measure(
     extra = {
         "max_batch": gen.max_batch,
         "max_batch_from_memory": cfg.generation.max_batch is None,
+        "repetition_penalty": gen.repetition_penalty,
         "layer": basis.layer,
         "alpha": cfg.steering.alpha,
         "positions": cfg.steering.positions,
