@@ -301,7 +301,8 @@ class OptimizeConfig:
     """Subtract penalty * (1 - coherence/100) from the fit; needs judge.coherence (refused without)."""
     max_norm: float | None = 0.25
     """Damage budget: the largest steering norm ||alpha * sum_i w_i u_i|| (alpha units) a candidate
-    may have without a penalty; take it from `make damage` at the steered layer. None = off."""
+    may have without a penalty; take it from `make damage` at the steered layer. None = off. 0.25 is
+    what `make damage` measured for the embedded model at every layer it tried (configs/default.yaml)."""
     norm_penalty: float = 10.0
     """With max_norm: added to the minimised objective (fit is 1-5) per alpha unit beyond max_norm."""
     save_dir: str = "runs/optimize"
