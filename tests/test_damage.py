@@ -70,7 +70,7 @@ def test_damage_end_to_end_grows_with_norm_and_rerun_does_no_model_work(project,
 
 
 def _objective(max_norm_: float | None, alpha: float = 0.5) -> Objective:
-    sets = [f"steering.alpha={alpha}"] + ([f"optimize.max_norm={max_norm_}"] if max_norm_ else [])
+    sets = [f"steering.alpha={alpha}", f"optimize.max_norm={max_norm_ if max_norm_ else 'null'}"]
     cfg = load_config(None, sets + ["optimize.norm_penalty=2"])
     basis = TraitBasis(["A", "B"], 1, torch.eye(2, 4), 3.0, "mean_diff", "response_avg", "f", 2)
     return Objective(None, cfg, basis, None, [], None, None)  # type: ignore[arg-type]
@@ -101,7 +101,7 @@ def test_budget_options_reach_the_run_digest_only_when_on(project):
             cfg, load_persona(cfg.optimize.persona_dir, "p1"), ["hi"], basis, ident.fingerprint
         )
 
-    off = run_digest([])
-    assert run_digest(["optimize.norm_penalty=3"]) == off  # no budget: the penalty changes nothing
+    off = run_digest(["optimize.max_norm=null"])
+    assert run_digest(["optimize.max_norm=null", "optimize.norm_penalty=3"]) == off  # no budget: no effect
     on = run_digest(["optimize.max_norm=0.5"])
     assert on != off and run_digest(["optimize.max_norm=0.5", "optimize.norm_penalty=3"]) != on

@@ -1,5 +1,7 @@
 """Row convention, steering positions through generate, per-row vectors, batched == single row."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -190,11 +192,14 @@ def test_prefix_cache_that_cannot_expand_runs_per_row(tiny_rt, monkeypatch):
 
 def test_batched_greedy_equals_single_row(tiny_rt):
     reqs = [Request(q, "be formal .") for q in QUESTIONS]
-    gen = GenerationConfig(max_new_tokens=10, max_batch=4)
+    gen = GenerationConfig(max_new_tokens=10, max_batch=4)  # with the default repetition penalty
+    assert gen.repetition_penalty > 1
     batched = generate(tiny_rt, reqs, gen)
     singles = [generate(tiny_rt, [r], gen)[0] for r in reqs]
     assert [a.ids for a in batched] == [a.ids for a in singles]
-    # And equal to transformers' own greedy generate.
+    # Without the penalty, equal to transformers' own greedy generate (whose penalty would also
+    # count the prompt's tokens).
+    batched = generate(tiny_rt, reqs, replace(gen, repetition_penalty=1.0))
     ids, mask = _encode(tiny_rt, [chat_text(tiny_rt.tokenizer, reqs[0])])
     ref = tiny_rt.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
     ref_ids = ref[0, ids.shape[1] :].tolist()
