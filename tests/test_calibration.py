@@ -18,11 +18,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 DATA = "tests/data/judge_calibration"
 PERSONAS = sorted(load_calibration(DATA))
 
-# Measured on 2026-12-05 (offline judge v4, SmolLM2-135M-Instruct): `persona-steering judge-check`.
-BELOW_0_9 = {
-    "cheerful_best_friend": 0.875,
-    "nostalgic_grandpa": 0.889,
-}
+# Measured on 2026-12-07 (offline judge v5, SmolLM2-135M-Instruct): `persona-steering judge-check`.
+# v5 lifted cheerful_best_friend (v4 0.875) and nostalgic_grandpa (v4 0.889) to 0.917 and 0.914.
+BELOW_0_9: dict[str, float] = {}
 DEGENERATE_ABOVE_UNSTEERED = {
     "nostalgic_grandpa": 1,
     "stoic_engineer": 1,

@@ -28,7 +28,7 @@ def judge_versions() -> dict[str, int | str]:
     return {"templates": TEMPLATE_VERSION, "offline": OFFLINE_VERSION, "embedding": EMBEDDING_VERSION}
 
 
-OFFLINE_VERSION = 4
+OFFLINE_VERSION = 5
 """Bump when the offline judge's algorithm changes (``judges/offline.py``)."""
 EMBEDDING_VERSION = 4
 """Bump when the centroid judge's algorithm changes (``judges/embedding.py``)."""

@@ -13,9 +13,11 @@
 - **fluency**: from the policy model itself, unsteered. ``gain(x)`` is the mean token
   log-probability of x as the answer to the question minus that of x with its words shuffled:
   how much the model thinks x's word order is language. The reference is the lower of the
-  unsteered answer's gain and the median gain of the persona's own samples (fluent text in a voice
-  the model would not use itself, which the model finds less predictable than its own words, so
-  the reference must not be the model's own answer alone). ``min(1, gain(answer) / reference)`` is
+  unsteered answer's gain and the least gain among the persona's own samples. The samples are fluent
+  text in a voice the model would not use itself, which the model finds less predictable than its
+  own words, so the reference must not be the model's own answer alone; and they are fluent by
+  definition, so the reference is one that every one of them meets (v4 took their median, which
+  called half of the persona's own samples disfluent). ``min(1, gain(answer) / reference)`` is
   1 for text as well-formed as either and near 0 for word salad, whatever its vocabulary. Times
   ``1 - repetition`` over the whole answer, because a loop is very plausible to the model that
   wrote it. Two gates set fluency to 0, both by definition of a degenerate answer: it loops (the
@@ -153,13 +155,12 @@ class OfflineJudge(Judge):
     def _fluency(self, query: Query) -> tuple[float, str]:
         gain_a = self._gain(query.question, query.answer)
         gain_b = self._gain(query.question, query.baseline or query.answer)
-        gains_s = sorted(self._gain(query.question, s) for s in query.samples)
-        gain_s = gains_s[len(gains_s) // 2]
+        gain_s = min(self._gain(query.question, s) for s in query.samples)  # the least fluent sample's
         ref = min(gain_b, gain_s)
         order = 1.0 if gain_a >= ref else max(gain_a, 0.0) / ref if ref > 0 else 0.0
         rep = repetition(query.answer)
         why = (
-            f"word-order gain {gain_a:.2f} vs reference {ref:.2f} (baseline {gain_b:.2f}, samples "
+            f"word-order gain {gain_a:.2f} vs reference {ref:.2f} (baseline {gain_b:.2f}, least sample "
             f"{gain_s:.2f}) nats/token, repetition {rep:.2f}"
         )
         if loops(query.answer):
