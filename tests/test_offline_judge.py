@@ -167,6 +167,20 @@ def test_the_baseline_against_itself_is_fully_relevant_and_fluent(judge: Offline
     assert v.meta["parts"]["relevance"] == 1.0 and v.meta["parts"]["fluency"] == 1.0
 
 
+def test_every_persona_sample_is_fully_fluent_however_the_model_ranks_them(judge: OfflineJudge) -> None:
+    # The samples are fluent by definition: the reference is the least fluent one, so none of them
+    # falls below it (v4's median reference called half of them disfluent). The baseline is the
+    # sample the model finds most fluent, so it does not lower the reference for them.
+    judge.judge([query(s, SAMPLES[0]) for s in SAMPLES])  # fills the log-probabilities
+    gains = {s: judge._gain(QUESTIONS[0], s) for s in SAMPLES}
+    assert len(set(gains.values())) == len(SAMPLES)  # the model does rank them
+    best = max(SAMPLES, key=gains.__getitem__)
+    verdicts = judge.judge([query(s, best) for s in SAMPLES])
+    assert [v.meta["parts"]["fluency"] for v in verdicts] == [
+        round(1.0 - repetition(s), 4) for s in SAMPLES
+    ]
+
+
 def test_loops_fragments_and_empty_answers_score_the_minimum_part(judge: OfflineJudge) -> None:
     base = "i had a good day at work and went home ."
     loop, frag, empty = judge.judge(
