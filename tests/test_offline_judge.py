@@ -176,9 +176,7 @@ def test_every_persona_sample_is_fully_fluent_however_the_model_ranks_them(judge
     assert len(set(gains.values())) == len(SAMPLES)  # the model does rank them
     best = max(SAMPLES, key=gains.__getitem__)
     verdicts = judge.judge([query(s, best) for s in SAMPLES])
-    assert [v.meta["parts"]["fluency"] for v in verdicts] == [
-        round(1.0 - repetition(s), 4) for s in SAMPLES
-    ]
+    assert [v.meta["parts"]["fluency"] for v in verdicts] == [round(1.0 - repetition(s), 4) for s in SAMPLES]
 
 
 def test_loops_fragments_and_empty_answers_score_the_minimum_part(judge: OfflineJudge) -> None:
