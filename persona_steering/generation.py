@@ -152,8 +152,9 @@ def generate(
 
     tell(hits)
     rows = sorted(todo.items(), key=lambda kv: len(texts[kv[1]]))  # similar lengths share a batch
-    # With several processes each block of max_batch rows per rank is dealt round-robin, decoded,
-    # and gathered back to every rank; rank 0 stores the block, so a kill loses one block at most.
+    # With several processes each block of max_batch rows per rank (fewer where prompt lengths jump,
+    # see ``blocks``) is dealt round-robin, decoded, and gathered back to every rank; rank 0 stores
+    # the block, so a kill loses one block at most.
     world, me = world_size(fabric), rank(fabric)
     per_rank = gen.max_batch
     if per_rank is None and rows:  # from memory; rank 0's choice, so that every rank deals the same blocks
@@ -164,8 +165,8 @@ def generate(
         per_rank = on_main(fabric, lambda: batch_rows(rt, None, longest + gen.max_new_tokens))
     per_rank = per_rank or 1
     bar = tqdm(total=len(rows), desc=desc, disable=desc is None or not rows or me != 0, leave=False)
-    for start in range(0, len(rows), per_rank * world):
-        block = rows[start : start + per_rank * world]
+    for start, end in blocks([len(texts[i]) for _, i in rows], per_rank * world):
+        block = rows[start:end]
         idx = [i for _, i in block[me::world]]
         outs: list[list[int]] = []
         if idx:
@@ -183,6 +184,27 @@ def generate(
     if record is not None:
         record.all_reduce(fabric)
     return [results[digest(k)] for k in keys]
+
+
+LENGTH_RATIO = 2.0
+"""A block's longest prompt is at most this many times its shortest (in characters), or the block
+ends there. A batch is left-padded to its longest prompt, and the padding costs as much as tokens:
+evaluate's 200 held-out rows (120 plain prompts, 40 under a one-line style prompt, 40 under a
+1.3 kB profile) took 118-127 s in one block and 48-52 s in three (embedded model, 2-core CPU)."""
+
+
+def blocks(lengths: Sequence[int], size: int, ratio: float = LENGTH_RATIO) -> list[tuple[int, int]]:
+    """[start, end) of each block of rows sorted by prompt length (``lengths``, ascending): at most
+    ``size`` rows, and a new block wherever a row's prompt is over ``ratio`` times the block's first."""
+    out: list[tuple[int, int]] = []
+    start = 0
+    for i, n in enumerate(lengths):
+        if i > start and (i - start >= size or n > ratio * lengths[start]):
+            out.append((start, i))
+            start = i
+    if lengths:
+        out.append((start, len(lengths)))
+    return out
 
 
 def _lookup(

@@ -432,3 +432,28 @@ def test_population_on_answers_names_candidate_and_prompt(tiny_rt):
     )
     assert sorted(told) == [(c, p) for c in range(3) for p in range(2)]
     assert all(told[c, p] == out[c][p] for c, p in told)
+
+
+def test_blocks_end_at_the_size_and_where_the_prompt_length_jumps():
+    from persona_steering.generation import blocks
+
+    assert blocks([], 4) == []
+    assert blocks([10, 11, 12, 13, 14], 2) == [(0, 2), (2, 4), (4, 5)]
+    assert blocks([10, 15, 20, 21, 41, 100], 8) == [(0, 3), (3, 5), (5, 6)]  # 21 > 2 x 10; 100 > 2 x 21
+    assert blocks([10, 20], 8) == [(0, 2)]  # exactly twice the first still fits
+
+
+def test_rows_with_a_long_system_prompt_run_in_their_own_block_with_the_same_answers(tiny_rt):
+    long = "you are a retired railway mechanic . " * 12
+    reqs = [Request(q) for q in QUESTIONS] + [Request(q, long) for q in QUESTIONS]
+    batches: list[tuple[int, int]] = []
+    hook = decoder_blocks(tiny_rt.model)[0].register_forward_pre_hook(
+        lambda m, a: batches.append(tuple(a[0].shape[:2]))
+    )
+    try:
+        split = generate(tiny_rt, reqs, GenerationConfig(max_new_tokens=6, max_batch=8))
+    finally:
+        hook.remove()
+    singles = [generate(tiny_rt, [r], GenerationConfig(max_new_tokens=6, max_batch=8))[0] for r in reqs]
+    assert [a.ids for a in split] == [a.ids for a in singles]
+    assert {rows for rows, _ in batches} == {4}  # two blocks of 4 rows, never one of 8
