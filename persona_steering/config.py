@@ -274,6 +274,7 @@ class SteeringConfig:
 
 
 SELECTIONS = ("mean", "best")
+STARTS = ("zeros", "persona_axis")
 """What ``optimize.select`` may name."""
 
 
@@ -294,7 +295,11 @@ class OptimizeConfig:
     sigma0: float = 0.5
     """Initial CMA-ES step size."""
     initial_weights: list[float] | None = None
-    """Starting mean, one per trait (default zeros)."""
+    """Starting mean, one per axis; null = where ``start`` says."""
+    start: str = "zeros"
+    """Where CMA-ES starts when initial_weights is null: zeros, or persona_axis (with
+    steering.persona_axis: the persona's own direction alone, P = max_norm / alpha, which is the
+    meandiff baseline at the damage budget; without the axis, zeros)."""
     bound: float = 3.0
     """Weights are kept within [-bound, bound]."""
     coherence_penalty: float = 0.0
@@ -321,6 +326,8 @@ class OptimizeConfig:
     def __post_init__(self) -> None:
         if self.select not in SELECTIONS:
             raise ConfigError(f"optimize.select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
+        if self.start not in STARTS:
+            raise ConfigError(f"optimize.start must be one of {', '.join(STARTS)}, got {self.start!r}")
         if self.persona_id is not None:
             check_persona_id(self.persona_id)
         for pid in self.personas or []:

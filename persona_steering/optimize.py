@@ -35,7 +35,7 @@ from persona_steering.checkpoint import (
     state_digest,
     tell,
 )
-from persona_steering.config import Config, ConfigError
+from persona_steering.config import PERSONA_AXIS, Config, ConfigError
 from persona_steering.contrast import FitContext, fit_context, other_personas
 from persona_steering.convergence import plot_convergence, plot_layers
 from persona_steering.distributed import (
@@ -558,7 +558,10 @@ def _initial_weights(cfg: Config) -> np.ndarray:
     k = len(traits)
     init = cfg.optimize.initial_weights
     if init is None:
-        return np.zeros(k)
+        x0 = np.zeros(k)
+        if cfg.optimize.start == "persona_axis" and traits[-1:] == [PERSONA_AXIS]:
+            x0[-1] = axis_start(cfg)
+        return x0
     if len(init) != k:
         raise ConfigError(
             f"optimize.initial_weights has {len(init)} values for {k} traits ({', '.join(traits)})"
@@ -569,6 +572,13 @@ def _initial_weights(cfg: Config) -> np.ndarray:
     if np.any(np.abs(arr) > cfg.optimize.bound):
         raise ConfigError(f"optimize.initial_weights must lie within +-{cfg.optimize.bound} (optimize.bound)")
     return arr
+
+
+def axis_start(cfg: Config) -> float:
+    """P's starting weight with optimize.start=persona_axis: the damage budget's norm (1 without one)."""
+    if cfg.optimize.max_norm is None:
+        return min(1.0, cfg.optimize.bound)
+    return min(cfg.optimize.max_norm / cfg.steering.alpha, cfg.optimize.bound)
 
 
 def _run_digest(
@@ -589,6 +599,9 @@ def _run_digest(
     # Without a damage budget its penalty does nothing: left out, so earlier runs still resume.
     if cfg.optimize.max_norm is None:
         where += ("max_norm", "norm_penalty")
+    # Nor does a start that leaves x0 at zeros, so runs from before optimize.start still resume.
+    if not np.any(_initial_weights(cfg)) or cfg.optimize.initial_weights is not None:
+        where += ("start",)
     opt = {k: v for k, v in asdict(cfg.optimize).items() if k not in where}
     # The persona axis contrasts the samples with answers to every training prompt, not just these.
     axis = {}

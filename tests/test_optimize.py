@@ -410,3 +410,48 @@ def test_judges_that_run_the_policy_model_never_judge_ahead_and_a_dead_judge_sti
         with pytest.raises(JudgeError, match="the endpoint is gone"), ahead:
             ahead.submit(Dead(), [Query("coherence", "q", "a")])
     assert not JudgeAhead(None, enabled=True).enabled  # what judging ahead leaves is the warm cache
+
+
+def test_start_on_the_persona_axis_is_the_persona_direction_at_the_damage_budget(project):
+    """optimize.start=persona_axis: CMA-ES's first mean is P alone at max_norm / alpha, so the start
+    steers exactly at the budget; without the axis, or with initial_weights, the start is as before,
+    and a run from before the option (start at zeros) is still found under it."""
+    import numpy as np
+
+    from persona_steering.config import ConfigError
+    from persona_steering.optimize import _initial_weights
+
+    tmp_path, overrides = project
+    axis = [*overrides, "steering.persona_axis=true", "optimize.max_norm=0.25", "steering.alpha=0.125"]
+    x0 = _initial_weights(load_config(None, [*axis, "optimize.start=persona_axis"]))
+    assert x0.tolist() == [0.0, 0.0, 2.0]
+    assert not np.any(_initial_weights(load_config(None, [*axis, "optimize.start=zeros"])))
+    given = load_config(None, [*axis, "optimize.start=persona_axis", "optimize.initial_weights=[0.5, 0, 1]"])
+    assert _initial_weights(given).tolist() == [0.5, 0.0, 1.0]
+    no_axis = load_config(None, [*overrides, "steering.persona_axis=false", "optimize.start=persona_axis"])
+    assert _initial_weights(no_axis).tolist() == [0.0, 0.0]
+    unbounded = load_config(None, [*axis, "optimize.start=persona_axis", "optimize.max_norm=null"])
+    assert _initial_weights(unbounded).tolist() == [0.0, 0.0, 1.0]
+    with pytest.raises(ConfigError, match="optimize.start must be one of zeros, persona_axis"):
+        load_config(None, [*overrides, "optimize.start=middle"])
+
+    # The search is the one started from those weights by hand: the same candidates, the same result.
+    def first_population(save_dir: str, *start: str) -> list[list[float]]:
+        cfg = load_config(None, [*axis, *start, f"optimize.save_dir={save_dir}", "optimize.max_iterations=1"])
+        run_optimize(cfg, log=lambda *_: None)
+        return json.loads((Path(save_dir) / "p1_checkpoint.json").read_text())["told"][0]["candidates"]
+
+    named = first_population(str(tmp_path / "named"), "optimize.start=persona_axis")
+    by_hand = first_population(str(tmp_path / "by_hand"), "optimize.initial_weights=[0, 0, 2.0]")
+    assert named == by_hand
+    assert np.mean(named, axis=0)[-1] > 0.5  # centred on P = 2, not on zero (sigma0 0.5)
+
+    # A start that leaves x0 at zeros is not part of the run's identity: an earlier run is found.
+    before = [*overrides, "steering.persona_axis=false", f"optimize.save_dir={tmp_path / 'old'}"]
+    run_optimize(
+        load_config(None, [*before, "optimize.start=zeros", "optimize.max_iterations=1"]), log=lambda *_: None
+    )
+    lines: list[str] = []
+    after = load_config(None, [*before, "optimize.start=persona_axis", "optimize.max_iterations=1"])
+    run_optimize(after, log=lambda *a: lines.append(" ".join(map(str, a))))
+    assert any("finished run found" in line and "nothing to do" in line for line in lines), lines

@@ -195,6 +195,7 @@ def effective_config(cfg: Config, result: PersonaRecord | None, notes: list[str]
         bound=float(opt_saved.get("bound", cfg.optimize.bound)),
         sigma0=float(opt_saved.get("sigma0", cfg.optimize.sigma0)),
         initial_weights=opt_saved.get("initial_weights", cfg.optimize.initial_weights),
+        start=str(opt_saved.get("start", "zeros")),  # runs from before optimize.start began at zeros
         coherence_penalty=float(opt_saved.get("coherence_penalty", cfg.optimize.coherence_penalty)),
         max_norm=opt_saved.get("max_norm", cfg.optimize.max_norm),
         norm_penalty=float(opt_saved.get("norm_penalty", cfg.optimize.norm_penalty)),
