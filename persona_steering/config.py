@@ -250,7 +250,7 @@ class SteeringConfig:
     """Which activation summary the vectors came from."""
     trait_vector_dir: str = "runs/vectors"
     """Root of vector files (<dir>/<model-slug>/<trait>.safetensors)."""
-    persona_axis: bool = False
+    persona_axis: bool = True
     """optimize: add the persona's own mean-difference direction as a sixth axis 'P' beside the traits."""
     basis: str = "orthogonal"
     """orthogonal (the symmetric, Löwdin orthogonalisation of the trait directions at the layer: the
@@ -296,7 +296,7 @@ class OptimizeConfig:
     """Initial CMA-ES step size."""
     initial_weights: list[float] | None = None
     """Starting mean, one per axis; null = where ``start`` says."""
-    start: str = "zeros"
+    start: str = "persona_axis"
     """Where CMA-ES starts when initial_weights is null: zeros, or persona_axis (with
     steering.persona_axis: the persona's own direction alone, P = max_norm / alpha, which is the
     meandiff baseline at the damage budget; without the axis, zeros)."""

@@ -490,7 +490,11 @@ def test_fit_verdicts_without_parts_make_the_parts_unsupported_not_zero():
 
 def fake_context(weights: list[float] | None, budget: int, **optimize) -> Context:
     """A Context over a stub basis (k = 2 traits, hidden 4: the delta is the weights, zero-padded)."""
-    overrides = ["traits=[A, B]", *(f"optimize.{k}={v}" for k, v in optimize.items())]
+    overrides = [
+        "traits=[A, B]",
+        "steering.persona_axis=false",
+        *(f"optimize.{k}={v}" for k, v in optimize.items()),
+    ]
     if weights is not None:
         overrides.append(f"optimize.initial_weights=[{', '.join(map(str, weights))}]")
     cfg = load_config(None, overrides)

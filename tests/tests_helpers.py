@@ -118,6 +118,7 @@ def build_project(
         f"steering.trait_vector_dir={root / 'vectors'}",
         "steering.layer=2",
         "steering.alpha=2.0",
+        "steering.persona_axis=false",  # mechanics on the traits; the persona axis (default) has its own tests
         "generation.max_new_tokens=6",
         f"optimize.persona_dir={root / 'personas'}",
         f"optimize.prompts_file={prompts}",
