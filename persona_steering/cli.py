@@ -72,7 +72,7 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str, Any, str]]]] = {
                 "--initial-weights",
                 "optimize.initial_weights",
                 str,
-                "comma-separated start weights, one per trait",
+                "comma-separated start weights, one per axis (R1-R5, then P with the persona axis)",
             ),
             ("--save-dir", "optimize.save_dir", str, "output folder"),
             ("--select", "optimize.select", str, "weights to report and serve: mean (search mean) or best"),

@@ -274,8 +274,9 @@ class SteeringConfig:
 
 
 SELECTIONS = ("mean", "best")
-STARTS = ("zeros", "persona_axis")
 """What ``optimize.select`` may name."""
+STARTS = ("zeros", "persona_axis")
+"""What ``optimize.start`` may name."""
 
 
 @dataclass
