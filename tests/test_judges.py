@@ -56,7 +56,9 @@ def make_judge(server: FakeOpenAI, **overrides) -> OpenAIJudge:
         model="judge-model",
         base_url=server.base_url,
         api_key_env=KEY_ENV,
-        timeout=0.5,
+        # Far above the fake server's delays: at 0.5 s a loaded 2-core CI machine once timed out a
+        # plain request, and its retry broke a test that counts requests. test_hang_* sets its own.
+        timeout=5.0,
         max_attempts=4,
         max_retry_seconds=10.0,
         concurrency=4,
