@@ -24,7 +24,8 @@ def server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
 
 
 def client(server: FakeOpenAI, **overrides) -> ChatClient:
-    fields = dict(backend="openai", model="m", base_url=server.base_url, api_key_env=KEY_ENV, timeout=0.5)
+    # Far above any delay here, so a loaded machine never adds a timeout retry to the request counts.
+    fields = dict(backend="openai", model="m", base_url=server.base_url, api_key_env=KEY_ENV, timeout=5.0)
     fields.update(overrides)
     return ChatClient(JudgeConfig(**fields), "the test", options="--the-options", backoff=0.01)
 
