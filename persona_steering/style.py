@@ -179,6 +179,41 @@ def loops(text: str, n: int = LOOP_N, times: int = LOOP_TIMES) -> bool:
     return any(c >= times for c in counts.values())
 
 
+FRAGMENT_WORDS = 8
+"""Fewer words than this add less than a sentence: an answer that short which stops without ending a
+sentence was cut off (the offline judge's fragment gate), and an echo adds fewer than this."""
+ECHO_MIN_WORDS = 3
+ECHO_SHARE = 0.5
+
+
+def echoes(question: str, answer: str) -> bool:
+    """True when the answer repeats its question instead of answering it: the echo-rate criterion.
+
+    It repeats, in order, a run of the question's words at least ``ECHO_MIN_WORDS`` long and covering
+    at least ``ECHO_SHARE`` of the question, and adds fewer than ``FRAGMENT_WORDS`` words of its own.
+    "Shall we order takeout tonight?" -> "Shall we order takeout tonight?" echoes, and so does "The
+    next step: 'What should we name the new puppy?'". "The first job I ever had... That's a story
+    worth telling. ..." repeats the question and goes on, so it does not.
+    """
+    q, a = words(question), words(answer)
+    run = _longest_common_run(q, a)
+    return run >= max(ECHO_MIN_WORDS, ECHO_SHARE * len(q)) and len(a) - run < FRAGMENT_WORDS
+
+
+def _longest_common_run(x: list[str], y: list[str]) -> int:
+    """Length of the longest run of consecutive words that ``x`` and ``y`` share."""
+    best = 0
+    prev = [0] * (len(y) + 1)  # prev[j]: run ending at x[i - 1], y[j - 1]
+    for xi in x:
+        cur = [0] * (len(y) + 1)
+        for j, yj in enumerate(y, 1):
+            if xi == yj:
+                cur[j] = prev[j - 1] + 1
+                best = max(best, cur[j])
+        prev = cur
+    return best
+
+
 def repetition(text: str, n: int = 3) -> float:
     """Share of word n-grams that repeat an earlier one, in [0, 1]: 0 for no repeats, near 1 for a loop.
 

@@ -21,7 +21,7 @@ from persona_steering.cache import Cache
 from persona_steering.cli import main
 from persona_steering.config import ConfigError, load_config
 from persona_steering.evaluate import Context, MethodSkipped, registry
-from persona_steering.evaluate.scoring import FIT, LOOP, PARTS, JudgeScores, score_answers, summarise
+from persona_steering.evaluate.scoring import ECHO, FIT, LOOP, PARTS, JudgeScores, score_answers, summarise
 from persona_steering.evaluate.search import Start, coordinate_search
 from persona_steering.evaluate.stats import bootstrap_interval, holm, ranks, sign_flip_test, spearman
 from persona_steering.judges import Judge, Query, Verdict
@@ -474,6 +474,18 @@ def test_loop_rate_and_parts_come_per_answer_and_average_per_prompt():
     out = summarise(scores, ev, 0)
     assert out["m"][LOOP]["mean"] == pytest.approx(0.5) and out["m"][LOOP]["per_answer"][0] == [1.0, 0.0]
     assert out["m"][LOOP]["vs_base"]["n"] == 2 and "p_holm" in out["m"][LOOP]["vs_base"]
+
+
+def test_echo_rate_counts_answers_that_only_repeat_their_question():
+    prompts = ["Shall we order takeout tonight?", "What should we name the new puppy?"]
+    answers = {
+        "base": [["Sure, pizza sounds good to me tonight.", "Maybe Biscuit, after the colour of his fur."]],
+        "m": [["Shall we order takeout tonight?", "Maybe Biscuit, after the colour of his fur."]],
+    }
+    scores = score_answers(StubJudge(parts=True), None, None, [], prompts, answers, stub_fit())
+    assert scores.per_answer["m"][ECHO] == [[1.0, 0.0]] and scores.per_answer["base"][ECHO] == [[0.0, 0.0]]
+    out = summarise(scores, load_config(None, ["evaluate.bootstrap=200"]).evaluate, 0)
+    assert out["m"][ECHO]["supported"] and out["m"][ECHO]["mean"] == pytest.approx(0.5)
 
 
 def test_fit_verdicts_without_parts_make_the_parts_unsupported_not_zero():

@@ -18,7 +18,7 @@ from persona_steering.judges.offline import (
     mean_logprobs,
     shuffled,
 )
-from persona_steering.style import loops, repetition
+from persona_steering.style import echoes, loops, repetition
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -66,6 +66,19 @@ def test_loops_and_repetition() -> None:
     fluent = "It was a quiet day: I fixed the radio, read the paper and walked to the station."
     assert not loops(fluent) and repetition(fluent) == 0.0
     assert not loops("the the the")  # a 4-gram needs four words
+
+
+def test_echo_means_the_question_repeated_with_less_than_a_sentence_added() -> None:
+    q = "Shall we order takeout tonight?"
+    assert echoes(q, q) and echoes(q, "shall we order takeout tonight")
+    assert echoes("What should we name the new puppy?", 'The next step: "What should we name the new puppy?"')
+    assert echoes("Remember the night we got lost driving home?", "The night we got lost driving home.")
+    said_then_answered = "The first job I ever had... That's a story worth telling. It was back in 1985."
+    assert not echoes("What was the first job you ever had?", said_then_answered)
+    assert not echoes(q, "Shall we order takeout tonight? Yes, let's get the noodles from the corner place.")
+    assert not echoes("Good afternoon. Is this seat taken?", "The seat is taken.")  # shared words, no run
+    assert not echoes("Hello?", "Hello! How can I help you today?")  # a run under three words
+    assert not echoes(q, "") and not echoes("", "Fine.")
 
 
 def test_fragment_means_short_and_unfinished() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from persona_steering.evaluate.scoring import COHERENCE, FIT, LOOP, PARTS, missing_verdicts
+from persona_steering.evaluate.scoring import COHERENCE, ECHO, FIT, LOOP, PARTS, missing_verdicts
 from persona_steering.rendering import (
     NA,
     fmt_interval,
@@ -67,6 +67,7 @@ def _judge_table(per_method: dict[str, dict[str, dict[str, Any]]]) -> str:
         "joint (persona fit, 1-5)",
         *(f"{p} (0-1)" for p in PARTS),
         "loop rate",
+        "echo rate",
         "joint vs base: diff, p (Holm)",
         "joint vs prompt: diff, p (Holm)",
         "coherence (0-100)",
@@ -80,6 +81,7 @@ def _judge_table(per_method: dict[str, dict[str, dict[str, Any]]]) -> str:
             _interval(fit),
             *(_interval(entries[p]) for p in PARTS),
             _interval(entries[LOOP]),
+            _interval(entries[ECHO]),
             fmt_test(fit["vs_base"]),
             fmt_test(fit["vs_prompt"]),
             _interval(entries[COHERENCE]),

@@ -8,7 +8,8 @@ over prompts.
 Metrics: ``persona_fit`` (1-5, the judge's joint score; each answer against the greedy ``base``
 answer to the same prompt, as the optimiser judges), its parts ``style``, ``relevance`` and
 ``fluency`` (0-1, from the verdict's ``meta["parts"]``), ``loop_rate`` (share of answers in which a
-word 4-gram occurs 3 or more times, ``style.loops``; from the text, no judge), ``coherence``
+word 4-gram occurs 3 or more times, ``style.loops``; from the text, no judge), ``echo_rate`` (share
+of answers that repeat the question instead of answering it, ``style.echoes``; no judge), ``coherence``
 (0-100) and ``trait:<T>`` (0-100, the trait's own eval prompt). A metric a judge cannot score at
 all is *unsupported* and reported as n/a; a verdict that failed is *missing* and counted. Neither
 is ever replaced by a number.
@@ -29,7 +30,7 @@ from persona_steering.contrast import FitContext
 from persona_steering.evaluate.stats import bootstrap_interval, holm, sign_flip_test, spearman
 from persona_steering.judges import Judge, Query, Verdict
 from persona_steering.judges.base import Kind
-from persona_steering.style import loops
+from persona_steering.style import echoes, loops
 from persona_steering.traits import Persona, Trait
 
 FIT: Kind = "persona_fit"
@@ -37,7 +38,8 @@ COHERENCE: Kind = "coherence"
 PARTS = ("style", "relevance", "fluency")
 """The parts of a persona-fit verdict, each in [0, 1], read from ``Verdict.meta["parts"]``."""
 LOOP = "loop_rate"
-DERIVED = (*PARTS, LOOP)
+ECHO = "echo_rate"
+DERIVED = (*PARTS, LOOP, ECHO)
 """Metrics without verdicts of their own: a missing part is already counted as a missing persona fit."""
 REFERENCES = ("base", "prompt")
 """Every method is tested, paired over prompts, against each of these that was evaluated."""
@@ -59,7 +61,7 @@ class JudgeScores:
 
 def metric_names(traits: list[Trait]) -> list[str]:
     """Metric keys in table order."""
-    return [FIT, *PARTS, LOOP, COHERENCE, *(f"trait:{t.name}" for t in traits)]
+    return [FIT, *PARTS, LOOP, ECHO, COHERENCE, *(f"trait:{t.name}" for t in traits)]
 
 
 def answer_queries(
@@ -124,6 +126,9 @@ def score_answers(
                 per_answer[method][name][j][i] = None if parts is None else parts[name]
     for method, sets in answers.items():
         per_answer[method][LOOP] = [[float(loops(t)) for t in texts] for texts in sets]
+        per_answer[method][ECHO] = [
+            [float(echoes(p, t)) for p, t in zip(prompts, texts, strict=True)] for texts in sets
+        ]
     unsupported = [f"trait:{t.name}" for t in traits] if "trait" not in judge.kinds else []
     if scored and not with_parts:  # a judge (or cache) that does not split its verdicts: n/a, not zero
         unsupported = [*PARTS, *unsupported]

@@ -42,17 +42,23 @@ from persona_steering.judges import OFFLINE_VERSION
 from persona_steering.judges.base import Judge, JudgeError, Query, Verdict, fit_verdict, precision_key
 from persona_steering.judges.embedding import MODEL_NAME, Embedder, coherence_verdict, relevance
 from persona_steering.runtime import Runtime
-from persona_steering.style import LOOP_N, LOOP_TIMES, loops, repetition, style_features, words
+from persona_steering.style import (
+    FRAGMENT_WORDS,
+    LOOP_N,
+    LOOP_TIMES,
+    loops,
+    repetition,
+    style_features,
+    words,
+)
 
 MIN_SAMPLES = 8
+"""Fewer persona samples (or contrast texts) than this leave too little to learn a voice from."""
 LOGPROB_BATCH = 16
 """Rows per log-probability forward pass."""
 LOGPROB_VERSION = 1
 """Part of every stored log-probability's key: bump it when ``mean_logprobs`` computes another value."""
-"""Fewer persona samples (or contrast texts) than this leave too little to learn a voice from."""
 FOLDS = 5
-FRAGMENT_WORDS = 8
-"""An answer of fewer words that stops without ending a sentence was cut off: not an answer."""
 L2 = 1.0
 """Ridge penalty on standardised features, per example; strong, because features outnumber texts."""
 STYLE_FEATURES = (
