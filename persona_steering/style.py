@@ -9,6 +9,7 @@ lexicons are deliberately small and English-only; the numbers are descriptive, n
 from __future__ import annotations
 
 import re
+from difflib import SequenceMatcher
 from typing import Any
 
 WORD = re.compile(r"[a-z]+(?:'[a-z]+)*")
@@ -196,22 +197,8 @@ def echoes(question: str, answer: str) -> bool:
     worth telling. ..." repeats the question and goes on, so it does not.
     """
     q, a = words(question), words(answer)
-    run = _longest_common_run(q, a)
+    run = SequenceMatcher(None, q, a, autojunk=False).find_longest_match(0, len(q), 0, len(a)).size
     return run >= max(ECHO_MIN_WORDS, ECHO_SHARE * len(q)) and len(a) - run < FRAGMENT_WORDS
-
-
-def _longest_common_run(x: list[str], y: list[str]) -> int:
-    """Length of the longest run of consecutive words that ``x`` and ``y`` share."""
-    best = 0
-    prev = [0] * (len(y) + 1)  # prev[j]: run ending at x[i - 1], y[j - 1]
-    for xi in x:
-        cur = [0] * (len(y) + 1)
-        for j, yj in enumerate(y, 1):
-            if xi == yj:
-                cur[j] = prev[j - 1] + 1
-                best = max(best, cur[j])
-        prev = cur
-    return best
 
 
 def repetition(text: str, n: int = 3) -> float:

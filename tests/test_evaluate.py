@@ -226,7 +226,7 @@ def test_evaluate_end_to_end_then_warm_rerun_does_no_work(project, monkeypatch, 
     md = out.with_suffix(".md").read_text()
     assert "| prompt+proposed |" in md and "n/a" in md
     assert f"cannot score {', '.join(data['unsupported']['embedding'])}." in md
-    assert "| grid |" in md and "loop rate" in md and "p (Holm)" in md
+    assert "| grid |" in md and "loop rate" in md and "echo rate" in md and "p (Holm)" in md
     assert f"Optimised against: {data['judges'][0]} (the first judge" in md
     assert md in printed
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"

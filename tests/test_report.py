@@ -106,8 +106,8 @@ def test_report_has_every_section_embedded_images_and_the_evaluation(finished, t
     assert f"{result['best_weights']['T1']:+.3f}" in page.cells and result["config_digest"] in page.cells
     assert "A warm friend who tells stories about the weekend." in text
     assert "No evaluation yet" not in text
-    # The three parts of persona fit and the loop rate, per judge, as the evaluation measured them.
-    for part in ("style (0-1)", "relevance (0-1)", "fluency (0-1)", "loop rate"):
+    # The three parts of persona fit, the loop and echo rates, per judge, as the evaluation measured them.
+    for part in ("style (0-1)", "relevance (0-1)", "fluency (0-1)", "loop rate", "echo rate"):
         assert part in page.cells
     loop = evaluation["scores"]["embedding"]["proposed"]["loop_rate"]
     assert fmt_interval(loop["mean"], loop["low"], loop["high"]) in page.cells
