@@ -429,6 +429,33 @@ def test_relevance_is_retrieval_of_the_asked_question_among_the_pool(embedding_j
     assert rel(pool[0], "   ") == 0.0
 
 
+def test_an_echo_of_the_question_is_not_an_answer_to_it(embedding_judge) -> None:
+    from persona_steering.judges.embedding import relevance
+
+    pool = (
+        "Shall we order takeout tonight?",
+        "How do I fix a flat bicycle tyre?",
+        "Can you recommend a book?",
+    )
+    question = pool[0]
+    echo = "Shall we order takeout tonight?"  # what steering produced on a held-out prompt
+
+    def query(answer: str) -> Query:
+        return Query(
+            "persona_fit", question, answer, baseline="Sure, noodles?", samples=SAMPLES, questions=pool
+        )
+
+    # Retrieval alone would call it perfectly relevant: it is nearer its question than any answer is.
+    vq, ve, vo = embedding_judge.embedder.embed([question, echo, "Pizza from the corner place sounds good."])
+    assert float(vq @ ve) > float(vq @ vo)
+    rel, why = relevance(embedding_judge.embedder, query(echo))
+    assert rel == 0.0 and "echoes" in why
+    said_then_answered = "Shall we order takeout tonight? Yes, let's get the noodles from the corner place."
+    assert relevance(embedding_judge.embedder, query(said_then_answered))[0] > 0.0
+    [verdict] = embedding_judge.judge([query(echo)])  # the centroid judge shares the relevance
+    assert verdict.meta["parts"]["relevance"] == 0.0 and verdict.score == 1.0
+
+
 def test_embedding_loop_has_low_fluency(embedding_judge) -> None:
     loop = "Arr, the sea be calling. " * 8
     [verdict] = embedding_judge.judge([pirate(loop, "I had a quiet day at home.")])

@@ -192,14 +192,20 @@ def test_every_persona_sample_is_fully_fluent_however_the_model_ranks_them(judge
     assert [v.meta["parts"]["fluency"] for v in verdicts] == [round(1.0 - repetition(s), 4) for s in SAMPLES]
 
 
-def test_loops_fragments_and_empty_answers_score_the_minimum_part(judge: OfflineJudge) -> None:
+def test_loops_fragments_echoes_and_empty_answers_score_the_minimum_part(judge: OfflineJudge) -> None:
     base = "i had a good day at work and went home ."
-    loop, frag, empty = judge.judge(
-        [query("i remember the rain . " * 5, base), query("i remember the", base), query("  ", base)]
+    loop, frag, empty, echo = judge.judge(
+        [
+            query("i remember the rain . " * 5, base),
+            query("i remember the", base),
+            query("  ", base),
+            query("How was your day?", base),  # the question, asked back
+        ]
     )
     assert loop.meta["parts"]["fluency"] == 0.0 and loop.score == 1.0 and "loops" in loop.detail
     assert frag.meta["parts"]["fluency"] == 0.0 and "fragment" in frag.detail
     assert empty.score == 1.0
+    assert echo.meta["parts"]["relevance"] == 0.0 and echo.score == 1.0 and "echoes" in echo.detail
 
 
 def test_persona_voice_scores_more_style_than_the_contrast_voice(judge: OfflineJudge) -> None:

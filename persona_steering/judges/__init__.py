@@ -28,9 +28,9 @@ def judge_versions() -> dict[str, int | str]:
     return {"templates": TEMPLATE_VERSION, "offline": OFFLINE_VERSION, "embedding": EMBEDDING_VERSION}
 
 
-OFFLINE_VERSION = 5
+OFFLINE_VERSION = 6
 """Bump when the offline judge's algorithm changes (``judges/offline.py``)."""
-EMBEDDING_VERSION = 4
+EMBEDDING_VERSION = 5
 """Bump when the centroid judge's algorithm changes (``judges/embedding.py``)."""
 
 

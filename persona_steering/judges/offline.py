@@ -9,7 +9,8 @@
   contrast texts; an answer's style is the share of those contrast texts it sounds more like the
   persona than (a smoothed CDF), so 0.5 means "as persona-like as a typical non-persona text"
   and 1 means "beyond every one of them".
-- **relevance**: ``embedding.relevance``, against the question that was asked.
+- **relevance**: ``embedding.relevance``, against the question that was asked; 0 for an answer that
+  only echoes its question (v6).
 - **fluency**: from the policy model itself, unsteered. ``gain(x)`` is the mean token
   log-probability of x as the answer to the question minus that of x with its words shuffled:
   how much the model thinks x's word order is language. The reference is the lower of the
