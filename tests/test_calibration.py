@@ -19,6 +19,7 @@ DATA = "tests/data/judge_calibration"
 PERSONAS = sorted(load_calibration(DATA))
 
 # Measured on 2026-12-07 (offline judge v5, SmolLM2-135M-Instruct): `persona-steering judge-check`.
+# v6 only adds the echo gate, and no calibration answer echoes its question, so the counts are v6's too.
 # v5 lifted cheerful_best_friend (v4 0.875) and nostalgic_grandpa (v4 0.889) to 0.917 and 0.914.
 BELOW_0_9: dict[str, float] = {}
 DEGENERATE_ABOVE_UNSTEERED = {
