@@ -50,14 +50,29 @@ def plot_layers(summary: dict[str, Any], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+SHOWN_EXAMPLES = 3
+"""Answer pairs ``render_result`` prints under the scores: what the persona sounds like."""
+
+
 def render_result(result: dict[str, Any]) -> str:
-    """Two lines: the weights the run serves and the persona fit of best, search mean and unsteered."""
+    """The weights the run serves, the persona fit of best, search mean and unsteered, and the first
+    ``SHOWN_EXAMPLES`` training prompts answered without and with the served weights (greedy)."""
+    from persona_steering.rendering import render_examples
+
     weights = "  ".join(f"{k}={v:+.2f}" for k, v in _served(result).items())
-    return (
+    text = (
         f"{_selected(result)} weights  {weights}\n"
         f"persona fit   best candidate {result['best_score']:.3f}   search mean {result['mean_score']:.3f}   "
         f"unsteered {result['baseline_score']:.3f}"
     )
+    examples = result.get("examples") or []
+    if examples:
+        shown = min(SHOWN_EXAMPLES, len(examples))
+        text += (
+            f"\n\nwhat it says: {shown} of {len(examples)} training prompts, greedy (all in the result file; "
+            "make evaluate compares on held-out prompts)\n\n" + render_examples(examples[:shown]).rstrip()
+        )
+    return text
 
 
 def _selected(result: dict[str, Any]) -> str:

@@ -17,6 +17,14 @@ from persona_steering.cache import atomic_write_bytes
 NA = "n/a"
 
 
+def render_examples(examples: Sequence[dict[str, str]]) -> str:
+    """Each prompt with its unsteered and steered answer, a blank line between prompts."""
+    return "\n".join(
+        f"user:      {ex['prompt']}\nunsteered: {ex['baseline']}\nsteered:   {ex['steered']}\n"
+        for ex in examples
+    )
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str = "") -> str:
     """A GitHub-flavoured Markdown table; cells are str()-ed and pipes escaped.
 

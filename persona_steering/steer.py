@@ -8,6 +8,7 @@ from persona_steering.basis import configured_basis, parse_weights
 from persona_steering.cache import Cache
 from persona_steering.config import Config
 from persona_steering.generation import Request, generate
+from persona_steering.rendering import render_examples
 from persona_steering.runtime import Runtime, identify, load_runtime
 from persona_steering.traits import load_prompts
 
@@ -36,14 +37,6 @@ def steered_examples(
         {"prompt": p, "baseline": b.text, "steered": s.text}
         for p, b, s in zip(prompts, base, steered, strict=True)
     ]
-
-
-def render_examples(examples: list[dict[str, str]]) -> str:
-    """Each prompt with its unsteered and steered answer, a blank line between prompts."""
-    return "\n".join(
-        f"user:      {ex['prompt']}\nunsteered: {ex['baseline']}\nsteered:   {ex['steered']}\n"
-        for ex in examples
-    )
 
 
 def run_steer(cfg: Config) -> str:

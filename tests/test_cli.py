@@ -225,7 +225,7 @@ def test_coherence_penalty_needs_coherence_verdicts(workdir, capsys):
 
 def test_stage_text_is_rendered_by_the_stage_modules():
     from persona_steering.convergence import render_layers, render_personas, render_result
-    from persona_steering.steer import render_examples
+    from persona_steering.rendering import render_examples
 
     r = {
         "selected": "mean",
@@ -243,6 +243,13 @@ def test_stage_text_is_rendered_by_the_stage_modules():
     assert render_personas({"p1": r}).splitlines()[-1] == row
     legacy = {k: v for k, v in r.items() if k not in ("selected", "weights")}  # before optimize.select
     assert render_result(legacy).splitlines()[0] == "best weights  R1=+0.50  R2=-1.00"
+    # Under the scores, what the persona says: the first three stored answer pairs, in order.
+    said = [{"prompt": f"q{i}", "baseline": f"plain {i}", "steered": f"voiced {i}"} for i in range(5)]
+    lines = render_result({**r, "examples": said}).splitlines()
+    assert lines[:2] == render_result(r).splitlines() and "3 of 5 training prompts" in lines[3]
+    assert [line for line in lines if line.startswith("steered:")] == [
+        f"steered:   voiced {i}" for i in range(3)
+    ]
     summary = {"persona_id": "p1", "layers": [{**r, "layer": 10}], "best_layer": 10, "best_score": 3.5}
     assert render_layers(summary).splitlines()[-2:] == [
         "| 10 | 3.500 | 3.000 | 2.250 |",
