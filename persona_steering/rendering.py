@@ -1,4 +1,4 @@
-"""Rendering of results into Markdown tables and PNG plots, written atomically.
+"""Rendering of results into Markdown tables, plain text and PNG plots, written atomically.
 
 Pure presentation: functions take numbers and labels, never models or configs, so every stage
 (evaluation, sweeps, similarity) draws the same way and a plot can be redrawn from saved JSON.
