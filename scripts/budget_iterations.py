@@ -43,7 +43,7 @@ def main(long_dir: str, short_dir: str) -> None:
         adjusted = holm([t.p if t else None for t in tests])
         sums = {"long": 0.0, "short": 0.0}
         significant = {"long": 0, "short": 0}
-        loops_ok = True
+        loops_ok, worse = True, False
         for p, t, p_adj in zip(PERSONAS, tests, adjusted, strict=True):
             cells = []
             for name, run in (("long", long[p]), ("short", short[p])):
@@ -59,15 +59,14 @@ def main(long_dir: str, short_dir: str) -> None:
             assert t is not None and p_adj is not None
             loop_cell = " / ".join(f"{r:.2f}" for r in rates)
             print(f"| {p} | {cells[0]} | {cells[1]} | {t.diff:+.2f} ({p_adj:.3f}) | {loop_cell} |")
-            if judge == DECIDING and t.diff < 0 and p_adj < 0.05:
-                checks.setdefault("2. no persona significantly worse", False)
+            worse |= t.diff < 0 and p_adj < 0.05
         print(
             f"| sum (significant over base) | {sums['long']:+.2f} ({significant['long']}/5) "
             f"| {sums['short']:+.2f} ({significant['short']}/5) | | |"
         )
         if judge == DECIDING:
             checks["1. short sum >= 90% of long sum"] = sums["short"] >= 0.9 * sums["long"]
-            checks.setdefault("2. no persona significantly worse", True)
+            checks["2. no persona significantly worse"] = not worse
             checks["3. >= 3 of 5 beat base"] = significant["short"] >= 3
             checks["4. loop rate <= base + 5 points"] = loops_ok
     print(f"\nrule on the {DECIDING} judge:")
