@@ -29,7 +29,7 @@ from persona_steering.distributed import (
     rank_log,
     shard,
 )
-from persona_steering.generation import Answer, Request, batch_rows, generate, last_logits_only
+from persona_steering.generation import Answer, Request, batch_rows, generate, no_logits
 from persona_steering.layers import capture_layers, decoder_blocks
 from persona_steering.runtime import Runtime, identify, load_runtime
 from persona_steering.store import load_vectors, save_vectors
@@ -423,7 +423,7 @@ def _record_share(
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                **last_logits_only(rt.model),
+                **no_logits(rt.model),  # the hooks record the hidden states; no logits wanted
             )
             bar.update(len(idx))
     bar.close()

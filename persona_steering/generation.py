@@ -332,7 +332,7 @@ def _generate_batch(
         recorder.prompt(tap_rows, mask)
     elif ids.shape[1] > 1 and (steering is None or not steering.steers_prefix):
         with rt.autocast():
-            past = shared_prefix(rt, ids[:, :-1], mask[:, :-1], position_ids[:, :-1], extra)
+            past = shared_prefix(rt, ids[:, :-1], mask[:, :-1], position_ids[:, :-1])
     with ctx as steered, hooks, rt.autocast():
         if past is None:
             out = rt.model(
@@ -477,7 +477,7 @@ def drop_rows(cache: Any, mask: torch.Tensor, keep: torch.Tensor) -> torch.Tenso
 
 
 def shared_prefix(
-    rt: Runtime, ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, extra: dict[str, Any]
+    rt: Runtime, ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor
 ) -> dict[str, Any]:
     """The KV cache of an unsteered forward over ``ids`` [batch, len], run once per distinct row and
     expanded to every row, as the keyword argument that continues it."""
@@ -497,7 +497,7 @@ def shared_prefix(
             attention_mask=mask[index],
             position_ids=position_ids[index],
             use_cache=True,
-            **extra,
+            **no_logits(rt.model),  # only the KV cache is wanted
         )
         return kv_cache(rt.model, out)
 
@@ -527,7 +527,20 @@ _CACHE_KEYWORD: dict[type, str] = {}
 
 def last_logits_only(model: torch.nn.Module) -> dict[str, Any]:
     """``logits_to_keep=1`` where the model takes it: the LM head then runs on one position, not all."""
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    return {"logits_to_keep": 1} if _keeps_logits(model) else {}
+
+
+def no_logits(model: torch.nn.Module) -> dict[str, Any]:
+    """``logits_to_keep`` with no position where the model takes it: the LM head runs on nothing, for
+    a forward whose caller wants only the KV cache or the hidden states. (``logits_to_keep=1`` on a
+    batch runs the head on one column per row, about 80 ms for 16 rows of SmolLM2 on this CPU.)"""
+    if not _keeps_logits(model):
+        return {}
+    return {"logits_to_keep": torch.zeros(0, dtype=torch.long, device=model.device)}
+
+
+def _keeps_logits(model: torch.nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def penalise_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -234,7 +234,7 @@ class Scheduler:
         past: dict[str, Any] = {}
         if share_prefix and width > 1:
             with self.rt.autocast():
-                past = shared_prefix(self.rt, ids[:, :-1], mask[:, :-1], positions[:, :-1], self._extra)
+                past = shared_prefix(self.rt, ids[:, :-1], mask[:, :-1], positions[:, :-1])
             ids, positions = ids[:, -1:], positions[:, -1:]
         with contextlib.ExitStack() as stack, self.rt.autocast():
             for (layer, where), deltas in _deltas(rows, lambda s: s.positions).items():

@@ -154,6 +154,46 @@ def test_mean_logprobs_match_one_row_at_a_time(tiny_rt, shared_prompt: bool) -> 
         assert value == pytest.approx(ref, abs=1e-4)
 
 
+def test_mean_logprobs_run_the_head_on_text_tokens_only_in_pieces(tiny_rt, monkeypatch) -> None:
+    from persona_steering.judges import offline
+
+    pairs = [
+        ("how was your day?", "i went home ."),
+        ("do you like music and long walks?", "yes , i love music and books and long walks ."),
+        ("how was your day?", "it rained , so i read a book by the window all afternoon ."),
+        ("do you like music?", ""),
+    ]
+    whole = mean_logprobs(tiny_rt, pairs)
+    head = tiny_rt.model.get_output_embeddings()
+    rows: list[int] = []
+    hook = head.register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[:-1].numel()))
+    try:
+        monkeypatch.setattr(offline, "HEAD_TOKENS", 5)
+        pieces = mean_logprobs(tiny_rt, pairs)
+    finally:
+        hook.remove()
+    tokens = sum(len(tiny_rt.tokenizer(t, add_special_tokens=False)["input_ids"]) for _, t in pairs)
+    # Every text token is projected once, five at a time; no prompt column and no padding is (the
+    # forwards themselves call the head on no position).
+    pieces_rows = [n for n in rows if n]
+    assert sum(rows) == tokens and max(rows) == 5 and len(pieces_rows) == math.ceil(tokens / 5)
+    assert pieces[-1] == -math.inf
+    assert pieces[:-1] == pytest.approx(whole[:-1], abs=1e-6)
+
+
+def test_no_logits_skips_the_head_and_keeps_the_cache(tiny_rt) -> None:
+    from persona_steering.generation import kv_cache, no_logits
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        out = tiny_rt.model(input_ids=ids, use_cache=True, **no_logits(tiny_rt.model))
+        full = tiny_rt.model(input_ids=ids, use_cache=True)
+    assert out.logits.shape[:2] == (1, 0)
+    [cache] = kv_cache(tiny_rt.model, out).values()
+    [ref] = kv_cache(tiny_rt.model, full).values()
+    assert cache.get_seq_length() == ref.get_seq_length() == 4
+
+
 # --- the whole judge on the tiny model and the real MiniLM ----------------------------------------
 
 

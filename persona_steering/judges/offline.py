@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from persona_steering.cache import Cache, digest
-from persona_steering.generation import Request, chat_text, last_logits_only, shared_prefix
+from persona_steering.generation import Request, chat_text, no_logits, shared_prefix
 from persona_steering.judges import OFFLINE_VERSION
 from persona_steering.judges.base import Judge, JudgeError, Query, Verdict, fit_verdict, precision_key
 from persona_steering.judges.embedding import MODEL_NAME, Embedder, coherence_verdict, relevance
@@ -57,6 +57,9 @@ MIN_SAMPLES = 8
 """Fewer persona samples (or contrast texts) than this leave too little to learn a voice from."""
 LOGPROB_BATCH = 16
 """Rows per log-probability forward pass."""
+HEAD_TOKENS = 512
+"""Text tokens per vocabulary projection in ``mean_logprobs``: one matmul for a batch's texts, in
+pieces that bound the [tokens, vocab] float32 logits (100 MB for SmolLM2's 49152 words)."""
 LOGPROB_VERSION = 1
 """Part of every stored log-probability's key: bump it when ``mean_logprobs`` computes another value."""
 FOLDS = 5
@@ -245,32 +248,41 @@ def mean_logprobs(rt: Runtime, pairs: list[tuple[str, str]], shared_prompt: bool
     ids, mask = ids.to(rt.device), mask.to(rt.device)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     first = prefix if shared_prompt else 0  # the first column the rows' own forward runs
-    extra = last_logits_only(rt.model)
-    head = rt.model.get_output_embeddings()
     with torch.inference_mode(), rt.autocast():
         past = {}
         if first:
-            past = shared_prefix(rt, ids[:, :first], mask[:, :first], position_ids[:, :first], extra)
+            past = shared_prefix(rt, ids[:, :first], mask[:, :first], position_ids[:, :first])
         out = rt.model(
             input_ids=ids[:, first:],
             attention_mask=mask,
             position_ids=position_ids[:, first:],
             output_hidden_states=True,
-            **extra,
+            **no_logits(rt.model),  # the head runs below, on the text's columns only
             **past,
         )
-        # The final norm's output (transformers puts it last) from the last prompt token on: [n, *, hidden]
+        # The final norm's output (transformers puts it last) from the last prompt token on: [n, *, hidden].
+        # Column j of a row predicts its text token j; those columns of every row, row after row: [T, hidden]
         hidden = out.hidden_states[-1][:, prefix - first :]
-        result = []
-        for i, (_, a) in enumerate(rows):
-            if not a:
-                result.append(-math.inf)
-                continue
-            # Column j predicts text token j; the vocabulary projection runs on these columns only.
-            logits = _capped(rt.model, head(hidden[i, : len(a)]))  # [len(a), vocab]
-            logp = logits.float().log_softmax(-1).cpu()
-            result.append(float(logp.gather(1, torch.tensor(a).unsqueeze(1)).mean()))
+        lengths = torch.tensor([len(a) for _, a in rows], device=hidden.device)
+        keep = torch.arange(hidden.shape[1], device=hidden.device) < lengths[:, None]  # [n, *]
+        hidden = hidden[keep]
+        targets = torch.tensor([t for _, a in rows for t in a], dtype=torch.long, device=hidden.device)
+        pieces = [
+            _token_logprobs(rt.model, hidden[s : s + HEAD_TOKENS], targets[s : s + HEAD_TOKENS])
+            for s in range(0, len(targets), HEAD_TOKENS)
+        ]
+        token_logp = torch.cat(pieces).cpu() if pieces else torch.zeros(0)
+    result, start = [], 0
+    for _, a in rows:
+        result.append(float(token_logp[start : start + len(a)].mean()) if a else -math.inf)
+        start += len(a)
     return result
+
+
+def _token_logprobs(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) of each row of ``hidden`` [T, hidden] under the model's head: [T], float32."""
+    logits = _capped(model, model.get_output_embeddings()(hidden)).float()  # [T, vocab]
+    return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(-1)
 
 
 def _capped(model: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
