@@ -29,7 +29,7 @@ import torch
 from persona_steering.basis import TraitBasis, load_basis
 from persona_steering.config import Config, GenerationConfig
 from persona_steering.extraction import Pair, record_activations
-from persona_steering.generation import Request, eos_ids, generate, generate_population
+from persona_steering.generation import Request, eos_ids, generate, generate_population, no_logits
 from persona_steering.layers import capture_layers, normalize_layer
 from persona_steering.runtime import Runtime, load_runtime
 from persona_steering.steering import SteeringSpec
@@ -287,7 +287,8 @@ def _residual_norm(rt: Runtime, texts: list[str], row: int) -> float:
     enc = rt.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     ids, mask = enc["input_ids"].to(rt.device), enc["attention_mask"].to(rt.device)  # [N, len]
     with capture_layers(rt.model) as states, rt.autocast():
-        rt.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        rt.model(input_ids=ids, attention_mask=mask, position_ids=positions, **no_logits(rt.model))
     hidden = states[row].float()  # [N, len, hidden]
     keep = mask.clone()
     keep[torch.arange(len(texts)), mask.argmax(dim=-1)] = 0  # each row's first real token

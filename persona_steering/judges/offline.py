@@ -189,7 +189,8 @@ class OfflineJudge(Judge):
         for q in queries:
             for text in (q.answer, q.baseline or q.answer, *q.samples):
                 pairs += [(q.question, text), (q.question, shuffled(text))]
-        todo = sorted({p for p in pairs if p not in self._logprobs})
+        # By question, so a batch shares its prompt's prefix, then by length, so it pads little.
+        todo = sorted({p for p in pairs if p not in self._logprobs}, key=lambda p: (p[0], len(p[1]), p[1]))
         store = self._store
         if store is not None:
             for pair in todo:
